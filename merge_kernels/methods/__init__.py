@@ -1,0 +1,1 @@
+"""Merge methods: pure tensor functions with typed parameters, one module per family."""

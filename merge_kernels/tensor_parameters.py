@@ -1,0 +1,145 @@
+"""Resolving a recipe's parameters for one tensor.
+
+For each parameter the first level that gives a value wins, as in mergekit: the model's own
+``parameters``, then the slice's, then the recipe's, then the defaults of the recipe's
+``reference``, then the method's own defaults. Gradients and filtered lists are evaluated
+for the tensor's name and layer position first; a filtered list that matches nothing falls
+through to the next level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from merge_kernels.errors import RecipeError
+from merge_kernels.methods.kernel import MethodParams, ModelParams
+from merge_kernels.parameter_settings import (
+    ConditionalSetting,
+    ParameterSetting,
+    Parameters,
+    Scalar,
+    evaluate_setting,
+)
+from merge_kernels.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class TensorParameters:
+    """The validated parameters of one tensor's merge.
+
+    Attributes:
+        method: the whole-tensor parameters.
+        models: per-model parameters, aligned with ``Recipe.merged_models()``.
+    """
+
+    method: MethodParams
+    models: tuple[ModelParams, ...]
+
+
+def _lookup(
+    name: str, levels: list[tuple[str, Parameters | None]], tensor_name: str, t: float
+) -> tuple[Any, str] | None:
+    for field, params in levels:
+        if params and name in params:
+            value = evaluate_setting(params[name], tensor_name, t)
+            if value is not None:
+                return value, f"{field}.{name}"
+    return None
+
+
+def _validate(model: type[BaseModel], values: dict[str, Any], origins: dict[str, str]) -> Any:
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        raise RecipeError(
+            origins.get(name, f"parameters.{name}" if name else "parameters"),
+            f"{first['msg']} (got {first.get('input')!r})",
+        ) from None
+
+
+def resolve_parameters(recipe: Recipe, tensor_name: str, t: float) -> TensorParameters:
+    """The parameters for tensor ``tensor_name`` at layer position ``t``.
+
+    Raises:
+        RecipeError: a value is invalid for this tensor (the field names where it came
+            from) or the method's own check fails (e.g. weights summing to 0).
+    """
+    spec = recipe.method
+    defaults = spec.defaults(recipe.reference)
+    shared: list[tuple[str, Parameters | None]] = [
+        ("slices[0].parameters", recipe.slice_parameters),
+        ("parameters", recipe.parameters),
+    ]
+
+    def values_for(names: set[str], levels: list[tuple[str, Parameters | None]]) -> tuple[dict[str, Any], dict[str, str]]:
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for name in names:
+            found = _lookup(name, levels, tensor_name, t)
+            if found is not None:
+                values[name], origins[name] = found
+            elif name in defaults:
+                values[name] = defaults[name]
+        return values, origins
+
+    method_values, method_origins = values_for(spec.method_param_names(), shared)
+    method = _validate(spec.params, method_values, method_origins)
+    models = []
+    for index, entry in recipe.merged_models():
+        levels = [(f"models[{index}].parameters", entry.parameters), *shared]
+        values, origins = values_for(spec.model_param_names(), levels)
+        models.append(_validate(spec.model_params, values, origins))
+    try:
+        spec.check(method, tuple(models))
+    except ValueError as error:
+        raise RecipeError("parameters", f"{error} (tensor {tensor_name})") from None
+    return TensorParameters(method=method, models=tuple(models))
+
+
+def _candidate_values(setting: ParameterSetting) -> list[Scalar]:
+    """Every value a setting can produce at its extremes (gradients lie between entries)."""
+    if not isinstance(setting, list):
+        return [setting]
+    values: list[Scalar] = []
+    for entry in setting:
+        if isinstance(entry, ConditionalSetting):
+            values.extend(_candidate_values(entry.value))
+        else:
+            values.append(entry)
+    return values
+
+
+def check_parameter_values(recipe: Recipe) -> None:
+    """Validate every value written in the recipe, wherever it is and whichever tensor it is for.
+
+    Raises:
+        RecipeError: naming the field of the first invalid value.
+    """
+    spec = recipe.method
+    method_names = spec.method_param_names()
+    levels: list[tuple[str, Parameters | None]] = [
+        ("parameters", recipe.parameters),
+        ("slices[0].parameters", recipe.slice_parameters),
+    ]
+    levels += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models or [])]
+    for field, params in levels:
+        for name, setting in (params or {}).items():
+            model = spec.params if name in method_names else spec.model_params
+            for value in _candidate_values(setting):
+                _validate_one(model, name, value, f"{field}.{name}")
+    for t in (0.0, 0.5, 1.0):
+        resolve_parameters(recipe, "", t)
+
+
+def _validate_one(model: type[BaseModel], name: str, value: Scalar, field: str) -> None:
+    try:
+        model.model_validate({name: value})
+    except ValidationError as error:
+        for problem in error.errors():
+            if problem["loc"] and problem["loc"][0] == name:
+                raise RecipeError(field, f"{problem['msg']} (got {value!r})") from None

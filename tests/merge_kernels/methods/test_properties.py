@@ -1,0 +1,167 @@
+"""Invariants of every registered merge method, checked with hypothesis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from merge_kernels.methods.kernel import TensorContext
+from merge_kernels.registry import MethodSpec, get_method, methods
+
+# Parameters under which each method is valid; a new method must be added here.
+VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "linear": ({}, {"weight": 1.0}),
+    "task_arithmetic": ({}, {"weight": 1.0}),
+    "ties": ({}, {"density": 0.5}),
+    "dare_linear": ({}, {"density": 0.5}),
+    "dare_ties": ({}, {"density": 0.5}),
+    "slerp": ({"t": 0.3}, {}),
+    "greedy_soup": ({}, {}),
+}
+ALL = sorted(spec.name for spec in methods())
+SOUP_OF_ONE = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+PERMUTABLE = [name for name in ALL if get_method(name).max_models != 1]
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple)
+finite = st.floats(-4, 4, allow_nan=False, allow_infinity=False, width=32)
+
+
+def tensors(shape: tuple[int, ...], count: int) -> st.SearchStrategy[list[torch.Tensor]]:
+    one = arrays(np.float32, shape, elements=finite).map(torch.from_numpy)
+    return st.lists(one, min_size=count, max_size=count)
+
+
+def run(spec: MethodSpec, models: list[torch.Tensor], base: torch.Tensor | None, **overrides: Any) -> torch.Tensor:
+    params, per_model = VALID[spec.name]
+    model_params = overrides.pop("model_params", [per_model] * len(models))
+    return spec.merge_tensors(
+        models,
+        base=base if spec.needs_base else None,
+        params=params | overrides.pop("params", {}),
+        model_params=model_params,
+        context=overrides.pop("context", TensorContext(name="layers.0.w", seed=1)),
+    )
+
+
+def model_count(spec: MethodSpec, wanted: int) -> int:
+    count = max(wanted, spec.min_models)
+    return min(count, spec.max_models) if spec.max_models is not None else count
+
+
+def test_every_registered_method_has_valid_parameters_here() -> None:
+    assert set(ALL) == set(VALID)
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shape=shapes, wanted=st.integers(1, 4))
+def test_shape_and_dtype_are_kept(name: str, data: st.DataObject, shape: tuple[int, ...], wanted: int) -> None:
+    spec = get_method(name)
+    count = model_count(spec, wanted)
+    models = data.draw(tensors(shape, count))
+    base = data.draw(tensors(shape, 1))[0]
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = [m.to(dtype) for m in models]
+        out = run(spec, cast, base.to(dtype) if spec.needs_base else None)
+        assert out.shape == shape
+        assert out.dtype == dtype
+        assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", SOUP_OF_ONE)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shape=shapes)
+def test_soup_of_one_model_is_that_model(name: str, data: st.DataObject, shape: tuple[int, ...]) -> None:
+    spec = get_method(name)
+    model, base = data.draw(tensors(shape, 2))
+    model_params = [{"density": 1.0}] if "density" in spec.model_param_names() else [{}]
+    out = run(spec, [model], base, model_params=model_params)
+    assert torch.allclose(out, model, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
+def test_normalized_soup_of_identical_models_is_that_model(
+    name: str, data: st.DataObject, shape: tuple[int, ...], wanted: int
+) -> None:
+    spec = get_method(name)
+    count = model_count(spec, wanted)
+    model, base = data.draw(tensors(shape, 2))
+    params, per_model = VALID[name]
+    if "density" in per_model:
+        per_model = {"density": 1.0}
+    extra = {"normalize": True} if "normalize" in spec.method_param_names() else {}
+    if spec.name == "slerp":
+        base = model  # slerp's two inputs are the base and the other model
+    out = run(spec, [model.clone() for _ in range(count)], base, params=extra, model_params=[per_model] * count)
+    assert torch.allclose(out, model, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), shape=shapes, count=st.integers(1, 4), lam=st.floats(0.1, 2.0))
+def test_ties_on_identical_task_vectors_at_density_one(
+    data: st.DataObject, shape: tuple[int, ...], count: int, lam: float
+) -> None:
+    tau, base = data.draw(tensors(shape, 2))
+    weights = data.draw(st.lists(st.floats(0.1, 3.0), min_size=count, max_size=count))
+    model = base + tau
+    out = get_method("ties").merge_tensors(
+        [model] * count,
+        base=base,
+        params={"lambda": lam},
+        model_params=[{"weight": w, "density": 1.0} for w in weights],
+    )
+    seen = model - base  # the task vector as float32 arithmetic produces it
+    counted = torch.where(seen != 0, float(count), 1.0)
+    expected = base + lam * sum(weights) * seen / counted
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PERMUTABLE)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
+def test_permuting_models_with_their_weights_changes_nothing(
+    name: str, data: st.DataObject, shape: tuple[int, ...], wanted: int
+) -> None:
+    spec = get_method(name)
+    count = model_count(spec, wanted)
+    models = data.draw(tensors(shape, count))
+    base = data.draw(tensors(shape, 1))[0]
+    _, per_model = VALID[name]
+    params = [dict(per_model) for _ in range(count)]
+    if "weight" in spec.model_param_names():
+        weights = data.draw(st.lists(st.floats(0.1, 3.0), min_size=count, max_size=count))
+        for p, w in zip(params, weights, strict=True):
+            p["weight"] = w
+    order = data.draw(st.permutations(range(count)))
+    indices = tuple(range(count))
+    out = run(spec, models, base, model_params=params, context=TensorContext(name="w", seed=3, model_indices=indices))
+    permuted = run(
+        spec,
+        [models[i] for i in order],
+        base,
+        model_params=[params[i] for i in order],
+        context=TensorContext(name="w", seed=3, model_indices=tuple(indices[i] for i in order)),
+    )
+    assert torch.allclose(out, permuted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), shape=shapes, seed=st.integers(0, 2**31))
+def test_a_fixed_seed_gives_identical_output(name: str, data: st.DataObject, shape: tuple[int, ...], seed: int) -> None:
+    spec = get_method(name)
+    count = model_count(spec, 3)
+    models = data.draw(tensors(shape, count))
+    base = data.draw(tensors(shape, 1))[0]
+    context = TensorContext(name="model.layers.1.mlp.up_proj.weight", seed=seed)
+    first = run(spec, models, base, context=context)
+    second = run(spec, [m.clone() for m in models], base.clone(), context=context)
+    assert torch.equal(first, second)
