@@ -1,0 +1,290 @@
+"""Planning a merge from configs and safetensors headers alone, before any tensor data is read.
+
+The plan checks the inputs against each other (missing tensors, shapes, vocabulary sizes),
+resolves every tensor's parameters, decides the output dtype, row chunks and shards, and
+estimates peak memory. Every incompatibility is reported here, one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from merge_kernels.checkpoints.base import Checkpoint
+from merge_kernels.errors import IncompatibleCheckpointsError
+from merge_kernels.io.dtypes import itemsize
+from merge_kernels.io.safetensors_header import TensorEntry
+from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, index_json, plan_shards
+from merge_kernels.parameter_settings import layer_position
+from merge_kernels.recipe import Recipe
+from merge_kernels.tensor_parameters import TensorParameters, resolve_parameters
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
+PROCESS_BASELINE_BYTES = 400 * 1024**2  # an idle Python + torch process, measured
+_FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
+_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
+_LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class PlannedInput:
+    """One input checkpoint as the plan sees it.
+
+    Attributes:
+        role: ``base`` or ``model``.
+        recipe_index: position in the recipe's ``models`` list (None for a base not listed).
+        checkpoint: the opened checkpoint (headers read, no data).
+    """
+
+    role: str
+    recipe_index: int | None
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is produced.
+
+    Attributes:
+        name: output tensor name.
+        shape: output shape.
+        dtype: output safetensors dtype code.
+        sources: per input (base first when the method has one, then models in recipe
+            order), the input tensor name read for this output (differs for tied embeddings).
+        params: the resolved parameters, or None for a tensor copied from the base
+            (non-float buffers).
+        rows_per_chunk: rows of dim 0 per chunk, or None to merge the tensor whole.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sources: tuple[str, ...]
+    params: TensorParameters | None
+    rows_per_chunk: int | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MergePlan:
+    """The whole merge, decided from headers.
+
+    Attributes:
+        recipe: the validated recipe.
+        inputs: base first (when the method has one), then the merged models.
+        tensors: output tensors in output order.
+        shards: the output shards, in order.
+        problems: incompatibilities; a plan with problems cannot run.
+        notes: things worth knowing that do not stop the merge.
+        tie_word_embeddings: whether the output ties its LM head to the embeddings.
+    """
+
+    recipe: Recipe
+    inputs: list[PlannedInput]
+    tensors: list[TensorPlan] = field(default_factory=list)
+    shards: list[ShardSpec] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tie_word_embeddings: bool = False
+
+    @property
+    def has_base(self) -> bool:
+        return bool(self.inputs) and self.inputs[0].role == "base"
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(shard.size for shard in self.shards)
+
+    def raise_for_problems(self) -> None:
+        """Raises IncompatibleCheckpointsError listing every problem, if there are any."""
+        if self.problems:
+            raise IncompatibleCheckpointsError(self.problems)
+
+    def peak_memory_estimate(self) -> int:
+        """Bytes of peak resident memory the merge is expected to need."""
+        inputs = len(self.inputs)
+        worst = 0
+        for tensor in self.tensors:
+            rows = tensor.rows_per_chunk
+            elements = tensor.numel
+            if rows is not None and tensor.shape:
+                elements = rows * (tensor.numel // max(1, tensor.shape[0]))
+            # raw reads + float32 copies of every input, the method's working set, the output
+            working = elements * (inputs * (2 + 4) + (inputs + 3) * 4 + itemsize(tensor.dtype))
+            worst = max(worst, working)
+        return PROCESS_BASELINE_BYTES + 2 * worst  # reads of the next tensor overlap this one
+
+    def report(self) -> dict[str, Any]:
+        """The plan as JSON-able data, for ``tureen plan`` and ``POST /v1/plans``."""
+        return {
+            "merge_method": self.recipe.merge_method,
+            "ok": not self.problems,
+            "problems": self.problems,
+            "notes": self.notes,
+            "inputs": [
+                {
+                    "role": item.role,
+                    "recipe_index": item.recipe_index,
+                    "reference": item.checkpoint.display_name,
+                    "revision": item.checkpoint.revision,
+                    "tensors": len(item.checkpoint.entries()),
+                    "bytes": sum(e.nbytes for e in item.checkpoint.entries().values()),
+                }
+                for item in self.inputs
+            ],
+            "output": {
+                "tensors": len(self.tensors),
+                "bytes": self.output_bytes,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "chunked_tensors": sum(1 for t in self.tensors if t.rows_per_chunk is not None),
+                "shards": [
+                    {"filename": s.filename, "tensors": len(s.tensors), "bytes": s.size}
+                    for s in self.shards
+                ],
+            },
+            "peak_memory_bytes_estimate": self.peak_memory_estimate(),
+        }
+
+    def index(self) -> dict[str, object]:
+        """The ``model.safetensors.index.json`` content for the planned shards."""
+        return index_json(self.shards)
+
+
+def _embedding_name(entries: Mapping[str, TensorEntry]) -> str | None:
+    return next((name for name in _EMBEDDING_NAMES if name in entries), None)
+
+
+def _is_tied(config: Mapping[str, object]) -> bool:
+    # transformers' default is tied unless the config says otherwise
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def _num_layers(config: Mapping[str, object], names: Sequence[str]) -> int:
+    value = config.get("num_hidden_layers")
+    if isinstance(value, int) and value > 0:
+        return value
+    from merge_kernels.parameter_settings import layer_index
+
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else 1
+
+
+def _source_for(name: str, item: PlannedInput, problems: list[str]) -> str | None:
+    entries = item.checkpoint.entries()
+    if name in entries:
+        return name
+    if name == _LM_HEAD and _is_tied(item.checkpoint.config):
+        embedding = _embedding_name(entries)
+        if embedding is not None:
+            return embedding
+    problems.append(f"{item.checkpoint.display_name} has no tensor {name!r}")
+    return None
+
+
+def _check_configs(plan: MergePlan) -> None:
+    reference = plan.inputs[0].checkpoint
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "model_type"):
+        expected = reference.config.get(key)
+        for item in plan.inputs[1:]:
+            value = item.checkpoint.config.get(key)
+            if expected is not None and value is not None and value != expected:
+                plan.problems.append(
+                    f"{item.checkpoint.display_name} has {key}={value} but "
+                    f"{reference.display_name} has {key}={expected}"
+                )
+
+
+def build_plan(
+    recipe: Recipe,
+    inputs: list[PlannedInput],
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    out_dtype: str | None = None,
+) -> MergePlan:
+    """Plan a merge of ``inputs`` (base first when the method has one) by ``recipe``.
+
+    Args:
+        recipe: the validated recipe.
+        inputs: the opened checkpoints; only their configs and headers are read.
+        max_shard_bytes: largest output shard (a bigger tensor gets a shard of its own).
+        chunk_elements: tensors of more float32 elements than this are merged in row
+            chunks when the method allows it.
+        out_dtype: overrides the recipe's output dtype (``float32``/``float16``/``bfloat16``).
+
+    Returns:
+        The plan; check ``problems`` (or call ``raise_for_problems``) before running it.
+
+    Raises:
+        RecipeError: a parameter is invalid for some tensor.
+    """
+    plan = MergePlan(recipe=recipe, inputs=inputs)
+    spec = recipe.method
+    reference = inputs[0].checkpoint
+    reference_entries = reference.entries()
+    plan.tie_word_embeddings = _is_tied(reference.config) and _LM_HEAD not in reference_entries
+    _check_configs(plan)
+    layers = _num_layers(reference.config, list(reference_entries))
+    if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, layers):
+        plan.problems.append(
+            f"slice layer_range {list(recipe.layer_range)} must cover every layer, [0, {layers}]"
+        )
+    wanted = recipe.output_dtype() or None
+    wanted = out_dtype or wanted
+    for item in inputs[1:]:
+        for name in item.checkpoint.entries():
+            if name not in reference_entries and not (name == _LM_HEAD and plan.tie_word_embeddings):
+                plan.notes.append(f"{item.checkpoint.display_name}: tensor {name!r} is not in "
+                                  f"{reference.display_name} and is left out")
+    for name, entry in reference_entries.items():
+        sources = [_source_for(name, item, plan.problems) for item in inputs]
+        if any(source is None for source in sources):
+            continue
+        shapes = {
+            item.checkpoint.display_name: item.checkpoint.entries()[source].shape
+            for item, source in zip(inputs, sources, strict=True)
+            if source is not None
+        }
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"{ref} {list(shape)}" for ref, shape in shapes.items())
+            plan.problems.append(f"tensor {name!r} has different shapes: {listed}")
+            continue
+        floating = entry.dtype in _FLOAT_CODES
+        dtype = _DTYPE_CODES[wanted] if (wanted and floating) else entry.dtype
+        params = resolve_parameters(recipe, name, layer_position(name, layers)) if floating else None
+        if not floating:
+            plan.notes.append(f"tensor {name!r} ({entry.dtype}) is not floating point; copied from "
+                              f"{reference.display_name}")
+        rows = None
+        if (
+            params is not None
+            and len(entry.shape) >= 1
+            and entry.numel > chunk_elements
+            and spec.chunkable(params.method)
+            and not spec.needs_trim_threshold(params.method)
+        ):
+            row_elements = max(1, entry.numel // max(1, entry.shape[0]))
+            rows = max(1, chunk_elements // row_elements)
+        plan.tensors.append(
+            TensorPlan(
+                name=name,
+                shape=entry.shape,
+                dtype=dtype,
+                sources=tuple(s for s in sources if s is not None),
+                params=params,
+                rows_per_chunk=rows,
+            )
+        )
+    plan.shards = plan_shards(
+        [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors],
+        max_shard_bytes,
+        metadata={"format": "pt"},
+    )
+    return plan

@@ -1,0 +1,386 @@
+"""The one loop that joins checkpoint IO and merge kernels.
+
+recipe → plan (headers only) → for each output shard not already done: for each tensor
+(or row chunk): read the inputs → kernel in float32 → cast once → write at the planned
+offset → shard finished, checksummed and recorded → index, config, tokenizer, model card →
+atomic rename. Reading the next piece of work overlaps computing the current one. The
+runner knows nothing of HTTP or jobs: it reports progress through a callback and checks a
+cancellation callback between pieces of work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_kernels.checkpoints import open_checkpoint
+from merge_kernels.errors import MergeCancelledError, RecipeError
+from merge_kernels.io.dtypes import torch_dtype
+from merge_kernels.io.shard_writer import ShardWriter
+from merge_kernels.io.staging import StagingDir, write_json_atomic
+from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
+from merge_kernels.model_card import (
+    copy_tokenizer,
+    input_provenance,
+    write_config,
+    write_model_card,
+)
+from merge_kernels.model_trim import model_trim_states
+from merge_kernels.plan import (
+    DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_SHARD_BYTES,
+    MergePlan,
+    PlannedInput,
+    TensorPlan,
+    build_plan,
+)
+from merge_kernels.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (what to merge is the recipe's business).
+
+    Attributes:
+        max_shard_bytes: largest output shard in bytes.
+        out_dtype: overrides the recipe's output dtype.
+        device: where the kernels run, ``cpu`` or ``cuda``.
+        chunk_elements: merge larger tensors in row chunks of about this many elements.
+        allowed_roots: local checkpoints must lie under one of these folders (None: any).
+        allow_pickle: accept pickle checkpoints through torch's weights-only loader.
+        base_dir: folder relative local references are resolved against.
+        overwrite: replace an existing output folder.
+    """
+
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    out_dtype: str | None = None
+    device: str = "cpu"
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    allowed_roots: tuple[Path, ...] | None = None
+    allow_pickle: bool = False
+    base_dir: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a merge has come."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    current: str | None = None
+    phase: str = "merging"
+
+
+@dataclass
+class MergeResult:
+    """What a finished merge produced."""
+
+    out_dir: Path
+    files: list[str]
+    bytes_written: int
+    tensors: int
+    shards_resumed: int
+    seconds: float
+    provenance: list[dict[str, object]] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[Progress], None]
+CancelCheck = Callable[[], bool]
+
+
+def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
+    """Open every checkpoint the recipe names (configs and headers only)."""
+
+    def opened(reference: object) -> object:
+        return open_checkpoint(
+            reference,  # type: ignore[arg-type]
+            allowed_roots=options.allowed_roots,
+            allow_pickle=options.allow_pickle,
+            base_dir=options.base_dir,
+        )
+
+    inputs: list[PlannedInput] = []
+    try:
+        if recipe.method.needs_base:
+            assert recipe.base_model is not None
+            inputs.append(PlannedInput("base", None, opened(recipe.base_model)))  # type: ignore[arg-type]
+        for index, entry in recipe.merged_models():
+            inputs.append(PlannedInput("model", index, opened(entry.model)))  # type: ignore[arg-type]
+    except BaseException:
+        close_inputs(inputs)
+        raise
+    return inputs
+
+
+def close_inputs(inputs: Sequence[PlannedInput]) -> None:
+    """Close every opened checkpoint."""
+    for item in inputs:
+        item.checkpoint.close()
+
+
+def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[PlannedInput]]:
+    """Open the inputs and plan the merge; the caller closes the inputs."""
+    inputs = open_inputs(recipe, options)
+    try:
+        plan = build_plan(
+            recipe,
+            inputs,
+            max_shard_bytes=options.max_shard_bytes,
+            chunk_elements=options.chunk_elements,
+            out_dtype=options.out_dtype,
+        )
+    except BaseException:
+        close_inputs(inputs)
+        raise
+    return plan, inputs
+
+
+@dataclass(frozen=True)
+class _Unit:
+    tensor: TensorPlan
+    start: int | None  # first row of a chunk, or None for the whole tensor
+    stop: int | None
+
+
+def _units(tensors: Sequence[TensorPlan]) -> Iterator[_Unit]:
+    for tensor in tensors:
+        if tensor.rows_per_chunk is None:
+            yield _Unit(tensor, None, None)
+            continue
+        rows = tensor.shape[0]
+        for start in range(0, rows, tensor.rows_per_chunk):
+            yield _Unit(tensor, start, min(rows, start + tensor.rows_per_chunk))
+
+
+def _read(plan: MergePlan, unit: _Unit) -> list[torch.Tensor]:
+    pieces = []
+    for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
+        if unit.start is None:
+            pieces.append(item.checkpoint.read(source))
+        else:
+            assert unit.stop is not None
+            pieces.append(item.checkpoint.read_rows(source, unit.start, unit.stop))
+        if unit.tensor.params is None:
+            break  # copied from the first input only
+    return pieces
+
+
+class _Merger:
+    def __init__(self, plan: MergePlan, device: str, trims: dict[str, tuple[TrimState, ...]]):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.trims = trims
+        self.indices = tuple(
+            item.recipe_index if item.recipe_index is not None else position
+            for position, item in enumerate(plan.inputs)
+            if item.role == "model"
+        )
+
+    def compute(self, unit: _Unit, raw: list[torch.Tensor]) -> torch.Tensor:
+        tensor = unit.tensor
+        out_dtype = torch_dtype(tensor.dtype)
+        if tensor.params is None:
+            return raw[0]
+        floats = [
+            piece.to(device=self.device, dtype=torch.float32, non_blocking=True) for piece in raw
+        ]
+        base = floats[0] if self.plan.has_base else None
+        models = floats[1:] if self.plan.has_base else floats
+        offset = 0
+        if unit.start is not None and tensor.shape:
+            offset = unit.start * (tensor.numel // max(1, tensor.shape[0]))
+        context = TensorContext(
+            name=tensor.name,
+            seed=self.plan.recipe.seed,
+            model_indices=self.indices,
+            offset=offset,
+            trims=self.trims.get(tensor.name),
+        )
+        spec = self.plan.recipe.method
+        try:
+            merged = spec.kernel(
+                MergeInputs(base=base, models=models, model_params=tensor.params.models),
+                tensor.params.method,
+                context,
+            )
+        except ValueError as error:
+            raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
+        return merged.to(dtype=out_dtype).cpu()
+
+
+def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
+    """A hash of everything that determines the output bytes, for resuming."""
+    identity = {
+        "recipe": plan.recipe.fingerprint(),
+        "shards": [(s.filename, hashlib.sha256(s.header).hexdigest()) for s in plan.shards],
+        "inputs": [
+            {
+                "ref": item.checkpoint.display_name,
+                "revision": item.checkpoint.revision,
+                "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in item.checkpoint.files()],
+            }
+            for item in plan.inputs
+        ],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: Path,
+    options: MergeOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> MergeResult:
+    """Merge by ``recipe`` into ``out_dir``, atomically and resumably.
+
+    Args:
+        recipe: the validated recipe.
+        out_dir: the output folder; it appears only once complete.
+        options: how to run (shard size, device, allowed roots...).
+        progress: called after every piece of work.
+        should_cancel: polled between pieces of work; True stops the merge.
+
+    Returns:
+        What was written.
+
+    Raises:
+        IncompatibleCheckpointsError: the plan found problems (nothing is written).
+        MergeCancelledError: cancelled; the partial output is removed.
+        RecipeError, CheckpointFileError, CheckpointNotFoundError: bad input.
+    """
+    options = options or MergeOptions()
+    if recipe.method.needs_evaluation:
+        raise RecipeError(
+            "merge_method",
+            f"{recipe.merge_method} chooses its ingredients by evaluating candidates; run it "
+            "with an evaluator (the soup command or the service), not as a plain merge",
+        )
+    started = time.monotonic()
+    plan, inputs = plan_merge(recipe, options)
+    try:
+        plan.raise_for_problems()
+        return _execute(plan, Path(out_dir), options, progress, should_cancel, started)
+    finally:
+        close_inputs(inputs)
+
+
+def _execute(
+    plan: MergePlan,
+    out_dir: Path,
+    options: MergeOptions,
+    progress: ProgressCallback | None,
+    should_cancel: CancelCheck | None,
+    started: float,
+) -> MergeResult:
+    staging = StagingDir(out_dir, fingerprint(plan, options))
+    done = staging.prepare()
+    tensors_total = len(plan.tensors)
+    bytes_total = plan.output_bytes
+    counters = {"tensors": 0, "bytes": 0}
+
+    def report(current: str | None, phase: str = "merging") -> None:
+        if progress is not None:
+            progress(Progress(counters["tensors"], tensors_total, counters["bytes"], bytes_total, current, phase))
+
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            staging.discard()
+            raise MergeCancelledError("the merge was cancelled; no output was written")
+
+    trims = model_trim_states(plan, check_cancel, lambda: report(None, "trim thresholds"))
+    merger = _Merger(plan, options.device, trims)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read") as pool:
+            for shard in plan.shards:
+                names = {t.name for t in shard.tensors}
+                tensors = [t for t in plan.tensors if t.name in names]
+                if shard.filename in done:
+                    counters["tensors"] += len(tensors)
+                    counters["bytes"] += shard.size
+                    report(None)
+                    continue
+                with ShardWriter(staging.path, shard) as writer:
+                    _write_shard(plan, tensors, writer, merger, pool, check_cancel, counters, report)
+                    digest = writer.finish()
+                staging.mark_shard_done(shard.filename, digest)
+                counters["bytes"] += len(shard.header)
+        check_cancel()
+        _write_companions(plan, staging.path)
+        provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
+        write_model_card(staging.path, plan.recipe, provenance, out_dir.name)
+        final = staging.commit(overwrite=options.overwrite)
+    except MergeCancelledError:
+        raise
+    files = sorted(p.name for p in final.iterdir())
+    return MergeResult(
+        out_dir=final,
+        files=files,
+        bytes_written=sum((final / f).stat().st_size for f in files),
+        tensors=tensors_total,
+        shards_resumed=len(done),
+        seconds=time.monotonic() - started,
+        provenance=provenance,  # type: ignore[arg-type]
+    )
+
+
+def _write_shard(
+    plan: MergePlan,
+    tensors: list[TensorPlan],
+    writer: ShardWriter,
+    merger: _Merger,
+    pool: ThreadPoolExecutor,
+    check_cancel: Callable[[], None],
+    counters: dict[str, int],
+    report: Callable[[str | None], None],
+) -> None:
+    units = list(_units(tensors))
+    pending: Future[list[torch.Tensor]] | None = pool.submit(_read, plan, units[0]) if units else None
+    for position, unit in enumerate(units):
+        check_cancel()
+        assert pending is not None
+        raw = pending.result()
+        following = units[position + 1] if position + 1 < len(units) else None
+        pending = pool.submit(_read, plan, following) if following is not None else None
+        merged = merger.compute(unit, raw)
+        del raw
+        if unit.start is None:
+            writer.write(unit.tensor.name, merged)
+        else:
+            writer.write_rows(unit.tensor.name, unit.start, merged)
+        counters["bytes"] += merged.numel() * merged.element_size()
+        if unit.stop is None or unit.stop == unit.tensor.shape[0]:
+            counters["tensors"] += 1
+        report(unit.tensor.name)
+
+
+def _write_companions(plan: MergePlan, folder: Path) -> None:
+    if len(plan.shards) > 1:
+        write_json_atomic(folder / "model.safetensors.index.json", plan.index())
+    source = plan.inputs[0].checkpoint
+    dtype = plan.tensors[0].dtype if plan.tensors else None
+    write_config(source, folder, dtype)
+    tokenizer_source = plan.recipe.tokenizer_source
+    if tokenizer_source is None or str(tokenizer_source) == "base":
+        copy_tokenizer(source, folder)
+        return
+    match = next((i for i in plan.inputs if i.checkpoint.display_name == str(tokenizer_source)), None)
+    if match is not None:
+        copy_tokenizer(match.checkpoint, folder)
+        return
+    with open_checkpoint(tokenizer_source) as other:  # type: ignore[arg-type]
+        copy_tokenizer(other, folder)

@@ -1,0 +1,183 @@
+"""The ``tureen`` command: each subcommand maps onto one plain function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from merge_kernels.errors import TureenError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "K": 1000, "M": 1000**2,
+          "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class _ProgressBar:
+    def __init__(self, stream: object = sys.stderr) -> None:
+        self.stream = stream
+        self.last = -1
+
+    def __call__(self, progress: object) -> None:
+        from merge_kernels.runner import Progress
+
+        assert isinstance(progress, Progress)
+        total = max(1, progress.bytes_total)
+        percent = int(100 * progress.bytes_done / total)
+        if percent == self.last and progress.phase == "merging":
+            return
+        self.last = percent
+        filled = percent // 4
+        line = (f"\r[{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% "
+                f"{progress.tensors_done}/{progress.tensors_total} tensors  {progress.phase}")
+        print(line, end="", file=self.stream, flush=True)  # type: ignore[call-overload]
+
+
+def _options(args: argparse.Namespace) -> object:
+    from merge_kernels.runner import MergeOptions
+
+    return MergeOptions(
+        max_shard_bytes=args.shard_size,
+        out_dtype=args.out_dtype,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        base_dir=Path(args.recipe).resolve().parent,
+        overwrite=getattr(args, "overwrite", False),
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the recipe's models into OUT_DIR."""
+    from merge_kernels.recipe import load_recipe
+    from merge_kernels.runner import run_merge
+
+    recipe = load_recipe(Path(args.recipe))
+    bar = None if args.quiet else _ProgressBar()
+    result = run_merge(recipe, Path(args.out_dir), _options(args), progress=bar)  # type: ignore[arg-type]
+    if bar is not None:
+        print(file=sys.stderr)
+    print(json.dumps({
+        "out_dir": str(result.out_dir),
+        "files": result.files,
+        "tensors": result.tensors,
+        "bytes_written": result.bytes_written,
+        "shards_resumed": result.shards_resumed,
+        "seconds": round(result.seconds, 3),
+    }, indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan report as JSON; exit 1 if the inputs are incompatible."""
+    from merge_kernels.recipe import load_recipe
+    from merge_kernels.runner import close_inputs, plan_merge
+
+    recipe = load_recipe(Path(args.recipe))
+    plan, inputs = plan_merge(recipe, _options(args))  # type: ignore[arg-type]
+    try:
+        print(json.dumps(plan.report(), indent=2))
+    finally:
+        close_inputs(inputs)
+    return 0 if not plan.problems else 1
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered merge methods and their parameters."""
+    from merge_kernels.registry import methods
+
+    for spec in methods():
+        print(f"{spec.name}: {spec.title} — {spec.paper}")
+        for model, scope in ((spec.params, "merge"), (spec.model_params, "per model")):
+            for name, info in model.model_fields.items():
+                default = "required" if info.is_required() else f"default {info.default!r}"
+                print(f"    {info.alias or name} ({scope}, {default}): {info.description}")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    """Write a small base, three synthetic fine-tunes and a TIES recipe into FOLDER."""
+    from merge_kernels.synthetic import LlamaShape, write_checkpoint
+
+    folder = Path(args.folder)
+    shape = LlamaShape(hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                       num_hidden_layers=args.layers, vocab_size=512)
+    write_checkpoint(folder / "base", shape, seed=0)
+    for index in (1, 2, 3):
+        write_checkpoint(folder / f"finetune-{index}", shape, seed=index, base_seed=0)
+    recipe = (
+        "merge_method: ties\nbase_model: ./base\nmodels:\n"
+        + "".join(f"  - model: ./finetune-{i}\n    parameters: {{weight: 1.0, density: 0.2}}\n"
+                  for i in (1, 2, 3))
+        + "dtype: bfloat16\n"
+    )
+    (folder / "recipe.yaml").write_text(recipe)
+    print(f"wrote {folder}/base, finetune-1..3 and {folder}/recipe.yaml")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tureen", description="Merge fine-tuned checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_run_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("recipe", help="recipe YAML (mergekit-style)")
+        sub.add_argument("--shard-size", type=parse_size, default=5 * 1000**3,
+                         help="largest output shard, e.g. 5GB (default) or 500MB")
+        sub.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16"],
+                         help="output dtype (default: the recipe's, else the base's)")
+        sub.add_argument("--device", default="cpu", help="where kernels run: cpu or cuda")
+        sub.add_argument("--allow-pickle", action="store_true",
+                         help="accept .bin/.pt checkpoints via torch's weights-only loader")
+
+    merge = commands.add_parser("merge", help="merge a recipe into OUT_DIR")
+    add_run_options(merge)
+    merge.add_argument("out_dir", help="output folder (appears only when complete)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(handler=cmd_merge)
+
+    plan = commands.add_parser("plan", help="check inputs and report the plan as JSON")
+    add_run_options(plan)
+    plan.set_defaults(handler=cmd_plan)
+
+    listing = commands.add_parser("methods", help="list merge methods and parameters")
+    listing.set_defaults(handler=cmd_methods)
+
+    example = commands.add_parser("example", help="write tiny synthetic checkpoints + a recipe")
+    example.add_argument("folder")
+    example.add_argument("--hidden", type=int, default=256)
+    example.add_argument("--layers", type=int, default=4)
+    example.set_defaults(handler=cmd_example)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tureen`` command; errors in the input print one clear line and exit 2."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except TureenError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        for detail in error.details.get("problems", []) or []:  # type: ignore[union-attr]
+            print(f"  - {detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
