@@ -95,7 +95,10 @@ def write_model_card(
     }
     rows = "\n".join(
         f"| {p['role']} | `{p['reference']}` | {p['revision'] or 'local'} | "
-        + ", ".join(f"{f['file']} ({f['bytes']} B, header sha256 {f['header_sha256'][:16]}…)" for f in p["files"])
+        + ", ".join(
+            f"{f['file']} ({f['bytes']} B, header sha256 {f['header_sha256'][:16]}…)"
+            for f in p["files"]
+        )
         + " |"
         for p in provenance
     )

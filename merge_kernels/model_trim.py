@@ -81,7 +81,7 @@ def _with_ties_before(
     check_cancel: Callable[[], None],
 ) -> dict[str, tuple[TrimState, ...]]:
     needs_count = ties == "exact_k" and any(
-        0 < t.keep_at_value and t.value != float("inf") for t in thresholds
+        t.keep_at_value > 0 and t.value != float("inf") for t in thresholds
     )
     seen = [0] * len(thresholds)
     states: dict[str, tuple[TrimState, ...]] = {}

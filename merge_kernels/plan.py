@@ -240,9 +240,13 @@ def build_plan(
     wanted = out_dtype or wanted
     for item in inputs[1:]:
         for name in item.checkpoint.entries():
-            if name not in reference_entries and not (name == _LM_HEAD and plan.tie_word_embeddings):
-                plan.notes.append(f"{item.checkpoint.display_name}: tensor {name!r} is not in "
-                                  f"{reference.display_name} and is left out")
+            if name not in reference_entries and not (
+                name == _LM_HEAD and plan.tie_word_embeddings
+            ):
+                plan.notes.append(
+                    f"{item.checkpoint.display_name}: tensor {name!r} is not in "
+                    f"{reference.display_name} and is left out"
+                )
     for name, entry in reference_entries.items():
         sources = [_source_for(name, item, plan.problems) for item in inputs]
         if any(source is None for source in sources):
@@ -258,10 +262,14 @@ def build_plan(
             continue
         floating = entry.dtype in _FLOAT_CODES
         dtype = _DTYPE_CODES[wanted] if (wanted and floating) else entry.dtype
-        params = resolve_parameters(recipe, name, layer_position(name, layers)) if floating else None
+        params = (
+            resolve_parameters(recipe, name, layer_position(name, layers)) if floating else None
+        )
         if not floating:
-            plan.notes.append(f"tensor {name!r} ({entry.dtype}) is not floating point; copied from "
-                              f"{reference.display_name}")
+            plan.notes.append(
+                f"tensor {name!r} ({entry.dtype}) is not floating point; copied from "
+                f"{reference.display_name}"
+            )
         rows = None
         if (
             params is not None

@@ -230,7 +230,10 @@ def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
             {
                 "ref": item.checkpoint.display_name,
                 "revision": item.checkpoint.revision,
-                "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in item.checkpoint.files()],
+                "files": [
+                    (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                    for p in item.checkpoint.files()
+                ],
             }
             for item in plan.inputs
         ],
@@ -295,7 +298,16 @@ def _execute(
 
     def report(current: str | None, phase: str = "merging") -> None:
         if progress is not None:
-            progress(Progress(counters["tensors"], tensors_total, counters["bytes"], bytes_total, current, phase))
+            progress(
+                Progress(
+                    counters["tensors"],
+                    tensors_total,
+                    counters["bytes"],
+                    bytes_total,
+                    current,
+                    phase,
+                )
+            )
 
     def check_cancel() -> None:
         if should_cancel is not None and should_cancel():
@@ -304,28 +316,26 @@ def _execute(
 
     trims = model_trim_states(plan, check_cancel, lambda: report(None, "trim thresholds"))
     merger = _Merger(plan, options.device, trims)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read") as pool:
-            for shard in plan.shards:
-                names = {t.name for t in shard.tensors}
-                tensors = [t for t in plan.tensors if t.name in names]
-                if shard.filename in done:
-                    counters["tensors"] += len(tensors)
-                    counters["bytes"] += shard.size
-                    report(None)
-                    continue
-                with ShardWriter(staging.path, shard) as writer:
-                    _write_shard(plan, tensors, writer, merger, pool, check_cancel, counters, report)
-                    digest = writer.finish()
-                staging.mark_shard_done(shard.filename, digest)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read") as pool:
+        for shard in plan.shards:
+            names = {t.name for t in shard.tensors}
+            tensors = [t for t in plan.tensors if t.name in names]
+            if shard.filename in done:
+                counters["tensors"] += len(tensors)
+                counters["bytes"] += shard.size
+                report(None)
+                continue
+            with ShardWriter(staging.path, shard) as writer:
                 counters["bytes"] += len(shard.header)
-        check_cancel()
-        _write_companions(plan, staging.path)
-        provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
-        write_model_card(staging.path, plan.recipe, provenance, out_dir.name)
-        final = staging.commit(overwrite=options.overwrite)
-    except MergeCancelledError:
-        raise
+                _write_shard(plan, tensors, writer, merger, pool, check_cancel, counters, report)
+                digest = writer.finish()
+            staging.mark_shard_done(shard.filename, digest)
+    check_cancel()
+    _write_companions(plan, staging.path)
+    provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
+    write_model_card(staging.path, plan.recipe, provenance, out_dir.name)
+    final = staging.commit(overwrite=options.overwrite)
+    report(None, "done")
     files = sorted(p.name for p in final.iterdir())
     return MergeResult(
         out_dir=final,
@@ -334,7 +344,7 @@ def _execute(
         tensors=tensors_total,
         shards_resumed=len(done),
         seconds=time.monotonic() - started,
-        provenance=provenance,  # type: ignore[arg-type]
+        provenance=provenance,
     )
 
 
@@ -349,7 +359,9 @@ def _write_shard(
     report: Callable[[str | None], None],
 ) -> None:
     units = list(_units(tensors))
-    pending: Future[list[torch.Tensor]] | None = pool.submit(_read, plan, units[0]) if units else None
+    pending: Future[list[torch.Tensor]] | None = (
+        pool.submit(_read, plan, units[0]) if units else None
+    )
     for position, unit in enumerate(units):
         check_cancel()
         assert pending is not None
@@ -372,15 +384,17 @@ def _write_companions(plan: MergePlan, folder: Path) -> None:
     if len(plan.shards) > 1:
         write_json_atomic(folder / "model.safetensors.index.json", plan.index())
     source = plan.inputs[0].checkpoint
-    dtype = plan.tensors[0].dtype if plan.tensors else None
+    dtype = next((t.dtype for t in plan.tensors if t.params is not None), None)
     write_config(source, folder, dtype)
     tokenizer_source = plan.recipe.tokenizer_source
     if tokenizer_source is None or str(tokenizer_source) == "base":
         copy_tokenizer(source, folder)
         return
-    match = next((i for i in plan.inputs if i.checkpoint.display_name == str(tokenizer_source)), None)
+    match = next(
+        (i for i in plan.inputs if i.checkpoint.display_name == str(tokenizer_source)), None
+    )
     if match is not None:
         copy_tokenizer(match.checkpoint, folder)
         return
-    with open_checkpoint(tokenizer_source) as other:  # type: ignore[arg-type]
+    with open_checkpoint(tokenizer_source) as other:
         copy_tokenizer(other, folder)

@@ -81,13 +81,25 @@ def shape_for_bytes(target_bytes: int, dtype: torch.dtype = torch.bfloat16) -> L
     """A Llama shape whose checkpoint is about ``target_bytes`` in ``dtype``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden = 2048
-    per_layer = LlamaShape(hidden_size=hidden, intermediate_size=5632, num_hidden_layers=1,
-                           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    per_layer = LlamaShape(
+        hidden_size=hidden,
+        intermediate_size=5632,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
     fixed = 2 * 32000 * hidden * itemsize
     layer_bytes = (per_layer.parameters() - 2 * 32000 * hidden - hidden) * itemsize
     layers = max(1, round((target_bytes - fixed) / layer_bytes))
-    return LlamaShape(hidden_size=hidden, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    return LlamaShape(
+        hidden_size=hidden,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
 
 
 def write_checkpoint(
@@ -114,17 +126,28 @@ def write_checkpoint(
     for spec in shards:
         with ShardWriter(folder, spec) as writer:
             for tensor in spec.tensors:
-                writer.write(tensor.name, _weights(tensor.name, by_name[tensor.name], seed, base_seed, delta_scale).to(dtype))
+                writer.write(
+                    tensor.name,
+                    _weights(tensor.name, by_name[tensor.name], seed, base_seed, delta_scale).to(
+                        dtype
+                    ),
+                )
             writer.finish()
     if len(shards) > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index_json(shards), indent=2))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(index_json(shards), indent=2)
+        )
     (folder / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
     return folder
 
 
-def _weights(name: str, shape: tuple[int, ...], seed: int, base_seed: int | None, scale: float) -> torch.Tensor:
+def _weights(
+    name: str, shape: tuple[int, ...], seed: int, base_seed: int | None, scale: float
+) -> torch.Tensor:
     key = sum(name.encode()) * 7919 + len(name)
-    generator = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 1_000_003 + key)
+    generator = torch.Generator().manual_seed(
+        (base_seed if base_seed is not None else seed) * 1_000_003 + key
+    )
     if len(shape) == 1:
         base = torch.ones(shape) + 0.1 * torch.randn(shape, generator=generator)
     else:

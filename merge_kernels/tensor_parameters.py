@@ -18,8 +18,8 @@ from merge_kernels.errors import RecipeError
 from merge_kernels.methods.kernel import MethodParams, ModelParams
 from merge_kernels.parameter_settings import (
     ConditionalSetting,
-    ParameterSetting,
     Parameters,
+    ParameterSetting,
     Scalar,
     evaluate_setting,
 )
@@ -76,7 +76,9 @@ def resolve_parameters(recipe: Recipe, tensor_name: str, t: float) -> TensorPara
         ("parameters", recipe.parameters),
     ]
 
-    def values_for(names: set[str], levels: list[tuple[str, Parameters | None]]) -> tuple[dict[str, Any], dict[str, str]]:
+    def values_for(
+        names: set[str], levels: list[tuple[str, Parameters | None]]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         values: dict[str, Any] = {}
         origins: dict[str, str] = {}
         for name in names:

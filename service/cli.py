@@ -12,9 +12,22 @@ from pathlib import Path
 from merge_kernels.errors import TureenError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "K": 1000, "M": 1000**2,
-          "G": 1000**3, "T": 1000**4}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+}
 
 
 def parse_size(text: str) -> int:
@@ -41,8 +54,10 @@ class _ProgressBar:
             return
         self.last = percent
         filled = percent // 4
-        line = (f"\r[{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% "
-                f"{progress.tensors_done}/{progress.tensors_total} tensors  {progress.phase}")
+        line = (
+            f"\r[{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% "
+            f"{progress.tensors_done}/{progress.tensors_total} tensors  {progress.phase}"
+        )
         print(line, end="", file=self.stream, flush=True)  # type: ignore[call-overload]
 
 
@@ -69,14 +84,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     result = run_merge(recipe, Path(args.out_dir), _options(args), progress=bar)  # type: ignore[arg-type]
     if bar is not None:
         print(file=sys.stderr)
-    print(json.dumps({
-        "out_dir": str(result.out_dir),
-        "files": result.files,
-        "tensors": result.tensors,
-        "bytes_written": result.bytes_written,
-        "shards_resumed": result.shards_resumed,
-        "seconds": round(result.seconds, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "out_dir": str(result.out_dir),
+                "files": result.files,
+                "tensors": result.tensors,
+                "bytes_written": result.bytes_written,
+                "shards_resumed": result.shards_resumed,
+                "seconds": round(result.seconds, 3),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -112,15 +132,21 @@ def cmd_example(args: argparse.Namespace) -> int:
     from merge_kernels.synthetic import LlamaShape, write_checkpoint
 
     folder = Path(args.folder)
-    shape = LlamaShape(hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                       num_hidden_layers=args.layers, vocab_size=512)
+    shape = LlamaShape(
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        vocab_size=512,
+    )
     write_checkpoint(folder / "base", shape, seed=0)
     for index in (1, 2, 3):
         write_checkpoint(folder / f"finetune-{index}", shape, seed=index, base_seed=0)
     recipe = (
         "merge_method: ties\nbase_model: ./base\nmodels:\n"
-        + "".join(f"  - model: ./finetune-{i}\n    parameters: {{weight: 1.0, density: 0.2}}\n"
-                  for i in (1, 2, 3))
+        + "".join(
+            f"  - model: ./finetune-{i}\n    parameters: {{weight: 1.0, density: 0.2}}\n"
+            for i in (1, 2, 3)
+        )
         + "dtype: bfloat16\n"
     )
     (folder / "recipe.yaml").write_text(recipe)
@@ -134,13 +160,23 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_run_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("recipe", help="recipe YAML (mergekit-style)")
-        sub.add_argument("--shard-size", type=parse_size, default=5 * 1000**3,
-                         help="largest output shard, e.g. 5GB (default) or 500MB")
-        sub.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16"],
-                         help="output dtype (default: the recipe's, else the base's)")
+        sub.add_argument(
+            "--shard-size",
+            type=parse_size,
+            default=5 * 1000**3,
+            help="largest output shard, e.g. 5GB (default) or 500MB",
+        )
+        sub.add_argument(
+            "--out-dtype",
+            choices=["float32", "float16", "bfloat16"],
+            help="output dtype (default: the recipe's, else the base's)",
+        )
         sub.add_argument("--device", default="cpu", help="where kernels run: cpu or cuda")
-        sub.add_argument("--allow-pickle", action="store_true",
-                         help="accept .bin/.pt checkpoints via torch's weights-only loader")
+        sub.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="accept .bin/.pt checkpoints via torch's weights-only loader",
+        )
 
     merge = commands.add_parser("merge", help="merge a recipe into OUT_DIR")
     add_run_options(merge)

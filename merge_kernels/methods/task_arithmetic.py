@@ -200,7 +200,9 @@ def _weights(inputs: MergeInputs) -> list[float]:
     return [p.weight for p in inputs.model_params if isinstance(p, WeightParams)]
 
 
-def _linear_combination(taus: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+def _linear_combination(
+    taus: list[torch.Tensor], weights: list[float], normalize: bool
+) -> torch.Tensor:
     merged = weighted_sum(taus, weights)
     if normalize:
         merged.div_(sum(weights))
@@ -210,7 +212,11 @@ def _linear_combination(taus: list[torch.Tensor], weights: list[float], normaliz
 def _consensus_combination(
     taus: list[torch.Tensor], weights: list[float], params: ConsensusParams
 ) -> torch.Tensor:
-    electors = [tau * w for tau, w in zip(taus, weights, strict=True)] if params.weighted_election else taus
+    electors = (
+        [tau * w for tau, w in zip(taus, weights, strict=True)]
+        if params.weighted_election
+        else taus
+    )
     gamma = elect_sign(electors, method=params.majority_sign_method, zero_sign=params.zero_sign)
     masks = [agreement_mask(elector, gamma) for elector in electors]
     return disjoint_mean(taus, weights, masks, divisor=params.effective_divisor())
@@ -251,7 +257,9 @@ def dare_ties(inputs: MergeInputs, params: DareTiesParams, ctx: TensorContext) -
     return _finish(inputs.base, merged, params.lambda_)
 
 
-def _check_normalized_weights(params: TaskArithmeticParams, model_params: tuple[WeightParams, ...]) -> None:
+def _check_normalized_weights(
+    params: TaskArithmeticParams, model_params: tuple[WeightParams, ...]
+) -> None:
     if params.normalize and sum(p.weight for p in model_params) == 0:
         raise ValueError(
             "weights sum to 0 with normalize: true; change a weight or set normalize: false"
@@ -342,8 +350,10 @@ register(
             "mergekit": {**_MERGEKIT_CONSENSUS, "rescale_method": "l1", "normalize": False},
             "paper": {"zero_sign": "majority"},
         },
-        chunkable=lambda params: params.zero_sign == "positive"
-        and not (params.rescale and params.rescale_method == "l1"),
+        chunkable=lambda params: (
+            params.zero_sign == "positive"
+            and not (params.rescale and params.rescale_method == "l1")
+        ),
         check=_check_density,
     )
 )

@@ -95,11 +95,17 @@ def test_mergekit_gradients_and_filters_resolve_per_tensor() -> None:
     first = resolve_parameters(parsed, "model.layers.0.mlp.up_proj.weight", 0.0)
     last = resolve_parameters(parsed, "model.layers.39.self_attn.q_proj.weight", 1.0)
     middle = resolve_parameters(parsed, "model.layers.20.self_attn.q_proj.weight", 0.5)
-    densities = [[p.density for p in r.models if isinstance(p, SparseModelParams)] for r in (first, middle, last)]
+    densities = [
+        [p.density for p in r.models if isinstance(p, SparseModelParams)]
+        for r in (first, middle, last)
+    ]
     assert densities[0] == [1.0, 0.5, 0.33]
     assert densities[1] == pytest.approx([0.7, 0.5, 0.33])
     assert densities[2] == pytest.approx([0.1, 0.5, 0.33])
-    weights = [[p.weight for p in r.models if isinstance(p, SparseModelParams)] for r in (first, middle, last)]
+    weights = [
+        [p.weight for p in r.models if isinstance(p, SparseModelParams)]
+        for r in (first, middle, last)
+    ]
     # model 1: gradient [0, .3, .7, 1]; model 2: 0.5 on mlp tensors, else 0
     assert weights[0] == pytest.approx([1.0, 0.0, 0.5])
     assert weights[1] == pytest.approx([1.0, 0.5, 0.0])
@@ -152,10 +158,18 @@ def test_reference_sets_every_default_at_once() -> None:
     peft = resolve_parameters(parse_recipe(recipe()), "w", 0.0).method
     mergekit = resolve_parameters(parse_recipe(recipe(reference="mergekit")), "w", 0.0).method
     paper = resolve_parameters(parse_recipe(recipe(reference="paper")), "w", 0.0).method
-    assert isinstance(peft, TiesParams) and isinstance(mergekit, TiesParams) and isinstance(paper, TiesParams)
+    assert (
+        isinstance(peft, TiesParams)
+        and isinstance(mergekit, TiesParams)
+        and isinstance(paper, TiesParams)
+    )
     assert (peft.weighted_election, peft.divisor, peft.trim_scope) == (False, "count", "tensor")
     assert (mergekit.weighted_election, mergekit.divisor) == (True, "weight_sum")
-    assert (paper.trim_ties, paper.trim_scope, paper.zero_sign) == ("threshold", "model", "majority")
+    assert (paper.trim_ties, paper.trim_scope, paper.zero_sign) == (
+        "threshold",
+        "model",
+        "majority",
+    )
     explicit = parse_recipe(recipe(reference="mergekit", parameters={"divisor": "count"}))
     assert resolve_parameters(explicit, "w", 0.0).method.divisor == "count"  # type: ignore[attr-defined]
 
@@ -166,7 +180,9 @@ def test_base_listed_among_models_is_not_merged_with_itself() -> None:
 
 
 def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
-    parsed = parse_recipe({"merge_method": "linear", "base_model": "org/base", "models": [{"model": "org/a"}]})
+    parsed = parse_recipe(
+        {"merge_method": "linear", "base_model": "org/base", "models": [{"model": "org/a"}]}
+    )
     assert [str(m.model) for _, m in parsed.merged_models()] == ["org/a", "org/base"]
 
 
@@ -176,32 +192,70 @@ def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
         (recipe(unknown_key=1), "unknown_key"),
         (recipe(merge_method="magic"), "merge_method"),
         (recipe(base_model=None), "base_model"),
-        (recipe(models=[{"model": "org/a", "parameters": {"density": 0.0}}]), "models[0].parameters.density"),
-        (recipe(models=[{"model": "org/a", "parameters": {"density": 1.5}}]), "models[0].parameters.density"),
+        (
+            recipe(models=[{"model": "org/a", "parameters": {"density": 0.0}}]),
+            "models[0].parameters.density",
+        ),
+        (
+            recipe(models=[{"model": "org/a", "parameters": {"density": 1.5}}]),
+            "models[0].parameters.density",
+        ),
         (recipe(parameters={"density": -0.1}), "parameters.density"),
         (recipe(parameters={"densty": 0.1}), "parameters.densty"),
-        (recipe(models=[{"model": "org/a", "parameters": {"density": 0.1, "normalize": True}}]), "models[0].parameters.normalize"),
+        (
+            recipe(models=[{"model": "org/a", "parameters": {"density": 0.1, "normalize": True}}]),
+            "models[0].parameters.normalize",
+        ),
         (recipe(majority_sign_method="total"), "majority_sign_method"),
         (recipe(parameters={"majority_sign_method": "mass"}), "parameters.majority_sign_method"),
         (recipe(reference="numpy"), "reference"),
         (recipe(dtype="float8"), "dtype"),
         (recipe(models=[]), "models"),
-        (recipe(models=[{"model": "org/a", "parameters": {"density": 0.5}, "extra": 1}]), "models[0].extra"),
         (
-            {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": -1}}]},
+            recipe(models=[{"model": "org/a", "parameters": {"density": 0.5}, "extra": 1}]),
+            "models[0].extra",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "a", "parameters": {"weight": 1}},
+                    {"model": "b", "parameters": {"weight": -1}},
+                ],
+            },
             "parameters",
         ),
         (
-            {"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}, {"model": "c"}], "parameters": {"t": 0.5}},
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "models": [{"model": "b"}, {"model": "c"}],
+                "parameters": {"t": 0.5},
+            },
             "models",
         ),
         ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}]}, "parameters.t"),
         (recipe(tokenizer_source="union"), "tokenizer_source"),
         (
-            {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5}, "slices": [
-                {"sources": [{"model": "a", "layer_range": [0, 16]}, {"model": "b", "layer_range": [0, 16]}]},
-                {"sources": [{"model": "a", "layer_range": [16, 32]}, {"model": "b", "layer_range": [16, 32]}]},
-            ]},
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "parameters": {"t": 0.5},
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 16]},
+                            {"model": "b", "layer_range": [0, 16]},
+                        ]
+                    },
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [16, 32]},
+                            {"model": "b", "layer_range": [16, 32]},
+                        ]
+                    },
+                ],
+            },
             "slices",
         ),
     ],
@@ -211,14 +265,29 @@ def test_invalid_recipes_name_the_field(document: dict[str, Any], field: str) ->
 
 
 def test_error_messages_say_what_is_allowed() -> None:
-    with pytest.raises(RecipeError, match="allowed: .*dare_ties.*linear.*slerp.*ties"):
+    with pytest.raises(RecipeError, match=r"allowed: .*dare_ties.*linear.*slerp.*ties"):
         parse_recipe(recipe(merge_method="magic"))
     with pytest.raises(RecipeError, match="needs base_model"):
         parse_recipe(recipe(base_model=None))
     with pytest.raises(RecipeError, match="exactly two models"):
-        parse_recipe({"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}, {"model": "c"}], "parameters": {"t": 0.5}})
+        parse_recipe(
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "models": [{"model": "b"}, {"model": "c"}],
+                "parameters": {"t": 0.5},
+            }
+        )
     with pytest.raises(RecipeError, match="sum to 0"):
-        parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 2}}, {"model": "b", "parameters": {"weight": -2}}]})
+        parse_recipe(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "a", "parameters": {"weight": 2}},
+                    {"model": "b", "parameters": {"weight": -2}},
+                ],
+            }
+        )
 
 
 def test_fingerprint_ignores_formatting_but_not_meaning() -> None:

@@ -18,7 +18,10 @@ def test_kept_fraction_and_rescale(density: float) -> None:
     tau = torch.rand(N) + 0.5  # no zeros, so every zero in the output was dropped
     base = torch.zeros(N)
     out = get_method("dare_linear").merge_tensors(
-        [tau], base=base, model_params=[{"density": density}], context=TensorContext(name="w", seed=9)
+        [tau],
+        base=base,
+        model_params=[{"density": density}],
+        context=TensorContext(name="w", seed=9),
     )
     kept = out != 0
     fraction = float(kept.float().mean())
@@ -64,7 +67,9 @@ def test_masks_are_independent_between_models() -> None:
     ones = torch.ones(N)
     outputs = [
         get_method("dare_linear").merge_tensors(
-            [ones], base=base, model_params=[{"density": 0.5}],
+            [ones],
+            base=base,
+            model_params=[{"density": 0.5}],
             context=TensorContext(name="w", seed=4, model_indices=(index,)),
         )
         for index in (0, 1)

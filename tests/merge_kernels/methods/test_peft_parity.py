@@ -12,14 +12,18 @@ SHAPES = [(257,), (16, 33), (4, 8, 9)]
 MODEL_COUNTS = [1, 2, 3, 5]
 
 
-def _inputs(shape: tuple[int, ...], count: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def _inputs(
+    shape: tuple[int, ...], count: int, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     taus = [torch.randn(shape, generator=generator) for _ in range(count)]
     weights = torch.rand(count, generator=generator) * 1.5 + 0.1
     return torch.zeros(shape), taus, weights
 
 
-def _merge(method: str, taus: list[torch.Tensor], weights: torch.Tensor, **params: object) -> torch.Tensor:
+def _merge(
+    method: str, taus: list[torch.Tensor], weights: torch.Tensor, **params: object
+) -> torch.Tensor:
     base = torch.zeros_like(taus[0])
     density = params.pop("density", None)
     model_params = [

@@ -37,7 +37,9 @@ def tensors(shape: tuple[int, ...], count: int) -> st.SearchStrategy[list[torch.
     return st.lists(one, min_size=count, max_size=count)
 
 
-def run(spec: MethodSpec, models: list[torch.Tensor], base: torch.Tensor | None, **overrides: Any) -> torch.Tensor:
+def run(
+    spec: MethodSpec, models: list[torch.Tensor], base: torch.Tensor | None, **overrides: Any
+) -> torch.Tensor:
     params, per_model = VALID[spec.name]
     model_params = overrides.pop("model_params", [per_model] * len(models))
     return spec.merge_tensors(
@@ -61,7 +63,9 @@ def test_every_registered_method_has_valid_parameters_here() -> None:
 @pytest.mark.parametrize("name", ALL)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes, wanted=st.integers(1, 4))
-def test_shape_and_dtype_are_kept(name: str, data: st.DataObject, shape: tuple[int, ...], wanted: int) -> None:
+def test_shape_and_dtype_are_kept(
+    name: str, data: st.DataObject, shape: tuple[int, ...], wanted: int
+) -> None:
     spec = get_method(name)
     count = model_count(spec, wanted)
     models = data.draw(tensors(shape, count))
@@ -77,7 +81,9 @@ def test_shape_and_dtype_are_kept(name: str, data: st.DataObject, shape: tuple[i
 @pytest.mark.parametrize("name", SOUP_OF_ONE)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes)
-def test_soup_of_one_model_is_that_model(name: str, data: st.DataObject, shape: tuple[int, ...]) -> None:
+def test_soup_of_one_model_is_that_model(
+    name: str, data: st.DataObject, shape: tuple[int, ...]
+) -> None:
     spec = get_method(name)
     model, base = data.draw(tensors(shape, 2))
     model_params = [{"density": 1.0}] if "density" in spec.model_param_names() else [{}]
@@ -94,13 +100,19 @@ def test_normalized_soup_of_identical_models_is_that_model(
     spec = get_method(name)
     count = model_count(spec, wanted)
     model, base = data.draw(tensors(shape, 2))
-    params, per_model = VALID[name]
+    _, per_model = VALID[name]
     if "density" in per_model:
         per_model = {"density": 1.0}
     extra = {"normalize": True} if "normalize" in spec.method_param_names() else {}
     if spec.name == "slerp":
         base = model  # slerp's two inputs are the base and the other model
-    out = run(spec, [model.clone() for _ in range(count)], base, params=extra, model_params=[per_model] * count)
+    out = run(
+        spec,
+        [model.clone() for _ in range(count)],
+        base,
+        params=extra,
+        model_params=[per_model] * count,
+    )
     assert torch.allclose(out, model, atol=1e-5)
 
 
@@ -142,7 +154,13 @@ def test_permuting_models_with_their_weights_changes_nothing(
             p["weight"] = w
     order = data.draw(st.permutations(range(count)))
     indices = tuple(range(count))
-    out = run(spec, models, base, model_params=params, context=TensorContext(name="w", seed=3, model_indices=indices))
+    out = run(
+        spec,
+        models,
+        base,
+        model_params=params,
+        context=TensorContext(name="w", seed=3, model_indices=indices),
+    )
     permuted = run(
         spec,
         [models[i] for i in order],
@@ -156,7 +174,9 @@ def test_permuting_models_with_their_weights_changes_nothing(
 @pytest.mark.parametrize("name", ALL)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), shape=shapes, seed=st.integers(0, 2**31))
-def test_a_fixed_seed_gives_identical_output(name: str, data: st.DataObject, shape: tuple[int, ...], seed: int) -> None:
+def test_a_fixed_seed_gives_identical_output(
+    name: str, data: st.DataObject, shape: tuple[int, ...], seed: int
+) -> None:
     spec = get_method(name)
     count = model_count(spec, 3)
     models = data.draw(tensors(shape, count))

@@ -20,9 +20,22 @@ BASE = t(0, 0, 0, 0)
 TAUS = [t(0.5, -0.2, 0.1, 0.0), t(-0.4, 0.3, 0.2, -0.1), t(0.3, -0.1, -0.6, 0.2)]
 
 
-def merge(method: str, models: list[torch.Tensor], base: torch.Tensor | None = BASE, params=None, model_params=None, reference="peft", context=None):  # type: ignore[no-untyped-def]
+def merge(
+    method: str,
+    models: list[torch.Tensor],
+    base: torch.Tensor | None = BASE,
+    params=None,
+    model_params=None,
+    reference="peft",
+    context=None,
+):  # type: ignore[no-untyped-def]
     return get_method(method).merge_tensors(
-        models, base=base, params=params, model_params=model_params, reference=reference, context=context
+        models,
+        base=base,
+        params=params,
+        model_params=model_params,
+        reference=reference,
+        context=context,
     )
 
 
@@ -32,7 +45,11 @@ def test_uniform_and_weighted_soup() -> None:
     weighted = merge("linear", [a, b], base=None, model_params=[{"weight": 3}, {"weight": 1}])
     assert torch.allclose(weighted, t(1.5, 3, 4.5))
     unnormalized = merge(
-        "linear", [a, b], base=None, params={"normalize": False}, model_params=[{"weight": 3}, {"weight": 1}]
+        "linear",
+        [a, b],
+        base=None,
+        params={"normalize": False},
+        model_params=[{"weight": 3}, {"weight": 1}],
     )
     assert torch.allclose(unnormalized, t(6, 12, 18))
 
@@ -41,10 +58,16 @@ def test_task_arithmetic_with_lambda_and_normalize() -> None:
     base = t(1, 1)
     models = [t(2, 1), t(1, 3)]  # τ = (1, 0), (0, 2)
     weights = [{"weight": 1.0}, {"weight": 0.5}]
-    assert torch.allclose(merge("task_arithmetic", models, base=base, model_params=weights), t(2, 2))
-    scaled = merge("task_arithmetic", models, base=base, params={"lambda": 0.5}, model_params=weights)
+    assert torch.allclose(
+        merge("task_arithmetic", models, base=base, model_params=weights), t(2, 2)
+    )
+    scaled = merge(
+        "task_arithmetic", models, base=base, params={"lambda": 0.5}, model_params=weights
+    )
     assert torch.allclose(scaled, t(1.5, 1.5))
-    normalized = merge("task_arithmetic", models, base=base, params={"normalize": True}, model_params=weights)
+    normalized = merge(
+        "task_arithmetic", models, base=base, params={"normalize": True}, model_params=weights
+    )
     assert torch.allclose(normalized, t(1 + 1 / 1.5, 1 + 1 / 1.5))
 
 
@@ -63,7 +86,11 @@ def test_ties_frequency_election_differs_from_total() -> None:
     assert torch.allclose(total, t(-0.5))
     # frequency: +1 +1 −1 > 0 → γ = +, mean of .1 and .1
     freq = merge(
-        "ties", models, base=t(0), params={"majority_sign_method": "frequency"}, model_params=[{"density": 1.0}] * 3
+        "ties",
+        models,
+        base=t(0),
+        params={"majority_sign_method": "frequency"},
+        model_params=[{"density": 1.0}] * 3,
     )
     assert torch.allclose(freq, t(0.1))
 
@@ -74,7 +101,11 @@ def test_ties_zero_vote_takes_plus_one_by_default_and_majority_in_paper_mode() -
     peft = merge("ties", models, base=t(0, 0, 0), model_params=[{"density": 1.0}] * 2)
     assert torch.allclose(peft, t(0.2, -0.2, -0.25))
     paper = merge(
-        "ties", models, base=t(0, 0, 0), params={"zero_sign": "majority"}, model_params=[{"density": 1.0}] * 2
+        "ties",
+        models,
+        base=t(0, 0, 0),
+        params={"zero_sign": "majority"},
+        model_params=[{"density": 1.0}] * 2,
     )
     # Σγ over the tensor is −2, so the zero vote becomes −: entry 0 keeps −.2
     assert torch.allclose(paper, t(-0.2, -0.2, -0.25))
@@ -89,7 +120,14 @@ def test_ties_weighted_election_and_weight_sum_divisor_follow_mergekit() -> None
     mk = merge("ties", models, base=t(0), model_params=weights, reference="mergekit")
     assert torch.allclose(mk, t(-0.2))
     # mergekit with normalize false: no division
-    raw = merge("ties", models, base=t(0), model_params=weights, reference="mergekit", params={"normalize": False})
+    raw = merge(
+        "ties",
+        models,
+        base=t(0),
+        model_params=weights,
+        reference="mergekit",
+        params={"normalize": False},
+    )
     assert torch.allclose(raw, t(-0.4))
 
 
@@ -119,10 +157,20 @@ def test_dare_linear_rescales_kept_entries_by_inverse_density() -> None:
 def test_dare_l1_rescale_restores_the_norm() -> None:
     generator = torch.Generator().manual_seed(0)
     tau = torch.randn(4096, generator=generator)
-    out = merge("dare_linear", [tau], base=torch.zeros(4096), model_params=[{"density": 0.3}], reference="mergekit")
+    out = merge(
+        "dare_linear",
+        [tau],
+        base=torch.zeros(4096),
+        model_params=[{"density": 0.3}],
+        reference="mergekit",
+    )
     assert math.isclose(float(out.abs().sum()), float(tau.abs().sum()), rel_tol=1e-5)
     no_rescale = merge(
-        "dare_linear", [tau], base=torch.zeros(4096), model_params=[{"density": 0.3}], params={"rescale": False}
+        "dare_linear",
+        [tau],
+        base=torch.zeros(4096),
+        model_params=[{"density": 0.3}],
+        params={"rescale": False},
     )
     kept = no_rescale != 0
     assert torch.equal(no_rescale[kept], tau[kept])
@@ -151,7 +199,10 @@ def test_dare_mask_depends_on_seed_model_and_tensor_name() -> None:
 
     def drop(seed: int, index: int, name: str) -> torch.Tensor:
         return merge(
-            "dare_linear", [tau], base=base, model_params=[{"density": 0.5}],
+            "dare_linear",
+            [tau],
+            base=base,
+            model_params=[{"density": 0.5}],
             context=TensorContext(name=name, seed=seed, model_indices=(index,)),
         )
 
