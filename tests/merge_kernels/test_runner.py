@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -215,14 +214,14 @@ def test_cancel_leaves_nothing(models: Path, tmp_path: Path) -> None:
 
 def test_an_interrupted_merge_resumes_after_the_last_shard(models: Path, tmp_path: Path) -> None:
     document = RECIPES["dare_ties"]
-    options = MergeOptions(base_dir=models, max_shard_bytes=60_000)
+    options = MergeOptions(base_dir=models, max_shard_bytes=25_000)
     reference = run_merge(parse_recipe(document), tmp_path / "reference", options)
 
     class CrashError(Exception):
         pass
 
     def crash_in_third_shard(progress: Progress) -> None:
-        if progress.bytes_done > 130_000:
+        if progress.bytes_done > 70_000:
             raise CrashError
 
     with pytest.raises(CrashError):
@@ -246,9 +245,9 @@ def test_a_killed_merge_resumes_to_identical_bytes(models: Path, tmp_path: Path)
         from merge_kernels.runner import MergeOptions, run_merge
         recipe = parse_recipe({RECIPES["ties"]!r})
         def kill_midway(progress):
-            if progress.bytes_done > 130_000:
+            if progress.bytes_done > 70_000:
                 os.kill(os.getpid(), signal.SIGKILL)
-        options = MergeOptions(base_dir=Path({str(models)!r}), max_shard_bytes=60_000)
+        options = MergeOptions(base_dir=Path({str(models)!r}), max_shard_bytes=25_000)
         run_merge(recipe, Path({str(tmp_path / "out")!r}), options, progress=kill_midway)
         """
     )
@@ -256,7 +255,7 @@ def test_a_killed_merge_resumes_to_identical_bytes(models: Path, tmp_path: Path)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.tureen-partial").is_dir()
-    options = MergeOptions(base_dir=models, max_shard_bytes=60_000)
+    options = MergeOptions(base_dir=models, max_shard_bytes=25_000)
     resumed = run_merge(parse_recipe(RECIPES["ties"]), tmp_path / "out", options)
     assert resumed.shards_resumed >= 2
     fresh = run_merge(parse_recipe(RECIPES["ties"]), tmp_path / "fresh", options)
@@ -373,20 +372,6 @@ def test_unreadable_or_missing_folder(models: Path, tmp_path: Path) -> None:
         "models": [{"model": str(empty)}, {"model": str(models / "ft2")}]
     }
     expect_failure(models, document, tmp_path / "out", CheckpointNotFoundError, "empty")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
-def test_folder_without_permission(models: Path, tmp_path: Path) -> None:
-    locked = copy_model(models / "ft1", tmp_path / "locked")
-    locked.chmod(0)
-    try:
-        document = RECIPES["linear"] | {
-            "models": [{"model": str(locked)}, {"model": str(models / "ft2")}]
-        }
-        with pytest.raises((CheckpointNotFoundError, CheckpointFileError)):
-            merge(models, document, tmp_path / "out")
-    finally:
-        locked.chmod(0o755)
 
 
 def test_tied_embeddings(models: Path, tmp_path: Path) -> None:

@@ -1,0 +1,281 @@
+"""Resolving Hugging Face Hub references to local snapshot folders.
+
+``org/name@revision`` is resolved with ``huggingface_hub`` (an optional extra, imported only
+here, inside functions): the repository's files at that revision are listed, then only what
+a merge needs is downloaded into the standard Hugging Face cache: config, tokenizer and
+generation config, and the weights ``LocalCheckpoint`` will read (``model.safetensors``, or
+the index and then exactly the shards it names; pickle weights only when there are no
+safetensors weights and pickle is allowed). With ``HF_HUB_OFFLINE=1`` (read through
+``huggingface_hub.constants``) nothing is contacted and the cached snapshot is used. The
+resolved commit SHA is recorded as the checkpoint's ``revision``. Tokens come from
+``HF_TOKEN`` or the ``huggingface_hub`` login, handled by the library; tureen never logs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from merge_kernels.checkpoints.base import load_json_object
+from merge_kernels.checkpoints.local import (
+    PICKLE_INDEX_NAME,
+    PICKLE_NAME,
+    SAFETENSORS_INDEX_NAME,
+    SAFETENSORS_NAME,
+)
+from merge_kernels.checkpoints.pickle_import import PICKLE_SUFFIXES, refuse_pickle
+from merge_kernels.checkpoints.reference import HubRef
+from merge_kernels.errors import CheckpointNotFoundError, TureenError
+
+#: Files fetched beside the weights of a full model: configuration and tokenizer.
+MODEL_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+#: Files fetched for a PEFT adapter (tokenizer files too: adapters may add tokens).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", *MODEL_SIDE_FILES[2:])
+
+Kind = Literal["model", "adapter"]
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A repository revision resolved to a folder in the local Hugging Face cache."""
+
+    folder: Path
+    commit: str
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise TureenError(
+            "checkpoints on the Hugging Face Hub need the 'huggingface_hub' package; install "
+            "tureen with the 'hub' extra (pip install 'tureen[hub]')",
+            details={"missing_package": "huggingface_hub"},
+        ) from None
+    return huggingface_hub
+
+
+def is_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``)."""
+    constants = _hub().constants
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
+
+
+def choose_files(
+    repo_files: list[str], kind: Kind, *, allow_pickle: bool, ref: HubRef
+) -> list[str]:
+    """Pick the repository files a merge needs, before any shard index is read.
+
+    Only top-level files are considered. Weights are chosen as ``LocalCheckpoint`` reads
+    them: ``model.safetensors``, else ``model.safetensors.index.json`` (its shards are
+    fetched once the index is read), else, only with ``allow_pickle``, ``pytorch_model.bin``,
+    its index, or a single other pickle file.
+
+    Args:
+        repo_files: every file path in the repository at the revision.
+        kind: ``"model"`` for a full model, ``"adapter"`` for a PEFT adapter.
+        allow_pickle: accept pickle weights when there are no safetensors ones.
+        ref: the reference, for messages.
+
+    Returns:
+        The file names to download first.
+
+    Raises:
+        UnsafeCheckpointError: only pickle weights exist and ``allow_pickle`` is false.
+        CheckpointNotFoundError: the repository has no weights of the expected kind.
+    """
+    top = [name for name in repo_files if "/" not in name]
+    if kind == "adapter":
+        wanted = [name for name in top if name in ADAPTER_FILES]
+        if "adapter_model.safetensors" in wanted:
+            return wanted
+        if "adapter_model.bin" in top:
+            if not allow_pickle:
+                raise refuse_pickle(Path(str(ref)), ["adapter_model.bin"])
+            return [*wanted, "adapter_model.bin"]
+        raise CheckpointNotFoundError(
+            f"Hub repository {ref} has no adapter_model.safetensors; it is not a PEFT adapter",
+            details={"reference": str(ref)},
+        )
+    wanted = [name for name in top if name in MODEL_SIDE_FILES]
+    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME):
+        if name in top:
+            return [*wanted, name]
+    pickles = [n for n in top if n.endswith(PICKLE_SUFFIXES) or n == PICKLE_INDEX_NAME]
+    if pickles:
+        if not allow_pickle:
+            raise refuse_pickle(Path(str(ref)), pickles)
+        for name in (PICKLE_NAME, PICKLE_INDEX_NAME):
+            if name in top:
+                return [*wanted, name]
+        if len(pickles) == 1:
+            return [*wanted, *pickles]
+    hint = (
+        " It is a PEFT adapter: reference it as 'base+adapter'."
+        if "adapter_config.json" in top
+        else ""
+    )
+    raise CheckpointNotFoundError(
+        f"Hub repository {ref} has no model weights: expected {SAFETENSORS_NAME} or "
+        f"{SAFETENSORS_INDEX_NAME} at its top level.{hint}",
+        details={"reference": str(ref)},
+    )
+
+
+def _shards_named_in(index_path: Path) -> list[str]:
+    weight_map = load_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        return []  # LocalCheckpoint reports the malformed index
+    return sorted({f for f in weight_map.values() if isinstance(f, str)})
+
+
+def _not_found(ref: HubRef, message: str, reason: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"Hub checkpoint {ref}: {message}", details={"reference": str(ref), "reason": reason}
+    )
+
+
+def _translate(exc: Exception, ref: HubRef) -> TureenError:
+    errors = _hub().errors
+    if isinstance(exc, errors.GatedRepoError):
+        return _not_found(
+            ref,
+            f"the repository is gated; accept its terms at https://huggingface.co/{ref.repo} "
+            "and provide a token of that account (HF_TOKEN or `hf auth login`)",
+            "gated",
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return _not_found(
+            ref,
+            f"revision {ref.revision!r} does not exist; use a branch, tag or commit of "
+            f"https://huggingface.co/{ref.repo}",
+            "revision_not_found",
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return _not_found(
+            ref,
+            "the repository does not exist, or it is private and no token with access was "
+            "given (set HF_TOKEN); check the name",
+            "repo_not_found",
+        )
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        offline = is_offline()
+        return _not_found(
+            ref,
+            (
+                "HF_HUB_OFFLINE is set and the files are not in the local Hugging Face cache; "
+                f"download them first (e.g. `hf download {ref.repo}"
+                + (f" --revision {ref.revision}" if ref.revision else "")
+                + "`) or unset HF_HUB_OFFLINE"
+                if offline
+                else "the Hub could not be reached and the files are not cached; check the "
+                "network connection and retry"
+            ),
+            "offline_not_cached" if offline else "unreachable",
+        )
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return _not_found(
+                ref,
+                "access was refused; provide a token with read access (HF_TOKEN)",
+                "unauthorized",
+            )
+        return TureenError(
+            f"Hub checkpoint {ref}: the Hub answered with an error (HTTP {status}); retry later",
+            details={"reference": str(ref), "reason": "hub_error"},
+        )
+    return _not_found(ref, f"could not be resolved ({type(exc).__name__})", "unreachable")
+
+
+def _list_files(ref: HubRef) -> list[str] | None:
+    """List the repo's files online, or None when the Hub is unreachable (use the cache)."""
+    hub = _hub()
+    try:
+        info = hub.HfApi().model_info(ref.repo, revision=ref.revision)
+    except hub.errors.HfHubHTTPError:
+        raise
+    except (OSError, ConnectionError, TimeoutError):  # includes OfflineModeIsEnabled
+        return None
+    except Exception as exc:
+        # httpx transport errors (connection refused, DNS, timeouts) are not OSErrors.
+        if type(exc).__module__.startswith(("httpx", "httpcore")):
+            return None
+        raise
+    return [sibling.rfilename for sibling in (info.siblings or [])]
+
+
+def resolve_snapshot(
+    ref: HubRef,
+    *,
+    kind: Kind = "model",
+    allow_pickle: bool = False,
+    cache_dir: Path | None = None,
+) -> HubSnapshot:
+    """Download (or find in the cache) what a merge needs from a Hub repository.
+
+    Args:
+        ref: the repository and optional revision.
+        kind: ``"model"`` or ``"adapter"`` (decides which files are fetched).
+        allow_pickle: fetch pickle weights when the repository has no safetensors ones.
+        cache_dir: the Hugging Face hub cache; default ``huggingface_hub.constants.HF_HUB_CACHE``
+            (``HF_HUB_CACHE`` / ``HF_HOME``).
+
+    Returns:
+        The snapshot folder and the resolved commit SHA.
+
+    Raises:
+        CheckpointNotFoundError: the repository or revision does not exist, is gated or
+            private without a token, or is not cached while offline; ``details['reason']``
+            says which.
+        UnsafeCheckpointError: only pickle weights exist and ``allow_pickle`` is false.
+        TureenError: ``huggingface_hub`` is not installed, or the Hub answered with an error.
+    """
+    hub = _hub()
+    try:
+        repo_files = None if is_offline() else _list_files(ref)
+        if repo_files is None:
+            # Offline or unreachable: the cached snapshot is all there is; LocalCheckpoint
+            # and LoraCheckpoint say what is missing from it.
+            folder = hub.snapshot_download(
+                ref.repo, revision=ref.revision, cache_dir=cache_dir, local_files_only=True
+            )
+            snapshot = Path(folder)
+        else:
+            wanted = choose_files(repo_files, kind, allow_pickle=allow_pickle, ref=ref)
+            folder = hub.snapshot_download(
+                ref.repo, revision=ref.revision, cache_dir=cache_dir, allow_patterns=wanted
+            )
+            snapshot = Path(folder)
+            indexes = [n for n in wanted if n in (SAFETENSORS_INDEX_NAME, PICKLE_INDEX_NAME)]
+            for index_name in indexes:
+                # Pinned to the commit just downloaded, so shards match their index.
+                hub.snapshot_download(
+                    ref.repo,
+                    revision=snapshot.name,
+                    cache_dir=cache_dir,
+                    allow_patterns=_shards_named_in(snapshot / index_name),
+                )
+    except TureenError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, hub.errors.HfHubHTTPError | hub.errors.EntryNotFoundError):
+            raise _translate(exc, ref) from None
+        if type(exc).__module__.startswith(("httpx", "httpcore", "huggingface_hub")):
+            raise _translate(exc, ref) from None
+        raise
+    return HubSnapshot(folder=snapshot, commit=snapshot.name)
