@@ -266,14 +266,20 @@ def _same(a: ModelReference, b: ModelReference | None) -> bool:
     return b is not None and str(a) == str(b)
 
 
-def parse_recipe(document: Mapping[str, Any]) -> Recipe:
+def parse_recipe(document: Mapping[str, Any], *, base_dir: Path | None = None) -> Recipe:
     """Validate a recipe document (already parsed from YAML or JSON).
+
+    Args:
+        document: the parsed document.
+        base_dir: folder that relative local paths in object-form references are
+            relative to (string references are resolved when the checkpoints are opened).
 
     Raises:
         RecipeError: the first problem, naming its field; ``details['errors']`` lists all.
     """
     try:
-        return Recipe.model_validate(document)
+        context = {"base_dir": str(base_dir)} if base_dir is not None else None
+        return Recipe.model_validate(document, context=context)
     except ValidationError as error:
         problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in error.errors()]
         first = error.errors()[0]
@@ -296,7 +302,7 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError("recipe", f"{path} is not valid YAML: {error}") from None
     if not isinstance(document, Mapping):
         raise RecipeError("recipe", f"{path} must hold a mapping with merge_method, models, ...")
-    return parse_recipe(document)
+    return parse_recipe(document, base_dir=path.resolve().parent)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

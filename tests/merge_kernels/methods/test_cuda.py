@@ -1,0 +1,60 @@
+"""Every method on CUDA tensors gives the CPU's result (DARE's masks bit for bit).
+
+Marked ``gpu``; skipped where CUDA is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from merge_kernels.methods.kernel import TensorContext
+from merge_kernels.methods.random_mask import keep_mask
+from merge_kernels.registry import get_method, methods
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "linear": ({}, {"weight": 1.0}),
+    "task_arithmetic": ({"lambda": 0.7}, {"weight": 1.0}),
+    "ties": ({}, {"density": 0.2}),
+    "dare_linear": ({}, {"density": 0.3}),
+    "dare_ties": ({}, {"density": 0.3}),
+    "slerp": ({"t": 0.3}, {}),
+    "greedy_soup": ({}, {}),
+}
+
+
+def _run(name: str, device: str, tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    spec = get_method(name)
+    params, per_model = PARAMS[name]
+    models = tensors[:1] if spec.max_models == 1 else tensors
+    return spec.merge_tensors(
+        [t.to(device) for t in models],
+        base=base.to(device) if spec.needs_base else None,
+        params=params,
+        model_params=[per_model] * len(models),
+        context=TensorContext(name="model.layers.3.mlp.up_proj.weight", seed=11),
+    ).cpu()
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in methods()))
+def test_cuda_matches_cpu(name: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 1024, generator=generator)
+    tensors = [base + 0.01 * torch.randn(512, 1024, generator=generator) for _ in range(3)]
+    cpu = _run(name, "cpu", tensors, base)
+    cuda = _run(name, "cuda", tensors, base)
+    assert torch.allclose(cpu, cuda, atol=1e-6, rtol=1e-5)
+
+
+def test_dare_masks_are_bit_identical_on_cuda() -> None:
+    for offset in (0, 12345):
+        cpu = keep_mask(987654321, 0.37, 1 << 20, offset=offset, device="cpu")
+        cuda = keep_mask(987654321, 0.37, 1 << 20, offset=offset, device="cuda").cpu()
+        assert torch.equal(cpu, cuda)
