@@ -56,10 +56,6 @@ def layer_position(tensor_name: str, num_layers: int) -> float:
     return min(1.0, index / (num_layers - 1))
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float)
-
-
 def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Scalar | None:
     """The value of ``setting`` for the tensor ``tensor_name`` at layer position ``t``.
 
@@ -71,17 +67,18 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> S
         return setting
     if not setting:
         return None
-    if all(isinstance(entry, ConditionalSetting) for entry in setting):
-        for entry in setting:
-            assert isinstance(entry, ConditionalSetting)
+    conditions = [entry for entry in setting if isinstance(entry, ConditionalSetting)]
+    if conditions:
+        for entry in conditions:
             if entry.filter in (None, "*") or entry.filter in tensor_name:
                 return evaluate_setting(entry.value, tensor_name, t)
         return None
-    if all(_is_number(entry) for entry in setting):
-        numbers = [float(entry) for entry in setting]  # type: ignore[arg-type]
+    values = [entry for entry in setting if not isinstance(entry, ConditionalSetting)]
+    numbers = [float(entry) for entry in values if isinstance(entry, int | float)]
+    if len(numbers) == len(values):
         scaled = t * (len(numbers) - 1)
         lower = int(scaled)
         upper = min(len(numbers) - 1, lower + 1)
         fraction = scaled - lower
         return (1 - fraction) * numbers[lower] + fraction * numbers[upper]
-    return setting[int(t * (len(setting) - 1))]  # type: ignore[return-value]
+    return values[int(t * (len(values) - 1))]

@@ -18,6 +18,7 @@ and resolves zero votes by the majority sign.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -31,6 +32,7 @@ from merge_kernels.methods.kernel import (
 )
 from merge_kernels.methods.steps import (
     Divisor,
+    Rescale,
     SignMethod,
     TieRule,
     ZeroSign,
@@ -44,8 +46,6 @@ from merge_kernels.methods.steps import (
     weighted_sum,
 )
 from merge_kernels.registry import MethodSpec, register
-
-Sparsify = Literal["none", "magnitude", "random"]
 
 
 class WeightParams(ModelParams):
@@ -144,17 +144,16 @@ class DareTiesParams(ConsensusParams, DareRescaleParams):
     """Parameters of DARE followed by TIES' sign election and disjoint mean."""
 
 
-def _sparsify(
-    tau: torch.Tensor,
-    position: int,
-    model_params: SparseModelParams,
-    params: MethodParams,
-    ctx: TensorContext,
-    how: Sparsify,
-) -> torch.Tensor:
-    density = model_params.density if model_params.density is not None else 1.0
-    if how == "magnitude":
-        assert isinstance(params, TiesParams)
+# How one model's task vector is sparsified: (τ, position among the models, density, ctx) -> τ'
+Sparsifier = Callable[[torch.Tensor, int, float, TensorContext], torch.Tensor]
+
+
+def _keep_all(tau: torch.Tensor, position: int, density: float, ctx: TensorContext) -> torch.Tensor:
+    return tau
+
+
+def _magnitude_trimmer(params: TiesParams) -> Sparsifier:
+    def trim(tau: torch.Tensor, position: int, density: float, ctx: TensorContext) -> torch.Tensor:
         if ctx.trims is not None:
             state = ctx.trims[position]
             return magnitude_trim_given(
@@ -166,8 +165,14 @@ def _sparsify(
                 "run it through the merge runner"
             )
         return magnitude_trim(tau, density, ties=params.trim_ties)
-    if how == "random":
-        assert isinstance(params, DareRescaleParams)
+
+    return trim
+
+
+def _random_dropper(params: DareRescaleParams) -> Sparsifier:
+    rescale: Rescale = params.rescale_method if params.rescale else "none"
+
+    def drop(tau: torch.Tensor, position: int, density: float, ctx: TensorContext) -> torch.Tensor:
         return random_drop(
             tau,
             density,
@@ -175,29 +180,27 @@ def _sparsify(
             model_index=ctx.model_index(position),
             tensor_name=ctx.name,
             offset=ctx.offset,
-            rescale=params.rescale_method if params.rescale else "none",
+            rescale=rescale,
         )
-    return tau
+
+    return drop
 
 
 def _task_vectors(
-    inputs: MergeInputs, params: MethodParams, ctx: TensorContext, how: Sparsify
-) -> list[torch.Tensor]:
+    inputs: MergeInputs, ctx: TensorContext, sparsify: Sparsifier
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """The base, each model's (sparsified) task vector, and each model's weight."""
     if inputs.base is None:
         raise ValueError("task-vector methods need the base model's tensor")
     taus = []
+    weights = []
     for position, (model, model_params) in enumerate(
         zip(inputs.models, inputs.model_params, strict=True)
     ):
-        tau = task_vector(model, inputs.base)
-        if isinstance(model_params, SparseModelParams):
-            tau = _sparsify(tau, position, model_params, params, ctx, how)
-        taus.append(tau)
-    return taus
-
-
-def _weights(inputs: MergeInputs) -> list[float]:
-    return [p.weight for p in inputs.model_params if isinstance(p, WeightParams)]
+        density = getattr(model_params, "density", None)
+        taus.append(sparsify(task_vector(model, inputs.base), position, density or 1.0, ctx))
+        weights.append(float(getattr(model_params, "weight", 1.0)))
+    return inputs.base, taus, weights
 
 
 def _linear_combination(
@@ -222,39 +225,34 @@ def _consensus_combination(
     return disjoint_mean(taus, weights, masks, divisor=params.effective_divisor())
 
 
-def _finish(base: torch.Tensor | None, merged: torch.Tensor, scale: float) -> torch.Tensor:
-    assert base is not None
-    return torch.add(base, merged, alpha=scale)
-
-
 def task_arithmetic(
     inputs: MergeInputs, params: TaskArithmeticParams, ctx: TensorContext
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ τᵢ (divided by Σ wᵢ when ``normalize``)."""
-    taus = _task_vectors(inputs, params, ctx, "none")
-    merged = _linear_combination(taus, _weights(inputs), params.normalize)
-    return _finish(inputs.base, merged, params.lambda_)
+    base, taus, weights = _task_vectors(inputs, ctx, _keep_all)
+    merged = _linear_combination(taus, weights, params.normalize)
+    return torch.add(base, merged, alpha=params.lambda_)
 
 
 def ties(inputs: MergeInputs, params: TiesParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the trimmed task vectors that agree with the elected sign."""
-    taus = _task_vectors(inputs, params, ctx, "magnitude")
-    merged = _consensus_combination(taus, _weights(inputs), params)
-    return _finish(inputs.base, merged, params.lambda_)
+    base, taus, weights = _task_vectors(inputs, ctx, _magnitude_trimmer(params))
+    merged = _consensus_combination(taus, weights, params)
+    return torch.add(base, merged, alpha=params.lambda_)
 
 
 def dare_linear(inputs: MergeInputs, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ drop(τᵢ)."""
-    taus = _task_vectors(inputs, params, ctx, "random")
-    merged = _linear_combination(taus, _weights(inputs), params.normalize)
-    return _finish(inputs.base, merged, params.lambda_)
+    base, taus, weights = _task_vectors(inputs, ctx, _random_dropper(params))
+    merged = _linear_combination(taus, weights, params.normalize)
+    return torch.add(base, merged, alpha=params.lambda_)
 
 
 def dare_ties(inputs: MergeInputs, params: DareTiesParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the dropped task vectors that agree with the elected sign."""
-    taus = _task_vectors(inputs, params, ctx, "random")
-    merged = _consensus_combination(taus, _weights(inputs), params)
-    return _finish(inputs.base, merged, params.lambda_)
+    base, taus, weights = _task_vectors(inputs, ctx, _random_dropper(params))
+    merged = _consensus_combination(taus, weights, params)
+    return torch.add(base, merged, alpha=params.lambda_)
 
 
 def _check_normalized_weights(
