@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.errors import IncompatibleCheckpointsError
@@ -19,15 +19,18 @@ from merge_kernels.io.safetensors_header import TensorEntry
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, index_json, plan_shards
 from merge_kernels.parameter_settings import layer_position
 from merge_kernels.recipe import Recipe
+from merge_kernels.registry import MethodSpec
 from merge_kernels.tensor_parameters import TensorParameters, resolve_parameters
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
+DEFAULT_WHOLE_TRIM_ELEMENTS = 64 * 1024 * 1024
 PROCESS_BASELINE_BYTES = 400 * 1024**2  # an idle Python + torch process, measured
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
 _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
 _LM_HEAD = "lm_head.weight"
+TrimSource = Literal["none", "kernel", "tensor_prepass", "model_prepass"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class TensorPlan:
         params: the resolved parameters, or None for a tensor copied from the base
             (non-float buffers).
         rows_per_chunk: rows of dim 0 per chunk, or None to merge the tensor whole.
+        trim: where a magnitude trim's threshold comes from: ``none`` (no trim),
+            ``kernel`` (the kernel trims the whole tensor itself), ``tensor_prepass`` (a
+            streaming select over the tensor's row chunks first) or ``model_prepass`` (one
+            threshold per model over every tensor, the TIES paper's scope).
     """
 
     name: str
@@ -66,6 +73,7 @@ class TensorPlan:
     sources: tuple[str, ...]
     params: TensorParameters | None
     rows_per_chunk: int | None
+    trim: TrimSource = "none"
 
     @property
     def numel(self) -> int:
@@ -207,6 +215,7 @@ def build_plan(
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    whole_trim_elements: int = DEFAULT_WHOLE_TRIM_ELEMENTS,
     out_dtype: str | None = None,
 ) -> MergePlan:
     """Plan a merge of ``inputs`` (base first when the method has one) by ``recipe``.
@@ -217,6 +226,9 @@ def build_plan(
         max_shard_bytes: largest output shard (a bigger tensor gets a shard of its own).
         chunk_elements: tensors of more float32 elements than this are merged in row
             chunks when the method allows it.
+        whole_trim_elements: a tensor trimmed by magnitude is trimmed whole up to this many
+            elements; a larger one gets its thresholds from a streaming pre-pass and is
+            merged in row chunks.
         out_dtype: overrides the recipe's output dtype (``float32``/``float16``/``bfloat16``).
 
     Returns:
@@ -270,16 +282,7 @@ def build_plan(
                 f"tensor {name!r} ({entry.dtype}) is not floating point; copied from "
                 f"{reference.display_name}"
             )
-        rows = None
-        if (
-            params is not None
-            and len(entry.shape) >= 1
-            and entry.numel > chunk_elements
-            and spec.chunkable(params.method)
-            and not spec.needs_trim_threshold(params.method)
-        ):
-            row_elements = max(1, entry.numel // max(1, entry.shape[0]))
-            rows = max(1, chunk_elements // row_elements)
+        rows, trim = _chunking(spec, params, entry, chunk_elements, whole_trim_elements)
         plan.tensors.append(
             TensorPlan(
                 name=name,
@@ -288,6 +291,7 @@ def build_plan(
                 sources=tuple(s for s in sources if s is not None),
                 params=params,
                 rows_per_chunk=rows,
+                trim=trim,
             )
         )
     plan.shards = plan_shards(
@@ -296,3 +300,27 @@ def build_plan(
         metadata={"format": "pt"},
     )
     return plan
+
+
+def _chunking(
+    spec: MethodSpec,
+    params: TensorParameters | None,
+    entry: TensorEntry,
+    chunk_elements: int,
+    whole_trim_elements: int,
+) -> tuple[int | None, TrimSource]:
+    """Rows per chunk (None: whole) and where the trim threshold comes from."""
+    if params is None:
+        return None, "none"
+    trims = spec.needs_trim_threshold(params.method)
+    model_scope = trims and getattr(params.method, "trim_scope", "tensor") == "model"
+    limit = whole_trim_elements if trims and not model_scope else chunk_elements
+    rows = None
+    if entry.shape and entry.numel > limit and spec.chunkable(params.method):
+        row_elements = max(1, entry.numel // max(1, entry.shape[0]))
+        rows = max(1, chunk_elements // row_elements)
+    if not trims:
+        return rows, "none"
+    if model_scope:
+        return rows, "model_prepass"
+    return rows, "tensor_prepass" if rows is not None else "kernel"

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +27,25 @@ from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
+from merge_kernels.methods.magnitude_select import TieRule
+from merge_kernels.methods.task_arithmetic import TiesParams
 from merge_kernels.model_card import (
     copy_tokenizer,
     input_provenance,
     write_config,
     write_model_card,
 )
-from merge_kernels.model_trim import model_trim_states
 from merge_kernels.plan import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_SHARD_BYTES,
+    DEFAULT_WHOLE_TRIM_ELEMENTS,
     MergePlan,
     PlannedInput,
     TensorPlan,
     build_plan,
 )
 from merge_kernels.recipe import Recipe
+from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class MergeOptions:
         out_dtype: overrides the recipe's output dtype.
         device: where the kernels run, ``cpu`` or ``cuda``.
         chunk_elements: merge larger tensors in row chunks of about this many elements.
+        whole_trim_elements: trim by magnitude in one piece up to this many elements; larger
+            tensors are trimmed by a streaming pre-pass and merged in row chunks.
         allowed_roots: local checkpoints must lie under one of these folders (None: any).
         allow_pickle: accept pickle checkpoints through torch's weights-only loader.
         base_dir: folder relative local references are resolved against.
@@ -66,6 +71,7 @@ class MergeOptions:
     out_dtype: str | None = None
     device: str = "cpu"
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    whole_trim_elements: int = DEFAULT_WHOLE_TRIM_ELEMENTS
     allowed_roots: tuple[Path, ...] | None = None
     allow_pickle: bool = False
     base_dir: Path | None = None
@@ -140,6 +146,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
             inputs,
             max_shard_bytes=options.max_shard_bytes,
             chunk_elements=options.chunk_elements,
+            whole_trim_elements=options.whole_trim_elements,
             out_dtype=options.out_dtype,
         )
     except BaseException:
@@ -148,24 +155,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
     return plan, inputs
 
 
-@dataclass(frozen=True)
-class _Unit:
-    tensor: TensorPlan
-    start: int | None  # first row of a chunk, or None for the whole tensor
-    stop: int | None
-
-
-def _units(tensors: Sequence[TensorPlan]) -> Iterator[_Unit]:
-    for tensor in tensors:
-        if tensor.rows_per_chunk is None:
-            yield _Unit(tensor, None, None)
-            continue
-        rows = tensor.shape[0]
-        for start in range(0, rows, tensor.rows_per_chunk):
-            yield _Unit(tensor, start, min(rows, start + tensor.rows_per_chunk))
-
-
-def _read(plan: MergePlan, unit: _Unit) -> list[torch.Tensor]:
+def _read(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
     pieces = []
     for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
         if unit.start is None:
@@ -179,17 +169,36 @@ def _read(plan: MergePlan, unit: _Unit) -> list[torch.Tensor]:
 
 
 class _Merger:
-    def __init__(self, plan: MergePlan, device: str, trims: dict[str, tuple[TrimState, ...]]):
+    """Runs the method's kernel on one piece, with the trim thresholds it needs."""
+
+    def __init__(self, plan: MergePlan, device: str, check_cancel: Callable[[], None]):
         self.plan = plan
         self.device = torch.device(device)
-        self.trims = trims
+        self.check_cancel = check_cancel
+        self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
         self.indices = tuple(
             item.recipe_index if item.recipe_index is not None else position
             for position, item in enumerate(plan.inputs)
             if item.role == "model"
         )
 
-    def compute(self, unit: _Unit, raw: list[torch.Tensor]) -> torch.Tensor:
+    def prepare_model_trims(self) -> None:
+        """Compute the model-wide thresholds, if the recipe trims per model."""
+        scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
+        if scope:
+            self.trims.update(self._stream(scope))
+
+    def _stream(self, tensors: list[TensorPlan]) -> dict[PieceKey, tuple[TrimState, ...]]:
+        first = tensors[0].params
+        assert first is not None
+        densities = [getattr(p, "density", None) or 1.0 for p in first.models]
+        ties: TieRule = (
+            first.method.trim_ties if isinstance(first.method, TiesParams) else "exact_k"
+        )
+        pieces = [piece for tensor in tensors for piece in pieces_of(tensor)]
+        return stream_trim_states(self.plan, pieces, densities, ties, self.check_cancel)
+
+    def compute(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
         tensor = unit.tensor
         out_dtype = torch_dtype(tensor.dtype)
         if tensor.params is None:
@@ -207,7 +216,7 @@ class _Merger:
             seed=self.plan.recipe.seed,
             model_indices=self.indices,
             offset=offset,
-            trims=self.trims.get(tensor.name),
+            trims=self._trims_for(unit),
         )
         spec = self.plan.recipe.method
         try:
@@ -219,6 +228,11 @@ class _Merger:
         except ValueError as error:
             raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
         return merged.to(dtype=out_dtype).cpu()
+
+    def _trims_for(self, unit: Piece) -> tuple[TrimState, ...] | None:
+        if unit.tensor.trim == "tensor_prepass" and unit.key not in self.trims:
+            self.trims.update(self._stream([unit.tensor]))
+        return self.trims.get(unit.key)
 
 
 def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
@@ -314,8 +328,9 @@ def _execute(
             staging.discard()
             raise MergeCancelledError("the merge was cancelled; no output was written")
 
-    trims = model_trim_states(plan, check_cancel, lambda: report(None, "trim thresholds"))
-    merger = _Merger(plan, options.device, trims)
+    merger = _Merger(plan, options.device, check_cancel)
+    report(None, "trim thresholds")
+    merger.prepare_model_trims()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read") as pool:
         for shard in plan.shards:
             names = {t.name for t in shard.tensors}
@@ -358,7 +373,7 @@ def _write_shard(
     counters: dict[str, int],
     report: Callable[[str | None], None],
 ) -> None:
-    units = list(_units(tensors))
+    units = [piece for tensor in tensors for piece in pieces_of(tensor)]
     pending: Future[list[torch.Tensor]] | None = (
         pool.submit(_read, plan, units[0]) if units else None
     )

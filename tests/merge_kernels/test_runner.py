@@ -396,3 +396,78 @@ def test_tied_embeddings(models: Path, tmp_path: Path) -> None:
         model["model.embed_tokens.weight"] - base["lm_head.weight"]
     )
     assert torch.allclose(written["lm_head.weight"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", ["exact_k", "threshold"])
+def test_trim_of_a_chunked_tensor_equals_the_whole_tensor_trim(
+    models: Path, tmp_path: Path, ties: str
+) -> None:
+    document = RECIPES["ties"] | {"parameters": {"density": 0.3, "trim_ties": ties}}
+    whole = merge(models, document, tmp_path / "whole")
+    chunked = merge(
+        models, document, tmp_path / "chunked", chunk_elements=500, whole_trim_elements=1000
+    )
+    assert whole.tensors == chunked.tensors
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    got = load_file(tmp_path / "chunked" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_bf16_ties_at_the_threshold_are_broken_identically_in_chunks(tmp_path: Path) -> None:
+    # bf16 task vectors take few distinct values, so many entries tie at the threshold
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        write_checkpoint(
+            tmp_path / name,
+            SHAPE,
+            seed=seed,
+            base_seed=None if name == "base" else 0,
+            dtype=torch.bfloat16,
+            delta_scale=0.02,
+        )
+    document = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "parameters": {"density": 0.25},
+        "models": [{"model": "a"}, {"model": "b"}],
+    }
+    whole = merge(tmp_path, document, tmp_path / "whole")
+    chunked = merge(
+        tmp_path, document, tmp_path / "chunked", chunk_elements=300, whole_trim_elements=600
+    )
+    assert whole.tensors == chunked.tensors
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "chunked" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_model_wide_trim_keeps_the_top_k_of_each_whole_task_vector(
+    models: Path, tmp_path: Path
+) -> None:
+    document = RECIPES["ties"] | {
+        "parameters": {"density": 0.2, "trim_scope": "model"},
+        "models": [{"model": "ft1"}, {"model": "ft2"}],
+    }
+    result = merge(models, document, tmp_path / "out", chunk_elements=400)
+    written = load_file(result.out_dir / "model.safetensors")
+    base = load_file(models / "base" / "model.safetensors")
+    names = list(base)
+    taus = []
+    for folder in ("ft1", "ft2"):
+        loaded = load_file(models / folder / "model.safetensors")
+        flat = torch.cat([(loaded[n] - base[n]).reshape(-1) for n in names])
+        k = int(0.2 * flat.numel())
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat.abs(), k).indices] = True
+        taus.append(flat * keep)
+    sign = torch.where(taus[0] + taus[1] >= 0, 1.0, -1.0)
+    agree = [((t > 0) & (sign > 0)) | ((t < 0) & (sign < 0)) for t in taus]
+    merged = (taus[0] * agree[0] + taus[1] * agree[1]) / (
+        agree[0].float() + agree[1].float()
+    ).clamp(min=1)
+    offset = 0
+    for name in names:
+        count = base[name].numel()
+        expected = base[name] + merged[offset : offset + count].reshape(base[name].shape)
+        offset += count
+        assert torch.allclose(written[name], expected, atol=1e-6), name
