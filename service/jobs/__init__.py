@@ -1,0 +1,1 @@
+"""Merge jobs: their records, the SQLite store, worker processes, cancellation and resume."""

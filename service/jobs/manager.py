@@ -1,0 +1,437 @@
+"""Accepting, dispatching, cancelling and watching merge jobs.
+
+:class:`JobManager` validates a merge before it becomes a job (the plan is built from
+headers, so a bad recipe or incompatible checkpoints are refused at once), keeps at most
+``settings.workers`` worker processes running (see :mod:`service.jobs.worker`), first in
+first out, and notices workers that die: their jobs fail with ``worker_crashed`` while the
+service carries on. Stopping the manager leaves running jobs ``running`` in the store, so the
+next start re-queues them and the engine resumes each after its last finished shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from merge_kernels.errors import RecipeError, TureenError
+from merge_kernels.recipe import Recipe
+from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
+from service.jobs.models import Job, JobError, JobStatus, OutputOptions
+from service.jobs.sqlite_store import utcnow
+from service.jobs.store import (
+    IdempotencyConflictError,
+    JobNotFoundError,
+    JobStore,
+    wait_for_update,
+    watch,
+)
+from service.jobs.worker import (
+    describe_exit,
+    discard_staging,
+    worker_command,
+    worker_environment,
+)
+from service.settings import ServiceSettings
+
+__all__ = [
+    "IdempotencyConflictError",
+    "JobManager",
+    "JobNotFoundError",
+    "OutputExistsError",
+    "OverMemoryBudgetError",
+]
+
+log = logging.getLogger(__name__)
+
+DISPATCH_INTERVAL_S = 0.2
+CANCEL_GRACE_S = 5.0  # a worker that ignores a cancel this long is killed
+
+
+class OverMemoryBudgetError(TureenError):
+    """The merge's estimated peak memory exceeds the service's memory budget."""
+
+    code = "over_memory_budget"
+
+    def __init__(self, estimate: int, budget: int) -> None:
+        super().__init__(
+            f"this merge is estimated to need {estimate / 1024**3:.2f} GiB ({estimate} bytes) "
+            f"of memory at its peak, more than the service's budget of "
+            f"{budget / 1024**3:.2f} GiB ({budget} bytes); merge fewer or smaller models",
+            details={"estimate_bytes": estimate, "budget_bytes": budget},
+        )
+
+
+class OutputExistsError(TureenError):
+    """The requested output name is taken by an existing folder or an unfinished job."""
+
+    code = "output_exists"
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"output name {name!r} is taken ({reason}); choose another name or leave it out",
+            details={"name": name},
+        )
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    cancel_seen_at: float | None = None
+
+
+class JobManager:
+    """Runs merge jobs from a store in worker processes.
+
+    Thread-safe: ``submit``, ``cancel``, ``get``, ``list``, ``wait_for_update``, ``watch``
+    and ``metrics`` may be called from any thread while the dispatcher thread runs.
+
+    Args:
+        store: where jobs are kept.
+        settings: the service settings (data dir, allowed roots, workers, budget, device).
+    """
+
+    def __init__(self, store: JobStore, settings: ServiceSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()  # guards _workers and output-name checks
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Re-queue jobs a previous server left running, then start dispatching.
+
+        Only one manager may serve a store at a time: another one's running jobs would be
+        re-queued and run twice.
+        """
+        self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.inputs_dir.mkdir(parents=True, exist_ok=True)
+        requeued = self.store.requeue_interrupted()
+        if requeued:
+            log.info("re-queued %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._dispatch, name="tureen-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop dispatching and end running workers; their jobs stay ``running`` to resume.
+
+        Args:
+            timeout: seconds to wait for the dispatcher and the workers before killing them.
+        """
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+        with self._lock:
+            workers, self._workers = dict(self._workers), {}
+        for worker in workers.values():
+            worker.process.terminate()
+        for job_id, worker in workers.items():
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker of job %s did not stop; killing it", job_id)
+                worker.process.kill()
+                worker.process.wait()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def engine_options(self, output: OutputOptions | None = None) -> MergeOptions:
+        """The engine options jobs run with (and are planned with), for ``output``."""
+        options = MergeOptions(
+            device=self.settings.device,
+            allowed_roots=self.settings.input_roots,
+            base_dir=self.settings.inputs_dir,
+        )
+        if output is not None and output.shard_size is not None:
+            options = replace(options, max_shard_bytes=output.shard_size)
+        if output is not None and output.dtype is not None:
+            options = replace(options, out_dtype=output.dtype)
+        return options
+
+    def validate(self, recipe: Recipe, output: OutputOptions) -> int:
+        """Plan the merge from headers, as a job would run it, and check the memory budget.
+
+        Returns:
+            The plan's peak-memory estimate in bytes.
+
+        Raises:
+            RecipeError, IncompatibleCheckpointsError, CheckpointNotFoundError,
+            CheckpointFileError: the merge cannot run.
+            OverMemoryBudgetError: the estimate exceeds ``settings.memory_budget_bytes``.
+        """
+        if recipe.method.needs_evaluation:
+            raise RecipeError(
+                "merge_method",
+                f"{recipe.merge_method} chooses its ingredients by evaluating candidates, "
+                "which merge jobs do not do; use another method",
+            )
+        plan, inputs = plan_merge(recipe, self.engine_options(output))
+        try:
+            plan.raise_for_problems()
+            estimate = plan.peak_memory_estimate()
+        finally:
+            close_inputs(inputs)
+        budget = self.settings.memory_budget_bytes
+        if budget is not None and estimate > budget:
+            raise OverMemoryBudgetError(estimate, budget)
+        return estimate
+
+    def submit(
+        self,
+        recipe: Recipe,
+        output: OutputOptions,
+        *,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Validate a merge and queue it as a job.
+
+        Blocks while the inputs' headers are read (for Hub references, downloaded), so call
+        it from a worker thread in an async server.
+
+        Args:
+            recipe: the validated recipe.
+            output: the client's output options.
+            idempotency_key: the client's key for this request; a repeat with the same
+                ``body_hash`` returns the first job without validating again.
+            body_hash: a hash of the request body.
+
+        Returns:
+            ``(job, created)``: the queued job, and False when the key returned an
+            existing job.
+
+        Raises:
+            IdempotencyConflictError: the key was used with a different body.
+            OutputExistsError: ``output.name`` is taken.
+            OverMemoryBudgetError: the merge needs more memory than the budget.
+            TureenError: the engine's errors for a merge that cannot run (see ``validate``).
+        """
+        if idempotency_key is not None:
+            found = self.store.find_idempotent(idempotency_key)
+            if found is not None:
+                job, known_hash = found
+                if known_hash != body_hash:
+                    raise IdempotencyConflictError(idempotency_key, job.id)
+                return job, False
+        self.validate(recipe, output)
+        with self._lock:  # no two submissions may claim the same output name
+            if output.name is not None:
+                self._check_output_name(output.name)
+            job = Job(
+                id=uuid.uuid4().hex,
+                status=JobStatus.QUEUED,
+                recipe=recipe.model_dump(mode="json"),
+                output=output,
+                created_at=utcnow(),
+            )
+            job, created = self.store.create(
+                job, idempotency_key=idempotency_key, body_hash=body_hash
+            )
+        if created:
+            log.info("job %s queued (%s)", job.id, recipe.merge_method)
+            self._wake.set()
+        return job, created
+
+    def _check_output_name(self, name: str) -> None:
+        if os.path.lexists(self.settings.outputs_dir / name):
+            raise OutputExistsError(name, "an output folder of that name exists")
+        for status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            offset = 0
+            while True:
+                page, total = self.store.list(status=status, limit=500, offset=offset)
+                if any(job.output.name == name for job in page):
+                    raise OutputExistsError(name, "an unfinished job writes to it")
+                offset += len(page)
+                if not page or offset >= total:
+                    break
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one at once, a running one within seconds.
+
+        Returns:
+            The job after the request (``cancel_requested`` set; finished jobs unchanged).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        before = self.get(job_id)
+        job = self.store.request_cancel(job_id)
+        if before.status is JobStatus.QUEUED and before.attempts > 0:
+            # An interrupted job waiting to resume has partial output: drop it.
+            discard_staging(self.output_path(job))
+        self._wake.set()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        return job
+
+    def list(
+        self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Job], int]:
+        """A page of jobs, newest first, and the total count."""
+        return self.store.list(status=status, limit=limit, offset=offset)
+
+    def wait_for_update(self, job_id: str, version: int, timeout: float = 15.0) -> Job:
+        """Block until the job's version differs from ``version`` or ``timeout`` passes.
+
+        See :func:`service.jobs.store.wait_for_update`; for async code use :meth:`watch`.
+        """
+        return wait_for_update(self.store, job_id, version, timeout)
+
+    def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """The job now and after each change until it is final; see ``store.watch``."""
+        return watch(self.store, job_id)
+
+    def output_path(self, job: Job) -> Path:
+        """The job's output folder: ``outputs_dir / (output.name or job.id)``.
+
+        Raises:
+            ValueError: the name would leave the outputs folder (never for a valid job).
+        """
+        root = self.settings.outputs_dir.resolve()
+        path = root / (job.output.name or job.id)
+        if path.parent != root or path.name in ("", ".", ".."):
+            raise ValueError(f"output name {path.name!r} leaves the outputs folder")
+        return path
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for Prometheus, keyed by sample name with labels.
+
+        Keys: ``tureen_jobs{state="<status>"}`` for every status,
+        ``tureen_workers_busy``, ``tureen_merged_bytes_total``,
+        ``tureen_merge_seconds_sum`` and ``tureen_merge_seconds_count`` (succeeded jobs).
+        """
+        result: dict[str, float] = {
+            f'tureen_jobs{{state="{status.value}"}}': float(count)
+            for status, count in self.store.counts().items()
+        }
+        with self._lock:
+            result["tureen_workers_busy"] = float(len(self._workers))
+        merged_bytes, seconds, count = self.store.merge_totals()
+        result["tureen_merged_bytes_total"] = float(merged_bytes)
+        result["tureen_merge_seconds_sum"] = seconds
+        result["tureen_merge_seconds_count"] = float(count)
+        return result
+
+    # -- dispatching --------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._reap()
+                self._enforce_cancels()
+                self._fill()
+            except Exception:  # the dispatcher must outlive a bad moment of the database
+                log.exception("job dispatcher error; retrying")
+            self._wake.wait(DISPATCH_INTERVAL_S)
+            self._wake.clear()
+
+    def _reap(self) -> None:
+        with self._lock:
+            ended = {
+                job_id: worker
+                for job_id, worker in self._workers.items()
+                if worker.process.poll() is not None
+            }
+            for job_id in ended:
+                del self._workers[job_id]
+        for job_id, worker in ended.items():
+            job = self.store.get(job_id)
+            if job is None or job.status is not JobStatus.RUNNING:
+                continue  # the worker recorded the outcome
+            discard_staging(self.output_path(job))
+            returncode = worker.process.returncode
+            if job.cancel_requested:
+                self.store.update(job_id, status=JobStatus.CANCELLED, finished_at=utcnow())
+                continue
+            how, details = describe_exit(returncode)
+            log.error("worker of job %s %s", job_id, how)
+            self.store.update(
+                job_id,
+                status=JobStatus.FAILED,
+                finished_at=utcnow(),
+                error=JobError(
+                    code="worker_crashed",
+                    message=f"the worker process running this job {how}",
+                    details=details,
+                ),
+            )
+
+    def _enforce_cancels(self) -> None:
+        with self._lock:
+            running = list(self._workers.items())
+        now = time.monotonic()
+        for job_id, worker in running:
+            if worker.cancel_seen_at is None:
+                if self.store.cancel_requested(job_id):
+                    worker.cancel_seen_at = now
+            elif now - worker.cancel_seen_at > CANCEL_GRACE_S:
+                log.warning("worker of job %s ignored its cancellation; killing it", job_id)
+                worker.process.kill()
+
+    def _fill(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if len(self._workers) >= self.settings.workers:
+                    return
+            job = self.store.claim_next()
+            if job is None:
+                return
+            if job.cancel_requested:  # cancelled while waiting to resume
+                discard_staging(self.output_path(job))
+                self.store.update(job.id, status=JobStatus.CANCELLED, finished_at=utcnow())
+                continue
+            try:
+                process = self._spawn(job)
+            except Exception as error:
+                log.exception("cannot start a worker for job %s", job.id)
+                self.store.update(
+                    job.id,
+                    status=JobStatus.FAILED,
+                    finished_at=utcnow(),
+                    error=JobError(
+                        code="internal_error", message=f"cannot start a worker: {error}"
+                    ),
+                )
+                continue
+            with self._lock:
+                self._workers[job.id] = _Worker(process)
+            self.store.update(job.id, worker_pid=process.pid)
+            log.info("job %s started in worker %d (attempt %d)", job.id, process.pid, job.attempts)
+
+    def _spawn(self, job: Job) -> subprocess.Popen[bytes]:
+        command = worker_command(
+            job.id,
+            store_location=self.store.location,
+            output=self.output_path(job),
+            device=self.settings.device,
+            base_dir=self.settings.inputs_dir,
+            allowed_roots=self.settings.input_roots,
+        )
+        # A session of its own, so a terminal's Ctrl-C reaches the service, which then
+        # decides the workers' fate, rather than killing them under it.
+        return subprocess.Popen(
+            command, env=worker_environment(), stdin=subprocess.DEVNULL, start_new_session=True
+        )

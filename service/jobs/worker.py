@@ -1,0 +1,331 @@
+"""One merge job, run in a process of its own: ``python -m service.jobs.worker JOB_ID --db PATH``.
+
+The API process never merges: it starts this module for each claimed job, so that an
+out-of-memory kill or a crash of the merge ends only this process. The worker reads the job
+from the store, runs the engine, writes progress (at most four times a second, with an ETA)
+and the outcome back, and polls the store's cancel flag. Everything it needs comes from its
+arguments and the store; nothing is pickled, and no API token reaches it.
+
+If the API process dies, the worker exits promptly too and leaves its job ``running`` with
+its staging folder intact, so that the next server start re-queues the job and the engine
+resumes after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from merge_kernels.errors import MergeCancelledError, TureenError
+from merge_kernels.io.staging import StagingDir
+from merge_kernels.recipe import Recipe, parse_recipe
+from merge_kernels.runner import MergeOptions, MergeResult, Progress, run_merge
+from service.jobs.models import Job, JobError, JobProgress, JobStatus
+from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25  # at most four progress writes a second
+CANCEL_POLL_INTERVAL_S = 0.5
+PARENT_POLL_INTERVAL_S = 0.5
+EXIT_PARENT_GONE = 75  # the job stays "running" for the next server start to resume
+
+
+def parse_job_recipe(document: Mapping[str, Any], *, base_dir: Path) -> Recipe:
+    """Validate a job's recipe document the way the service does everywhere.
+
+    Args:
+        document: the recipe as JSON-able data.
+        base_dir: folder relative local references are relative to (the data dir's inputs).
+
+    Returns:
+        The recipe.
+
+    Raises:
+        RecipeError: the recipe is invalid.
+    """
+    return parse_recipe(document, base_dir=base_dir)
+
+
+def discard_staging(output: Path) -> None:
+    """Remove the staging folder of ``output`` (partial work of a failed or cancelled job)."""
+    # Only the folder's path matters for discarding; the fingerprint is not consulted.
+    StagingDir(output, "discard").discard()
+
+
+class ProgressWriter:
+    """Writes the engine's progress into the store, throttled, with an estimate of time left.
+
+    Args:
+        store: the job store.
+        job_id: the job whose progress this is.
+        interval: least seconds between two writes (phase changes are always written).
+    """
+
+    def __init__(self, store: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
+        self.store = store
+        self.job_id = job_id
+        self.interval = interval
+        self._last_write = float("-inf")
+        self._last_phase: str | None = None
+        # The rate is measured from the first tensor merged in this run, so that shards kept
+        # from an earlier attempt do not make the estimate optimistic.
+        self._rate_start: tuple[float, int] | None = None
+
+    def _eta(self, progress: Progress, now: float) -> float | None:
+        if self._rate_start is None:
+            return None
+        started, bytes_at_start = self._rate_start
+        elapsed = now - started
+        done = progress.bytes_done - bytes_at_start
+        if elapsed < 1.0 or done <= 0:
+            return None
+        return max(0.0, (progress.bytes_total - progress.bytes_done) * elapsed / done)
+
+    def __call__(self, progress: Progress) -> None:
+        """Record ``progress`` unless the last write was too recent."""
+        now = time.monotonic()
+        if self._rate_start is None and progress.current is not None:
+            self._rate_start = (now, progress.bytes_done)
+        phase_changed = progress.phase != self._last_phase
+        if not phase_changed and now - self._last_write < self.interval:
+            return
+        self._last_write = now
+        self._last_phase = progress.phase
+        snapshot = JobProgress(
+            phase=progress.phase,
+            tensors_done=progress.tensors_done,
+            tensors_total=progress.tensors_total,
+            bytes_done=progress.bytes_done,
+            bytes_total=progress.bytes_total,
+            current=progress.current,
+            eta_seconds=0.0 if progress.phase == "done" else self._eta(progress, now),
+        )
+        try:
+            self.store.update(self.job_id, progress=snapshot)
+        except Exception:  # a lost progress report must not fail the merge
+            log.warning("could not record progress of job %s", self.job_id, exc_info=True)
+
+
+class CancelPoll:
+    """The engine's ``should_cancel``: reads the store's cancel flag at most every interval.
+
+    Args:
+        store: the job store.
+        job_id: the job to watch.
+        interval: least seconds between two reads of the store.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, interval: float = CANCEL_POLL_INTERVAL_S):
+        self.store = store
+        self.job_id = job_id
+        self.interval = interval
+        self._last_read = float("-inf")
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        """True once the job's cancellation was requested."""
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_read >= self.interval:
+            self._last_read = now
+            try:
+                self._cancelled = self.store.cancel_requested(self.job_id)
+            except Exception:  # a busy database must not fail the merge; ask again later
+                log.warning("could not read the cancel flag of job %s", self.job_id, exc_info=True)
+        return self._cancelled
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Reparenting means the API process died: stop at once, leaving the job for a restart.
+    while True:
+        time.sleep(PARENT_POLL_INTERVAL_S)
+        if os.getppid() != parent_pid:
+            log.error("the service process %d is gone; stopping the merge", parent_pid)
+            os._exit(EXIT_PARENT_GONE)
+
+
+def _succeeded(job: Job, result: MergeResult) -> dict[str, object]:
+    return {
+        "status": JobStatus.SUCCEEDED,
+        "finished_at": utcnow(),
+        "output_dir": str(result.out_dir),
+        "files": result.files,
+        "resumed_shards": result.shards_resumed,
+        "bytes_written": result.bytes_written,
+        "merge_seconds": result.seconds,
+        "error": None,
+        "progress": job.progress.model_copy(
+            update={"phase": "done", "eta_seconds": 0.0, "current": None}
+        ),
+    }
+
+
+def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -> JobStatus:
+    """Run one claimed job to its end and record the outcome in the store.
+
+    Args:
+        store: the job store.
+        job_id: a job in state running.
+        output: the job's output folder.
+        options: engine options; ``max_shard_bytes`` and ``out_dtype`` are taken from the
+            job's output options when it sets them.
+
+    Returns:
+        The job's final status (unchanged if the job was not running).
+    """
+    job = store.get(job_id)
+    if job is None or job.status is not JobStatus.RUNNING:
+        log.warning("job %s is not running; nothing to do", job_id)
+        return job.status if job is not None else JobStatus.FAILED
+    if job.output.shard_size is not None:
+        options = replace(options, max_shard_bytes=job.output.shard_size)
+    if job.output.dtype is not None:
+        options = replace(options, out_dtype=job.output.dtype)
+    writer = ProgressWriter(store, job_id)
+    error: JobError | None = None
+    try:
+        recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
+        result = run_merge(
+            recipe, output, options, progress=writer, should_cancel=CancelPoll(store, job_id)
+        )
+    except MergeCancelledError:
+        log.info("job %s cancelled", job_id)
+    except TureenError as failure:
+        log.info("job %s failed: %s", job_id, failure.message)
+        error = JobError(code=failure.code, message=failure.message, details=failure.details)
+    except FileExistsError as failure:
+        # Another writer published the same output folder after this job was accepted.
+        error = JobError(code="output_exists", message=str(failure))
+    except Exception as failure:
+        log.exception("job %s failed unexpectedly", job_id)
+        error = JobError(code="internal_error", message=f"{type(failure).__name__}: {failure}")
+    else:
+        log.info("job %s succeeded: %s", job_id, result.out_dir)
+        store.update(job_id, **_succeeded(store.get(job_id) or job, result))
+        return JobStatus.SUCCEEDED
+    # No partial output is kept: nothing could resume it, and it may be large.
+    discard_staging(output)
+    fields: dict[str, object] = {"finished_at": utcnow(), "error": error}
+    if error is None:
+        status = JobStatus.CANCELLED
+        progress = (store.get(job_id) or job).progress
+        fields["progress"] = progress.model_copy(
+            update={"phase": "cancelled", "current": None, "eta_seconds": None}
+        )
+    else:
+        status = JobStatus.FAILED  # the progress is kept: it shows where the merge stopped
+    store.update(job_id, status=status, **fields)
+    return status
+
+
+def worker_command(
+    job_id: str,
+    *,
+    store_location: str,
+    output: Path,
+    device: str,
+    base_dir: Path,
+    allowed_roots: Sequence[Path],
+    parent_pid: int | None = None,
+) -> list[str]:
+    """The command line that runs one job in a worker process of this one.
+
+    Args:
+        job_id: the claimed job.
+        store_location: the store's ``location``.
+        output: the job's output folder.
+        device: where the kernels run.
+        base_dir: folder relative local references are relative to.
+        allowed_roots: folders local checkpoints may be read from.
+        parent_pid: the process that starts the worker (default: this one); the worker
+            stops when that process disappears.
+
+    Returns:
+        The argument list for ``subprocess.Popen``.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "service.jobs.worker",
+        job_id,
+        "--db",
+        store_location,
+        "--output",
+        str(output),
+        "--device",
+        device,
+        "--base-dir",
+        str(base_dir),
+        "--parent-pid",
+        str(os.getpid() if parent_pid is None else parent_pid),
+    ]
+    for root in allowed_roots:
+        command += ["--allow-root", str(root)]
+    return command
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment without the service's own ``TUREEN_*`` settings."""
+    # Workers get what they need from their arguments; API tokens above all stay here.
+    return {name: value for name, value in os.environ.items() if not name.startswith("TUREEN_")}
+
+
+def describe_exit(returncode: int) -> tuple[str, dict[str, str | int | None]]:
+    """How a worker ended, in words and as error details (``exit_code`` and ``signal``)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}", {"exit_code": None, "signal": name}
+    return f"exited with status {returncode}", {"exit_code": returncode, "signal": None}
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service.jobs.worker", description=__doc__)
+    parser.add_argument("job_id")
+    parser.add_argument("--db", required=True, help="the job store's location")
+    parser.add_argument("--output", required=True, type=Path, help="the output folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--base-dir", type=Path, required=True)
+    parser.add_argument("--allow-root", type=Path, action="append", default=[])
+    parser.add_argument("--parent-pid", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job named on the command line; returns the process exit status (0: recorded)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s"
+    )
+    args = _arguments(argv)
+    if args.parent_pid is not None:
+        threading.Thread(
+            target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
+        ).start()
+    store = open_store(args.db)
+    try:
+        options = MergeOptions(
+            device=args.device,
+            allowed_roots=tuple(args.allow_root),
+            base_dir=args.base_dir,
+        )
+        run_job(store, args.job_id, args.output, options)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
