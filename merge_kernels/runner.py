@@ -176,6 +176,7 @@ class _Merger:
         self.device = torch.device(device)
         self.check_cancel = check_cancel
         self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
+        self._buffers: list[torch.Tensor] = []
         self.indices = tuple(
             item.recipe_index if item.recipe_index is not None else position
             for position, item in enumerate(plan.inputs)
@@ -203,9 +204,7 @@ class _Merger:
         out_dtype = torch_dtype(tensor.dtype)
         if tensor.params is None:
             return raw[0]
-        floats = [
-            piece.to(device=self.device, dtype=torch.float32, non_blocking=True) for piece in raw
-        ]
+        floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
         base = floats[0] if self.plan.has_base else None
         models = floats[1:] if self.plan.has_base else floats
         offset = 0
@@ -228,6 +227,24 @@ class _Merger:
         except ValueError as error:
             raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
         return merged.to(dtype=out_dtype).cpu()
+
+    def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:
+        """``piece`` in float32 on the device, converted into a buffer kept per input.
+
+        Reusing the buffers spares a fresh allocation (and its page faults) per input per
+        piece; kernels never modify their inputs, so the views stay valid until the next
+        piece.
+        """
+        if self.device.type != "cpu":
+            return piece.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        if piece.dtype == torch.float32:
+            return piece
+        while len(self._buffers) <= position:
+            self._buffers.append(torch.empty(0, dtype=torch.float32))
+        if self._buffers[position].numel() < piece.numel():
+            self._buffers[position] = torch.empty(piece.numel(), dtype=torch.float32)
+        view = self._buffers[position][: piece.numel()].view(piece.shape)
+        return view.copy_(piece)
 
     def _trims_for(self, unit: Piece) -> tuple[TrimState, ...] | None:
         if unit.tensor.trim == "tensor_prepass" and unit.key not in self.trims:
@@ -331,7 +348,9 @@ def _execute(
     merger = _Merger(plan, options.device, check_cancel)
     report(None, "trim thresholds")
     merger.prepare_model_trims()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read") as pool:
+    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
+    writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
+    with readers, writers:
         for shard in plan.shards:
             names = {t.name for t in shard.tensors}
             tensors = [t for t in plan.tensors if t.name in names]
@@ -342,7 +361,16 @@ def _execute(
                 continue
             with ShardWriter(staging.path, shard) as writer:
                 counters["bytes"] += len(shard.header)
-                _write_shard(plan, tensors, writer, merger, pool, check_cancel, counters, report)
+                _write_shard(
+                    plan,
+                    tensors,
+                    writer,
+                    merger,
+                    (readers, writers),
+                    check_cancel,
+                    counters,
+                    report,
+                )
                 digest = writer.finish()
             staging.mark_shard_done(shard.filename, digest)
     check_cancel()
@@ -368,31 +396,42 @@ def _write_shard(
     tensors: list[TensorPlan],
     writer: ShardWriter,
     merger: _Merger,
-    pool: ThreadPoolExecutor,
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
     check_cancel: Callable[[], None],
     counters: dict[str, int],
     report: Callable[[str | None], None],
 ) -> None:
+    """Read ahead, merge, and write behind: IO on two threads overlaps the kernel."""
+    readers, writers = pools
     units = [piece for tensor in tensors for piece in pieces_of(tensor)]
     pending: Future[list[torch.Tensor]] | None = (
-        pool.submit(_read, plan, units[0]) if units else None
+        readers.submit(_read, plan, units[0]) if units else None
     )
+    written: Future[None] | None = None
     for position, unit in enumerate(units):
         check_cancel()
         assert pending is not None
         raw = pending.result()
         following = units[position + 1] if position + 1 < len(units) else None
-        pending = pool.submit(_read, plan, following) if following is not None else None
+        pending = readers.submit(_read, plan, following) if following is not None else None
         merged = merger.compute(unit, raw)
         del raw
-        if unit.start is None:
-            writer.write(unit.tensor.name, merged)
-        else:
-            writer.write_rows(unit.tensor.name, unit.start, merged)
+        if written is not None:
+            written.result()  # one write in flight at most: memory stays bounded
+        written = writers.submit(_write, writer, unit, merged)
         counters["bytes"] += merged.numel() * merged.element_size()
         if unit.stop is None or unit.stop == unit.tensor.shape[0]:
             counters["tensors"] += 1
         report(unit.tensor.name)
+    if written is not None:
+        written.result()
+
+
+def _write(writer: ShardWriter, unit: Piece, merged: torch.Tensor) -> None:
+    if unit.start is None:
+        writer.write(unit.tensor.name, merged)
+    else:
+        writer.write_rows(unit.tensor.name, unit.start, merged)
 
 
 def _write_companions(plan: MergePlan, folder: Path) -> None:
