@@ -127,7 +127,23 @@ class Recipe(BaseModel):
         unknown = set(slice_) - {"sources", "parameters", "base_model"}
         if unknown:
             raise RecipeError("slices[0]", f"unsupported keys {sorted(unknown)}")
-        ranges = {tuple(source.get("layer_range") or ()) for source in slice_["sources"]}
+        sources = slice_["sources"]
+        for index, source in enumerate(sources):
+            if not isinstance(source, Mapping) or "model" not in source:
+                raise RecipeError(
+                    f"slices[0].sources[{index}]",
+                    "a source is a mapping with model and layer_range",
+                )
+            layer_range = source.get("layer_range")
+            if not (
+                isinstance(layer_range, list | tuple)
+                and len(layer_range) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+            ):
+                raise RecipeError(
+                    f"slices[0].sources[{index}].layer_range", "give [first_layer, end_layer]"
+                )
+        ranges = {tuple(source["layer_range"]) for source in sources}
         if len(ranges) != 1:
             raise RecipeError(
                 "slices[0].sources",
@@ -136,7 +152,7 @@ class Recipe(BaseModel):
         converted = {key: value for key, value in data.items() if key != "slices"}
         converted["models"] = [
             {key: value for key, value in source.items() if key != "layer_range"}
-            for source in slice_["sources"]
+            for source in sources
         ]
         converted["layer_range"] = ranges.pop()
         if slice_.get("parameters"):

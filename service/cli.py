@@ -197,6 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--hidden", type=int, default=256)
     example.add_argument("--layers", type=int, default=4)
     example.set_defaults(handler=cmd_example)
+
+    from service.serve import add_serve_command
+
+    add_serve_command(commands)
     return parser
 
 

@@ -59,6 +59,8 @@ class HubSnapshot:
 def _hub() -> Any:
     try:
         import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors
     except ImportError:
         raise TureenError(
             "checkpoints on the Hugging Face Hub need the 'huggingface_hub' package; install "

@@ -217,11 +217,8 @@ def _parse_single(text: str, lookup: _Lookup, whole: str) -> LocalRef | HubRef:
                 f"{whole!r}: revision {revision!r} is not a valid branch, tag or commit name",
             )
         return HubRef(repo=name, revision=revision if sep else None)
-    where = (
-        f" (relative to {lookup.base_dir})"
-        if lookup.base_dir is not None and not Path(text).is_absolute()
-        else ""
-    )
+    # The folder relative paths resolve against is not named: on a server it is private.
+    where = " (relative paths are relative to the recipe's folder)" if lookup.base_dir else ""
     raise CheckpointNotFoundError(
         f"checkpoint {text!r} is neither an existing local folder{where} nor a valid Hugging "
         "Face Hub repository id ('org/name' or 'org/name@revision'); check the spelling, or "

@@ -301,3 +301,16 @@ def test_yaml_round_trip() -> None:
     parsed = parse_recipe(yaml.safe_load(MERGEKIT_TIES))
     again = parse_recipe(yaml.safe_load(parsed.to_yaml()))
     assert again.fingerprint() == parsed.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("sources", "field"),
+    [
+        (["not-a-mapping"], "slices[0].sources[0]"),
+        ([{"model": "a"}], "slices[0].sources[0].layer_range"),
+        ([{"model": "a", "layer_range": [0, "x"]}], "slices[0].sources[0].layer_range"),
+    ],
+)
+def test_malformed_slices_name_the_field(sources: list[Any], field: str) -> None:
+    document = {"merge_method": "linear", "slices": [{"sources": sources}]}
+    assert field_of(document) == field

@@ -1,0 +1,1 @@
+"""The HTTP API of ``tureen serve``: dependencies, schemas, routes."""

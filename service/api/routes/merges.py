@@ -1,0 +1,240 @@
+"""``/v1/merges``: submit, list, follow, cancel merge jobs and download their output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
+from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
+from service.api.files import (
+    RangeNotSatisfiableError,
+    list_output_files,
+    parse_range,
+    read_chunks,
+    resolve_output_file,
+)
+from service.api.schemas import FileList, JobList, recipe_body_openapi
+from service.errors import ApiError, error_responses
+from service.jobs.manager import JobManager
+from service.jobs.models import Job, JobStatus
+
+router = APIRouter(prefix="/v1/merges", tags=["merges"], dependencies=[Authenticated])
+
+JobId = Annotated[str, PathParam(description="The job id.", max_length=128)]
+
+_SUBMIT_DOC = (
+    "The recipe document itself (mergekit-style keys), as JSON or YAML, plus an optional "
+    "`output` key. Local checkpoints must lie inside the service's allowed folders; "
+    "relative paths are relative to `data_dir/inputs`."
+)
+
+
+def _location(job: Job) -> str:
+    return f"/v1/merges/{job.id}"
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    summary="Submit a merge",
+    responses={
+        200: {"model": Job, "description": "The job an earlier request with this key made."},
+        202: {
+            "description": "Queued.",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+        **error_responses(401, 409, 413, 415, 422),
+    },
+    openapi_extra=recipe_body_openapi(_SUBMIT_DOC),
+)
+async def submit_merge(
+    body: RecipeRequestDep,
+    manager: ManagerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    """Validate the recipe and its checkpoints (headers only), then queue the merge."""
+    job, created = await run_in_threadpool(
+        lambda: manager.submit(
+            body.recipe, body.output, idempotency_key=idempotency_key, body_hash=body.body_hash
+        )
+    )
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = _location(job)
+    return job
+
+
+@router.get("", response_model=JobList, summary="List merges", responses=error_responses(401, 422))
+async def list_merges(
+    manager: ManagerDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """A page of jobs, newest first, with the total matching the filter."""
+    jobs, total = await run_in_threadpool(
+        lambda: manager.list(status=status, limit=limit, offset=offset)
+    )
+    return JobList(items=jobs, total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=Job,
+    summary="Get a merge",
+    responses=error_responses(401, 404, 422),
+)
+async def get_merge(job_id: JobId, manager: ManagerDep) -> Job:
+    """Status, progress (with ETA), timings, error and output of one job."""
+    return await run_in_threadpool(manager.get, job_id)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=202,
+    response_model=Job,
+    summary="Cancel a merge",
+    responses=error_responses(401, 404, 422),
+)
+async def cancel_merge(job_id: JobId, manager: ManagerDep) -> Job:
+    """Cancel: a queued job at once, a running one within seconds, leaving no output.
+
+    A finished job is returned unchanged.
+    """
+    return await run_in_threadpool(manager.cancel, job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    summary="Follow a merge (Server-Sent Events)",
+    responses={
+        200: {
+            "description": "`event: progress` with `ProgressEvent` data while the job is "
+            "unfinished, comment heartbeats, then one `event: status` with the finished "
+            "`Job`; then the stream ends.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **error_responses(401, 404, 422),
+    },
+)
+async def merge_events(job_id: JobId, request: Request, manager: ManagerDep) -> StreamingResponse:
+    """Stream the job's progress until it finishes."""
+    await run_in_threadpool(manager.get, job_id)  # 404 before the stream starts
+    state = request.app.state
+    stream = job_events(
+        manager.get,
+        job_id,
+        request,
+        poll_seconds=getattr(state, "sse_poll_seconds", DEFAULT_POLL_SECONDS),
+        heartbeat_seconds=getattr(state, "sse_heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS),
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _succeeded_output(manager: JobManager, job_id: str) -> Path:
+    job = manager.get(job_id)
+    if job.status is not JobStatus.SUCCEEDED:
+        raise ApiError(
+            409,
+            "job_not_succeeded",
+            f"job {job_id} is {job.status.value}; its files exist only once it has succeeded",
+            details={"job_id": job_id, "status": job.status.value},
+        )
+    return manager.output_path(job)
+
+
+@router.get(
+    "/{job_id}/files",
+    response_model=FileList,
+    summary="List a merge's output files",
+    responses=error_responses(401, 404, 409, 422),
+)
+async def list_files(
+    job_id: JobId,
+    manager: ManagerDep,
+    sha256: Annotated[bool, Query(description="Also compute each file's SHA-256.")] = False,
+) -> FileList:
+    """The files of a succeeded merge, with sizes (and checksums when asked for)."""
+
+    def listing() -> FileList:
+        root = _succeeded_output(manager, job_id)
+        return FileList(job_id=job_id, files=list_output_files(root, checksums=sha256))
+
+    return await run_in_threadpool(listing)
+
+
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The whole file.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    206: {
+        "description": "The requested byte range (`Content-Range` says which).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **error_responses(401, 404, 409, 416, 422),
+}
+
+
+@router.get(
+    "/{job_id}/files/{path:path}",
+    response_class=StreamingResponse,
+    summary="Download an output file",
+    responses=_DOWNLOAD_RESPONSES,
+)
+async def download_file(
+    job_id: JobId,
+    path: str,
+    manager: ManagerDep,
+    range_header: Annotated[
+        str | None,
+        Header(alias="Range", description="One range: `bytes=a-b`, `bytes=a-` or `bytes=-n`."),
+    ] = None,
+) -> StreamingResponse:
+    """Download one output file, whole or one byte range."""
+    root = await run_in_threadpool(_succeeded_output, manager, job_id)
+    file = await run_in_threadpool(resolve_output_file, root, path)
+    if file is None:
+        raise ApiError(
+            404, "not_found", f"job {job_id} has no output file {path!r}", details={"path": path}
+        )
+    size = file.stat().st_size
+    try:
+        byte_range = parse_range(range_header, size)
+    except RangeNotSatisfiableError:
+        raise ApiError(
+            416,
+            "range_not_satisfiable",
+            f"the range {range_header!r} lies outside the file ({size} bytes)",
+            details={"size": size},
+            headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
+        ) from None
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{file.name}"',
+    }
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(
+            read_chunks(file, 0, size), media_type="application/octet-stream", headers=headers
+        )
+    headers["Content-Length"] = str(byte_range.length)
+    headers["Content-Range"] = byte_range.content_range()
+    return StreamingResponse(
+        read_chunks(file, byte_range.start, byte_range.length),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers=headers,
+    )

@@ -1,0 +1,101 @@
+"""``tureen serve``: its options, and the real entry point serving until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.serve import add_serve_command, settings_from_args
+from service.settings import ConfigFileError
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tureen")
+    add_serve_command(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_options_override_the_config_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "tureen.yaml"
+    config.write_text("port: 9001\nworkers: 3\napi_tokens: [from-file]\n")
+    monkeypatch.setenv("TUREEN_WORKERS", "2")
+    args = _parse(
+        [
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--allow-root",
+            str(tmp_path / "a"),
+            "--allow-root",
+            str(tmp_path / "b"),
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 9001
+    assert settings.workers == 2
+    assert settings.api_tokens == ["from-file"]
+    assert settings.data_dir == (tmp_path / "data").resolve()
+    assert settings.allow_roots == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    assert "from-file" not in repr(settings)
+
+
+def test_invalid_settings_are_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError, match="workers"):
+        settings_from_args(_parse(["--workers", "0", "--data-dir", str(tmp_path)]))
+
+
+def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = textwrap.dedent(
+        """
+        import argparse, sys
+        from service.serve import add_serve_command
+        parser = argparse.ArgumentParser(prog="tureen")
+        add_serve_command(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(sys.argv[1:])
+        sys.exit(args.handler(args))
+        """
+    )
+    command = [sys.executable, "-c", script, "serve", "--port", str(port)]
+    command += ["--data-dir", str(tmp_path / "data")]
+    environment = {**os.environ, "TUREEN_API_TOKENS": "tok-1,tok-2"}
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/methods").status_code == 401
+        authorized = {"Authorization": "Bearer tok-2"}
+        assert httpx.get(f"{url}/v1/methods", headers=authorized).status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    log = output.decode()
+    assert "tok-1" not in log and "tok-2" not in log
+    assert "Application shutdown complete" in log
