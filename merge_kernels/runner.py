@@ -23,18 +23,15 @@ import torch
 
 from merge_kernels.checkpoints import open_checkpoint
 from merge_kernels.errors import MergeCancelledError, RecipeError
-from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
-from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
-from merge_kernels.methods.magnitude_select import TieRule
-from merge_kernels.methods.task_arithmetic import TiesParams
 from merge_kernels.model_card import (
     copy_tokenizer,
     input_provenance,
     write_config,
     write_model_card,
 )
+from merge_kernels.piece_merger import PieceMerger, read_piece
 from merge_kernels.plan import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_SHARD_BYTES,
@@ -45,7 +42,7 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import Recipe
-from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
+from merge_kernels.trim_prepass import Piece, pieces_of
 
 log = logging.getLogger(__name__)
 
@@ -155,103 +152,6 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
     return plan, inputs
 
 
-def _read(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
-    pieces = []
-    for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
-        if unit.start is None:
-            pieces.append(item.checkpoint.read(source))
-        else:
-            assert unit.stop is not None
-            pieces.append(item.checkpoint.read_rows(source, unit.start, unit.stop))
-        if unit.tensor.params is None:
-            break  # copied from the first input only
-    return pieces
-
-
-class _Merger:
-    """Runs the method's kernel on one piece, with the trim thresholds it needs."""
-
-    def __init__(self, plan: MergePlan, device: str, check_cancel: Callable[[], None]):
-        self.plan = plan
-        self.device = torch.device(device)
-        self.check_cancel = check_cancel
-        self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
-        self._buffers: list[torch.Tensor] = []
-        self.indices = tuple(
-            item.recipe_index if item.recipe_index is not None else position
-            for position, item in enumerate(plan.inputs)
-            if item.role == "model"
-        )
-
-    def prepare_model_trims(self) -> None:
-        """Compute the model-wide thresholds, if the recipe trims per model."""
-        scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
-        if scope:
-            self.trims.update(self._stream(scope))
-
-    def _stream(self, tensors: list[TensorPlan]) -> dict[PieceKey, tuple[TrimState, ...]]:
-        first = tensors[0].params
-        assert first is not None
-        densities = [getattr(p, "density", None) or 1.0 for p in first.models]
-        ties: TieRule = (
-            first.method.trim_ties if isinstance(first.method, TiesParams) else "exact_k"
-        )
-        pieces = [piece for tensor in tensors for piece in pieces_of(tensor)]
-        return stream_trim_states(self.plan, pieces, densities, ties, self.check_cancel)
-
-    def compute(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
-        tensor = unit.tensor
-        out_dtype = torch_dtype(tensor.dtype)
-        if tensor.params is None:
-            return raw[0]
-        floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
-        base = floats[0] if self.plan.has_base else None
-        models = floats[1:] if self.plan.has_base else floats
-        offset = 0
-        if unit.start is not None and tensor.shape:
-            offset = unit.start * (tensor.numel // max(1, tensor.shape[0]))
-        context = TensorContext(
-            name=tensor.name,
-            seed=self.plan.recipe.seed,
-            model_indices=self.indices,
-            offset=offset,
-            trims=self._trims_for(unit),
-        )
-        spec = self.plan.recipe.method
-        try:
-            merged = spec.kernel(
-                MergeInputs(base=base, models=models, model_params=tensor.params.models),
-                tensor.params.method,
-                context,
-            )
-        except ValueError as error:
-            raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
-        return merged.to(dtype=out_dtype).cpu()
-
-    def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:
-        """``piece`` in float32 on the device, converted into a buffer kept per input.
-
-        Reusing the buffers spares a fresh allocation (and its page faults) per input per
-        piece; kernels never modify their inputs, so the views stay valid until the next
-        piece.
-        """
-        if self.device.type != "cpu":
-            return piece.to(device=self.device, dtype=torch.float32, non_blocking=True)
-        if piece.dtype == torch.float32:
-            return piece
-        while len(self._buffers) <= position:
-            self._buffers.append(torch.empty(0, dtype=torch.float32))
-        if self._buffers[position].numel() < piece.numel():
-            self._buffers[position] = torch.empty(piece.numel(), dtype=torch.float32)
-        view = self._buffers[position][: piece.numel()].view(piece.shape)
-        return view.copy_(piece)
-
-    def _trims_for(self, unit: Piece) -> tuple[TrimState, ...] | None:
-        if unit.tensor.trim == "tensor_prepass" and unit.key not in self.trims:
-            self.trims.update(self._stream([unit.tensor]))
-        return self.trims.get(unit.key)
-
-
 def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
     """A hash of everything that determines the output bytes, for resuming."""
     identity = {
@@ -345,7 +245,7 @@ def _execute(
             staging.discard()
             raise MergeCancelledError("the merge was cancelled; no output was written")
 
-    merger = _Merger(plan, options.device, check_cancel)
+    merger = PieceMerger(plan, options.device, check_cancel)
     report(None, "trim thresholds")
     merger.prepare_model_trims()
     readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
@@ -395,7 +295,7 @@ def _write_shard(
     plan: MergePlan,
     tensors: list[TensorPlan],
     writer: ShardWriter,
-    merger: _Merger,
+    merger: PieceMerger,
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
     check_cancel: Callable[[], None],
     counters: dict[str, int],
@@ -405,7 +305,7 @@ def _write_shard(
     readers, writers = pools
     units = [piece for tensor in tensors for piece in pieces_of(tensor)]
     pending: Future[list[torch.Tensor]] | None = (
-        readers.submit(_read, plan, units[0]) if units else None
+        readers.submit(read_piece, plan, units[0]) if units else None
     )
     written: Future[None] | None = None
     for position, unit in enumerate(units):
@@ -413,7 +313,7 @@ def _write_shard(
         assert pending is not None
         raw = pending.result()
         following = units[position + 1] if position + 1 < len(units) else None
-        pending = readers.submit(_read, plan, following) if following is not None else None
+        pending = readers.submit(read_piece, plan, following) if following is not None else None
         merged = merger.compute(unit, raw)
         del raw
         if written is not None:

@@ -1,0 +1,118 @@
+"""Merging one piece of work: a tensor or a row chunk of it, read from every input.
+
+Converts the inputs to float32 (into buffers reused from piece to piece), gives the kernel
+its context (tensor name, seed, model indices, chunk offset, trim thresholds) and casts the
+result once to the output dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from merge_kernels.errors import RecipeError
+from merge_kernels.io.dtypes import torch_dtype
+from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
+from merge_kernels.methods.magnitude_select import TieRule
+from merge_kernels.methods.task_arithmetic import TiesParams
+from merge_kernels.plan import MergePlan, TensorPlan
+from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
+
+
+def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
+    """Read ``unit`` from every input, in the inputs' own dtypes (the base's alone for a
+    tensor copied unmerged)."""
+    pieces = []
+    for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
+        if unit.start is None or unit.stop is None:
+            pieces.append(item.checkpoint.read(source))
+        else:
+            pieces.append(item.checkpoint.read_rows(source, unit.start, unit.stop))
+        if unit.tensor.params is None:
+            break  # copied from the first input only
+    return pieces
+
+
+class PieceMerger:
+    """Runs the method's kernel on one piece, with the trim thresholds it needs."""
+
+    def __init__(self, plan: MergePlan, device: str, check_cancel: Callable[[], None]):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.check_cancel = check_cancel
+        self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
+        self._buffers: list[torch.Tensor] = []
+        self.indices = tuple(
+            item.recipe_index if item.recipe_index is not None else position
+            for position, item in enumerate(plan.inputs)
+            if item.role == "model"
+        )
+
+    def prepare_model_trims(self) -> None:
+        """Compute the model-wide thresholds, if the recipe trims per model."""
+        scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
+        if scope:
+            self.trims.update(self._stream(scope))
+
+    def _stream(self, tensors: list[TensorPlan]) -> dict[PieceKey, tuple[TrimState, ...]]:
+        first = tensors[0].params
+        assert first is not None
+        densities = [getattr(p, "density", None) or 1.0 for p in first.models]
+        ties: TieRule = (
+            first.method.trim_ties if isinstance(first.method, TiesParams) else "exact_k"
+        )
+        pieces = [piece for tensor in tensors for piece in pieces_of(tensor)]
+        return stream_trim_states(self.plan, pieces, densities, ties, self.check_cancel)
+
+    def compute(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
+        tensor = unit.tensor
+        out_dtype = torch_dtype(tensor.dtype)
+        if tensor.params is None:
+            return raw[0]
+        floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
+        base = floats[0] if self.plan.has_base else None
+        models = floats[1:] if self.plan.has_base else floats
+        offset = 0
+        if unit.start is not None and tensor.shape:
+            offset = unit.start * (tensor.numel // max(1, tensor.shape[0]))
+        context = TensorContext(
+            name=tensor.name,
+            seed=self.plan.recipe.seed,
+            model_indices=self.indices,
+            offset=offset,
+            trims=self._trims_for(unit),
+        )
+        spec = self.plan.recipe.method
+        try:
+            merged = spec.kernel(
+                MergeInputs(base=base, models=models, model_params=tensor.params.models),
+                tensor.params.method,
+                context,
+            )
+        except ValueError as error:
+            raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
+        return merged.to(dtype=out_dtype).cpu()
+
+    def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:
+        """``piece`` in float32 on the device, converted into a buffer kept per input.
+
+        Reusing the buffers spares a fresh allocation (and its page faults) per input per
+        piece; kernels never modify their inputs, so the views stay valid until the next
+        piece.
+        """
+        if self.device.type != "cpu":
+            return piece.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        if piece.dtype == torch.float32:
+            return piece
+        while len(self._buffers) <= position:
+            self._buffers.append(torch.empty(0, dtype=torch.float32))
+        if self._buffers[position].numel() < piece.numel():
+            self._buffers[position] = torch.empty(piece.numel(), dtype=torch.float32)
+        view = self._buffers[position][: piece.numel()].view(piece.shape)
+        return view.copy_(piece)
+
+    def _trims_for(self, unit: Piece) -> tuple[TrimState, ...] | None:
+        if unit.tensor.trim == "tensor_prepass" and unit.key not in self.trims:
+            self.trims.update(self._stream([unit.tensor]))
+        return self.trims.get(unit.key)
