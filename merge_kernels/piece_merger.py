@@ -14,10 +14,12 @@ import torch
 from merge_kernels.errors import RecipeError
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
-from merge_kernels.methods.magnitude_select import TieRule
+from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold
 from merge_kernels.methods.task_arithmetic import TiesParams
 from merge_kernels.plan import MergePlan, TensorPlan
 from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
+
+_BLOCK = 1 << 18  # entries per block: each input's float32 block (1 MiB) stays in cache
 
 
 def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
@@ -66,32 +68,106 @@ class PieceMerger:
         return stream_trim_states(self.plan, pieces, densities, ties, self.check_cancel)
 
     def compute(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
+        """The merged piece, in the output dtype, on the CPU."""
         tensor = unit.tensor
-        out_dtype = torch_dtype(tensor.dtype)
         if tensor.params is None:
             return raw[0]
-        floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
+        spec = self.plan.recipe.method
+        if (
+            self.device.type == "cpu"
+            and spec.cache_blocking
+            and spec.chunkable(tensor.params.method)
+        ):
+            return self._compute_in_blocks(unit, raw)
+        return self._compute_whole(unit, raw)
+
+    def _offset(self, unit: Piece) -> int:
+        tensor = unit.tensor
+        if unit.start is None or not tensor.shape:
+            return 0
+        return unit.start * (tensor.numel // max(1, tensor.shape[0]))
+
+    def _kernel(
+        self,
+        unit: Piece,
+        floats: list[torch.Tensor],
+        offset: int,
+        trims: tuple[TrimState, ...] | None,
+    ) -> torch.Tensor:
+        tensor = unit.tensor
+        assert tensor.params is not None
         base = floats[0] if self.plan.has_base else None
         models = floats[1:] if self.plan.has_base else floats
-        offset = 0
-        if unit.start is not None and tensor.shape:
-            offset = unit.start * (tensor.numel // max(1, tensor.shape[0]))
         context = TensorContext(
             name=tensor.name,
             seed=self.plan.recipe.seed,
             model_indices=self.indices,
             offset=offset,
-            trims=self._trims_for(unit),
+            trims=trims,
         )
-        spec = self.plan.recipe.method
         try:
-            merged = spec.kernel(
+            return self.plan.recipe.method.kernel(
                 MergeInputs(base=base, models=models, model_params=tensor.params.models),
                 tensor.params.method,
                 context,
             )
         except ValueError as error:
             raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
+
+    def _compute_in_blocks(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Run an elementwise kernel block by block, each block small enough for the cache.
+
+        A kernel makes several passes over its inputs; on blocks of a few hundred thousand
+        entries those passes hit the CPU cache instead of memory. Trim thresholds (the
+        kernel's, or a pre-pass's) are fixed for the whole piece first, and the count of
+        tied entries is carried from block to block, so every block trims exactly as the
+        whole piece would.
+        """
+        tensor = unit.tensor
+        flats = [piece.reshape(-1) for piece in raw]
+        numel = flats[0].numel()
+        out = torch.empty(numel, dtype=torch_dtype(tensor.dtype))
+        trims = self._trims_for(unit)
+        if tensor.trim == "kernel":
+            trims = self._piece_thresholds(unit, flats)
+        seen = [state.ties_before for state in trims] if trims is not None else []
+        count_ties = trims is not None and any(state.threshold.keep_at_value > 0 for state in trims)
+        offset = self._offset(unit)
+        for start in range(0, numel, _BLOCK):
+            stop = min(numel, start + _BLOCK)
+            floats = [
+                self._as_float32(position, flat[start:stop]) for position, flat in enumerate(flats)
+            ]
+            block_trims = None
+            if trims is not None:
+                block_trims = tuple(
+                    TrimState(state.threshold, before)
+                    for state, before in zip(trims, seen, strict=True)
+                )
+            out[start:stop] = self._kernel(unit, floats, offset + start, block_trims)
+            if trims is not None and count_ties:
+                for index, state in enumerate(trims):
+                    tau = floats[index + 1] - floats[0]
+                    seen[index] += int((tau.abs_() == state.threshold.value).sum())
+        return out.view(raw[0].shape)
+
+    def _piece_thresholds(self, unit: Piece, flats: list[torch.Tensor]) -> tuple[TrimState, ...]:
+        """Each model's exact trim threshold over the whole piece (a tensor trimmed whole)."""
+        assert unit.tensor.params is not None
+        base = flats[0].float()
+        states = []
+        for flat, params in zip(flats[1:], unit.tensor.params.models, strict=True):
+            density = getattr(params, "density", None) or 1.0
+            tau = torch.sub(flat.float(), base)
+            k = min(tau.numel(), int(density * tau.numel()))
+            states.append(TrimState(magnitude_threshold(tau, k), 0))
+        return tuple(states)
+
+    def _compute_whole(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
+        tensor = unit.tensor
+        out_dtype = torch_dtype(tensor.dtype)
+        floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
+        merged = self._kernel(unit, floats, self._offset(unit), self._trims_for(unit))
         return merged.to(dtype=out_dtype).cpu()
 
     def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:

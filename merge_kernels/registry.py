@@ -57,6 +57,9 @@ class MethodSpec:
         check: extra validation of one tensor's resolved parameters (raises ValueError).
         needs_evaluation: the method chooses its inputs by scoring candidates (greedy soup),
             so it runs through an evaluation loop, not as a plain merge.
+        cache_blocking: the kernel makes many passes over each element (masks, votes,
+            counts), so the runner feeds it cache-sized blocks; one- or two-pass kernels
+            run faster on whole pieces.
         description: one paragraph for ``GET /v1/methods`` and ``tureen methods``.
     """
 
@@ -75,6 +78,7 @@ class MethodSpec:
     needs_trim_threshold: Callable[[Any], bool] = _never_chunk
     check: Check = _no_check
     needs_evaluation: bool = False
+    cache_blocking: bool = False
 
     def defaults(self, reference: Reference) -> dict[str, Any]:
         """The parameter defaults under ``reference``: the field defaults, then its preset."""

@@ -295,6 +295,7 @@ register(
 register(
     MethodSpec(
         name="ties",
+        cache_blocking=True,
         title="TIES-Merging",
         paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, "
         "NeurIPS 2023 (arXiv 2306.01708)",
@@ -317,6 +318,7 @@ register(
 register(
     MethodSpec(
         name="dare_linear",
+        cache_blocking=True,
         title="DARE + task arithmetic",
         paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from "
         "Homologous Models as a Free Lunch, ICML 2024 (arXiv 2311.03099)",
@@ -335,6 +337,7 @@ register(
 register(
     MethodSpec(
         name="dare_ties",
+        cache_blocking=True,
         title="DARE + TIES",
         paper="Yu et al., Language Models are Super Mario, ICML 2024 (arXiv 2311.03099); "
         "sign election and disjoint mean from TIES-Merging (arXiv 2306.01708)",
