@@ -14,7 +14,7 @@ import torch
 from merge_kernels.errors import RecipeError
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
-from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold
+from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold_with_ties
 from merge_kernels.methods.task_arithmetic import TiesParams
 from merge_kernels.plan import MergePlan, TensorPlan
 from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
@@ -128,10 +128,10 @@ class PieceMerger:
         numel = flats[0].numel()
         out = torch.empty(numel, dtype=torch_dtype(tensor.dtype))
         trims = self._trims_for(unit)
-        if tensor.trim == "kernel":
-            trims = self._piece_thresholds(unit, flats)
-        seen = [state.ties_before for state in trims] if trims is not None else []
         count_ties = trims is not None and any(state.threshold.keep_at_value > 0 for state in trims)
+        if tensor.trim == "kernel":
+            trims, count_ties = self._piece_thresholds(unit, flats)
+        seen = [state.ties_before for state in trims] if trims is not None else []
         offset = self._offset(unit)
         for start in range(0, numel, _BLOCK):
             stop = min(numel, start + _BLOCK)
@@ -151,17 +151,23 @@ class PieceMerger:
                     seen[index] += int((tau.abs_() == state.threshold.value).sum())
         return out.view(raw[0].shape)
 
-    def _piece_thresholds(self, unit: Piece, flats: list[torch.Tensor]) -> tuple[TrimState, ...]:
-        """Each model's exact trim threshold over the whole piece (a tensor trimmed whole)."""
+    def _piece_thresholds(
+        self, unit: Piece, flats: list[torch.Tensor]
+    ) -> tuple[tuple[TrimState, ...], bool]:
+        """Each model's exact trim threshold over the whole piece (a tensor trimmed whole),
+        and whether some model keeps only part of its tied entries (so blocks must count)."""
         assert unit.tensor.params is not None
         base = flats[0].float()
         states = []
+        partial = False
         for flat, params in zip(flats[1:], unit.tensor.params.models, strict=True):
             density = getattr(params, "density", None) or 1.0
             tau = torch.sub(flat.float(), base)
             k = min(tau.numel(), int(density * tau.numel()))
-            states.append(TrimState(magnitude_threshold(tau, k), 0))
-        return tuple(states)
+            threshold, tied = magnitude_threshold_with_ties(tau, k)
+            partial = partial or 0 < threshold.keep_at_value < tied
+            states.append(TrimState(threshold, 0))
+        return tuple(states), partial
 
     def _compute_whole(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
         tensor = unit.tensor

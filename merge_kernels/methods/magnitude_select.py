@@ -114,6 +114,19 @@ def magnitude_threshold(x: torch.Tensor, k: int) -> MagnitudeThreshold:
     return _select(x, k).threshold
 
 
+def magnitude_threshold_with_ties(x: torch.Tensor, k: int) -> tuple[MagnitudeThreshold, int]:
+    """:func:`magnitude_threshold`, plus how many entries equal the threshold value.
+
+    A caller that trims in pieces needs the running count of tied entries only when some,
+    but not all, of them are kept (``0 < keep_at_value < count``).
+
+    Returns:
+        The threshold and the number of entries with ``|x| == value``, kept or not.
+    """
+    selection = _select(x, k)
+    return selection.threshold, selection.count_at_value
+
+
 def top_k_magnitude_mask(x: torch.Tensor, k: int, *, ties: TieRule = "exact_k") -> torch.Tensor:
     """The entries of ``x`` that a magnitude trim to k entries keeps, as a bool mask.
 

@@ -116,11 +116,12 @@ def elect_sign(
     method: SignMethod = "total",
     zero_sign: ZeroSign = "positive",
 ) -> torch.Tensor:
-    """TIES step 2: the elected sign γ per entry, as float32 in {−1, 0, +1}.
+    """TIES step 2: the elected sign γ per entry, as float32 in {−1, +1}.
 
     ``total`` elects sign(Σᵢ τᵢ) (the paper's "mass"); ``frequency`` elects sign(Σᵢ sign τᵢ).
     Where the vote is zero, ``positive`` takes +1 (PEFT, mergekit); ``majority`` takes the
-    sign of Σγ over the tensor (the paper), leaving 0 only if that too is zero.
+    sign of Σγ over the tensor (the paper), and −1 if that too is zero (the reference code
+    then keeps the negative entries).
     """
     if method == "total":
         vote = weighted_sum(candidates, [1.0] * len(candidates))
@@ -130,16 +131,15 @@ def elect_sign(
         return torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
     gamma = vote.sign()
     fallback = gamma.sum().sign()
+    # The reference code agrees on where(γ > 0, τ > 0, τ < 0): a γ still 0 after the
+    # fallback counts as negative, so it becomes −1 here.
+    fallback = fallback if fallback != 0 else fallback - 1
     return torch.where(gamma == 0, fallback, gamma)
 
 
 def agreement_mask(candidate: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Entries of ``candidate`` whose sign is the elected one; zeros never agree.
-
-    Where γ is 0 (the paper's rule with an all-zero vote) the negative entries agree, as in
-    the TIES reference code's ``where(γ > 0, τ > 0, τ < 0)``.
-    """
-    return torch.where(gamma > 0, candidate > 0, candidate < 0)
+    """Entries of ``candidate`` whose sign is the elected γ ∈ {−1, +1}; zeros never agree."""
+    return torch.mul(candidate, gamma) > 0
 
 
 def disjoint_mean(
