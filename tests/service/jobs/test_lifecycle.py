@@ -49,9 +49,15 @@ def test_cancel_running_job_stops_within_seconds_without_output(
     manager.start()
     output = OutputOptions(name="cancelled", shard_size=SHARD_BYTES)
     job, _ = manager.submit(ties_recipe(large_models), output)
-    merging(manager, job.id)
+    worker = merging(manager, job.id).worker_pid
+    assert worker is not None
+    # Freeze the worker so the merge cannot finish before it reads the cancel flag, which
+    # it does at most every 0.5 s.
+    os.kill(worker, signal.SIGSTOP)
     asked = time.monotonic()
     assert manager.cancel(job.id).cancel_requested
+    time.sleep(0.6)
+    os.kill(worker, signal.SIGCONT)
     done = wait_finished(manager, job.id, timeout=10)
     assert time.monotonic() - asked < 5
     assert done.status is JobStatus.CANCELLED
