@@ -148,10 +148,10 @@ class CancelPoll:
 def _watch_parent(parent_pid: int) -> None:
     # Reparenting means the API process died: stop at once, leaving the job for a restart.
     while True:
-        time.sleep(PARENT_POLL_INTERVAL_S)
         if os.getppid() != parent_pid:
             log.error("the service process %d is gone; stopping the merge", parent_pid)
             os._exit(EXIT_PARENT_GONE)
+        time.sleep(PARENT_POLL_INTERVAL_S)
 
 
 def _succeeded(job: Job, result: MergeResult) -> dict[str, object]:
