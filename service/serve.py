@@ -1,6 +1,6 @@
 """``tureen serve``: run the HTTP API with uvicorn.
 
-The lead's command-line module calls :func:`add_serve_command` to add the subcommand. API
+:mod:`service.cli` calls :func:`add_serve_command` to add the subcommand. API
 tokens are read from ``TUREEN_API_TOKENS`` or the config file only, never from the command
 line (where other users could see them in the process list).
 """
