@@ -23,7 +23,7 @@ from merge_kernels.registry import MethodSpec
 from merge_kernels.tensor_parameters import TensorParameters, resolve_parameters
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
-DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
+DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
 DEFAULT_WHOLE_TRIM_ELEMENTS = 64 * 1024 * 1024
 PROCESS_BASELINE_BYTES = 400 * 1024**2  # an idle Python + torch process, measured
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
