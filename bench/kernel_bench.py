@@ -19,8 +19,11 @@ import statistics
 import time
 from typing import Any
 
+# isort: off
+import merge_kernels  # noqa: F401  (before torch: sets the threading and allocation environment)
 import torch
 
+# isort: on
 from merge_kernels.methods.kernel import MergeInputs, TensorContext
 from merge_kernels.registry import get_method
 
