@@ -1,6 +1,6 @@
 """The streaming merge with kernels on the CPU and on CUDA: wall time and output agreement.
 
-    python bench/device_compare.py --model-gb 1 --folder /tmp/tureen-gpu [--methods linear ties]
+    python bench/device_compare.py --model-gb 1 --folder ../tureen-gpu-data [--methods linear ties]
 
 Writes a bf16 base and three synthetic fine-tunes of ``--model-gb`` each (once), merges
 each method with ``device=cpu`` and ``device=cuda``, alternating, and prints the median
