@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from merge_kernels.checkpoints import open_checkpoint
+from merge_kernels.checkpoints import Checkpoint, open_checkpoint
 from merge_kernels.errors import MergeCancelledError, RecipeError
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
@@ -41,7 +41,7 @@ from merge_kernels.plan import (
     TensorPlan,
     build_plan,
 )
-from merge_kernels.recipe import Recipe
+from merge_kernels.recipe import ModelReference, Recipe
 from merge_kernels.trim_prepass import Piece, pieces_of
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ CancelCheck = Callable[[], bool]
 def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
     """Open every checkpoint the recipe names (configs and headers only)."""
 
-    def opened(reference: object) -> object:
+    def opened(reference: ModelReference) -> Checkpoint:
         return open_checkpoint(
-            reference,  # type: ignore[arg-type]
+            reference,
             allowed_roots=options.allowed_roots,
             allow_pickle=options.allow_pickle,
             base_dir=options.base_dir,
@@ -117,11 +117,10 @@ def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
 
     inputs: list[PlannedInput] = []
     try:
-        if recipe.method.needs_base:
-            assert recipe.base_model is not None
-            inputs.append(PlannedInput("base", None, opened(recipe.base_model)))  # type: ignore[arg-type]
+        if recipe.method.needs_base and recipe.base_model is not None:
+            inputs.append(PlannedInput("base", None, opened(recipe.base_model)))
         for index, entry in recipe.merged_models():
-            inputs.append(PlannedInput("model", index, opened(entry.model)))  # type: ignore[arg-type]
+            inputs.append(PlannedInput("model", index, opened(entry.model)))
     except BaseException:
         close_inputs(inputs)
         raise
