@@ -11,7 +11,7 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.steps import weighted_sum
-from merge_kernels.methods.task_arithmetic import WeightParams
+from merge_kernels.methods.task_arithmetic import WeightParams, check_normalized_weights
 from merge_kernels.registry import MethodSpec, register
 
 
@@ -30,13 +30,6 @@ def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> tor
     return merged
 
 
-def _check(params: LinearParams, model_params: tuple[WeightParams, ...]) -> None:
-    if params.normalize and sum(p.weight for p in model_params) == 0:
-        raise ValueError(
-            "weights sum to 0 with normalize: true; change a weight or set normalize: false"
-        )
-
-
 register(
     MethodSpec(
         name="linear",
@@ -48,6 +41,6 @@ register(
         needs_base=False,
         description="The (weighted) average of the models' weights.",
         chunkable=lambda params: True,
-        check=_check,
+        check=check_normalized_weights,
     )
 )

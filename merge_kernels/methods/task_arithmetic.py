@@ -255,10 +255,9 @@ def dare_ties(inputs: MergeInputs, params: DareTiesParams, ctx: TensorContext) -
     return torch.add(base, merged, alpha=params.lambda_)
 
 
-def _check_normalized_weights(
-    params: TaskArithmeticParams, model_params: tuple[WeightParams, ...]
-) -> None:
-    if params.normalize and sum(p.weight for p in model_params) == 0:
+def check_normalized_weights(params: MethodParams, model_params: tuple[WeightParams, ...]) -> None:
+    """Refuse weights that sum to 0 when the method divides by their sum."""
+    if getattr(params, "normalize", False) and sum(p.weight for p in model_params) == 0:
         raise ValueError(
             "weights sum to 0 with normalize: true; change a weight or set normalize: false"
         )
@@ -272,7 +271,7 @@ def _check_density(params: MethodParams, model_params: tuple[SparseModelParams, 
                 "the TIES paper uses 0.2, DARE papers 0.1 to 0.3)"
             )
     if isinstance(params, TaskArithmeticParams):
-        _check_normalized_weights(params, model_params)
+        check_normalized_weights(params, model_params)
 
 
 _MERGEKIT_CONSENSUS = {"weighted_election": True, "divisor": "weight_sum", "density": 1.0}
@@ -288,7 +287,7 @@ register(
         needs_base=True,
         description="Adds the weighted sum of task vectors (fine-tune minus base) to the base.",
         chunkable=lambda params: True,
-        check=_check_normalized_weights,
+        check=check_normalized_weights,
     )
 )
 
