@@ -27,6 +27,7 @@ import torch
 
 from merge_kernels.io.dtypes import dtype_code
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec
+from merge_kernels.io.staging import fsync_dir
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -42,17 +43,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while done < len(data):
         # pwrite may write less than asked (at most ~2 GiB per call on Linux).
         done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        # Some filesystems cannot fsync a directory; the file itself is already durable.
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -281,6 +271,6 @@ class ShardWriter:
         self._buffer = None
         self._fd = None
         self._close_fd()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._digest = digest
         return digest

@@ -32,7 +32,8 @@ _ASIDE_SUFFIX = ".tureen-old"
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (created, renamed files) durable, where the filesystem can."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -72,7 +73,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(
@@ -193,7 +194,7 @@ class StagingDir:
             _remove(self._aside)
         else:
             os.rename(self._aside, self.out_dir)
-            _fsync_dir(self.out_dir.parent)
+            fsync_dir(self.out_dir.parent)
 
     def prepare(self) -> set[str]:
         """Create the staging folder, or resume the one a previous run of this job left.
@@ -218,7 +219,7 @@ class StagingDir:
             self.path.mkdir()
             self._done = {}
             self._write_manifest()
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return set()
 
         kept: dict[str, str] = {}
@@ -294,11 +295,11 @@ class StagingDir:
                 "remove it, or ask to overwrite it"
             )
         self._manifest.unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         if exists:
             os.rename(self.out_dir, self._aside)
         os.rename(self.path, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         if exists:
             _remove(self._aside)
         self._done = {}
@@ -309,5 +310,5 @@ class StagingDir:
         if os.path.lexists(self.path):
             _remove(self.path)
             with contextlib.suppress(FileNotFoundError):
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         self._done = {}
