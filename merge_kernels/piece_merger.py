@@ -16,24 +16,11 @@ from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
 from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold_with_ties
 from merge_kernels.methods.task_arithmetic import TiesParams
+from merge_kernels.pieces import Piece, PieceKey, pieces_of
 from merge_kernels.plan import MergePlan, TensorPlan
-from merge_kernels.trim_prepass import Piece, PieceKey, pieces_of, stream_trim_states
+from merge_kernels.trim_prepass import stream_trim_states
 
 _BLOCK = 1 << 18  # entries per block: each input's float32 block (1 MiB) stays in cache
-
-
-def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
-    """Read ``unit`` from every input, in the inputs' own dtypes (the base's alone for a
-    tensor copied unmerged)."""
-    pieces = []
-    for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
-        if unit.start is None or unit.stop is None:
-            pieces.append(item.checkpoint.read(source))
-        else:
-            pieces.append(item.checkpoint.read_rows(source, unit.start, unit.stop))
-        if unit.tensor.params is None:
-            break  # copied from the first input only
-    return pieces
 
 
 class PieceMerger:
@@ -81,12 +68,6 @@ class PieceMerger:
             return self._compute_in_blocks(unit, raw)
         return self._compute_whole(unit, raw)
 
-    def _offset(self, unit: Piece) -> int:
-        tensor = unit.tensor
-        if unit.start is None or not tensor.shape:
-            return 0
-        return unit.start * (tensor.numel // max(1, tensor.shape[0]))
-
     def _kernel(
         self,
         unit: Piece,
@@ -132,7 +113,7 @@ class PieceMerger:
         if tensor.trim == "kernel":
             trims, count_ties = self._piece_thresholds(unit, flats)
         seen = [state.ties_before for state in trims] if trims is not None else []
-        offset = self._offset(unit)
+        offset = unit.offset
         for start in range(0, numel, _BLOCK):
             stop = min(numel, start + _BLOCK)
             floats = [
@@ -173,7 +154,7 @@ class PieceMerger:
         tensor = unit.tensor
         out_dtype = torch_dtype(tensor.dtype)
         floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
-        merged = self._kernel(unit, floats, self._offset(unit), self._trims_for(unit))
+        merged = self._kernel(unit, floats, unit.offset, self._trims_for(unit))
         return merged.to(dtype=out_dtype).cpu()
 
     def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from merge_kernels.model_card import (
     write_config,
     write_model_card,
 )
-from merge_kernels.piece_merger import PieceMerger, read_piece
+from merge_kernels.piece_merger import PieceMerger
+from merge_kernels.pieces import Piece, pieces_of, read_piece
 from merge_kernels.plan import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_SHARD_BYTES,
@@ -42,7 +43,6 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
-from merge_kernels.trim_prepass import Piece, pieces_of
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ the tied entries before it in the stream's flat order. The merge then trims each
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -27,51 +26,14 @@ from merge_kernels.methods.magnitude_select import (
     TieRule,
     apply_threshold_mask,
 )
-from merge_kernels.plan import MergePlan, TensorPlan
-
-PieceKey = tuple[str, int | None]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A tensor, or rows ``start:stop`` of it."""
-
-    tensor: TensorPlan
-    start: int | None = None
-    stop: int | None = None
-
-    @property
-    def key(self) -> PieceKey:
-        return (self.tensor.name, self.start)
-
-    @property
-    def numel(self) -> int:
-        if self.start is None or self.stop is None:
-            return self.tensor.numel
-        return (self.stop - self.start) * (self.tensor.numel // max(1, self.tensor.shape[0]))
-
-
-def pieces_of(tensor: TensorPlan) -> list[Piece]:
-    """The pieces the runner merges ``tensor`` in: whole, or its row chunks."""
-    if tensor.rows_per_chunk is None:
-        return [Piece(tensor)]
-    rows = tensor.shape[0]
-    step = tensor.rows_per_chunk
-    return [Piece(tensor, start, min(rows, start + step)) for start in range(0, rows, step)]
+from merge_kernels.pieces import Piece, PieceKey, read_piece
+from merge_kernels.plan import MergePlan
 
 
 def task_vectors(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
     """Each model's task vector over ``piece``, flattened, in float32."""
-
-    def read(position: int) -> torch.Tensor:
-        checkpoint = plan.inputs[position].checkpoint
-        source = piece.tensor.sources[position]
-        if piece.start is None or piece.stop is None:
-            return checkpoint.read(source).float()
-        return checkpoint.read_rows(source, piece.start, piece.stop).float()
-
-    base = read(0)
-    return [(read(position) - base).reshape(-1) for position in range(1, len(plan.inputs))]
+    base, *models = (tensor.float() for tensor in read_piece(plan, piece))
+    return [(model - base).reshape(-1) for model in models]
 
 
 def stream_trim_states(
