@@ -9,15 +9,24 @@ safetensors weights and pickle is allowed). With ``HF_HUB_OFFLINE=1`` (read thro
 ``huggingface_hub.constants``) nothing is contacted and the cached snapshot is used. The
 resolved commit SHA is recorded as the checkpoint's ``revision``. Tokens come from
 ``HF_TOKEN`` or the ``huggingface_hub`` login, handled by the library; tureen never logs them.
+
+Before anything is downloaded, :func:`describe_from_metadata` describes a repository from the
+Hub's metadata alone: ``config.json``, the shard index, and each safetensors header read with
+an HTTP range request (``parse_safetensors_file_metadata``), so that a merge of incompatible
+checkpoints fails at once, with the plan's list of problems, instead of after gigabytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
-from merge_kernels.checkpoints.base import load_json_object
+import torch
+
+from merge_kernels.checkpoints.base import Checkpoint, load_json_object
 from merge_kernels.checkpoints.local import (
     PICKLE_INDEX_NAME,
     PICKLE_NAME,
@@ -25,8 +34,10 @@ from merge_kernels.checkpoints.local import (
     SAFETENSORS_NAME,
 )
 from merge_kernels.checkpoints.pickle_import import PICKLE_SUFFIXES, refuse_pickle
-from merge_kernels.checkpoints.reference import HubRef
-from merge_kernels.errors import CheckpointNotFoundError, TureenError
+from merge_kernels.checkpoints.reference import CheckpointRef, HubRef
+from merge_kernels.errors import CheckpointFileError, CheckpointNotFoundError, TureenError
+from merge_kernels.io.dtypes import is_supported
+from merge_kernels.io.safetensors_header import TensorEntry
 
 #: Files fetched beside the weights of a full model: configuration and tokenizer.
 MODEL_SIDE_FILES = (
@@ -281,3 +292,159 @@ def resolve_snapshot(
             raise _translate(exc, ref) from None
         raise
     return HubSnapshot(folder=snapshot, commit=snapshot.name)
+
+
+# -- compatibility from the Hub's metadata, before downloading -----------------------------
+
+
+class HubMetadataCheckpoint(Checkpoint):
+    """A Hub checkpoint known from its metadata only: config and safetensors headers.
+
+    It has every tensor's name, dtype and shape, for planning; it has no tensor data
+    (``read`` raises) and no local weight files. ``begin`` and ``end`` of its entries are
+    offsets within the data section of each weight file.
+    """
+
+    def __init__(
+        self,
+        ref: CheckpointRef,
+        *,
+        folder: Path,
+        commit: str,
+        entries: Mapping[str, TensorEntry],
+        weight_files: list[str],
+    ) -> None:
+        """Describe a checkpoint.
+
+        Args:
+            ref: the reference it stands for (for messages).
+            folder: the cache folder holding its ``config.json`` (it need not exist).
+            commit: the resolved commit SHA.
+            entries: every tensor, in file order.
+            weight_files: the repository's weight files the entries come from.
+        """
+        self.ref = ref
+        self.folder = folder
+        self.revision = commit
+        self._entries = MappingProxyType(dict(entries))
+        self.weight_files = weight_files
+
+    def entries(self) -> Mapping[str, TensorEntry]:
+        """See ``Checkpoint.entries``."""
+        return self._entries
+
+    def read(self, name: str) -> torch.Tensor:
+        """Not available: only the metadata of this checkpoint is known."""
+        raise RuntimeError(f"{self.display_name} is known from Hub metadata only; open it")
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Not available: only the metadata of this checkpoint is known."""
+        raise RuntimeError(f"{self.display_name} is known from Hub metadata only; open it")
+
+    def files(self) -> list[Path]:
+        """None: nothing was downloaded but the config and the index."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _is_network_error(exc: Exception) -> bool:
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(
+        exc
+    ).__module__.startswith(("httpx", "httpcore", "requests", "urllib3"))
+
+
+def describe_from_metadata(
+    ref: HubRef, *, allow_pickle: bool = False, display: CheckpointRef | None = None
+) -> HubMetadataCheckpoint | None:
+    """Describe a Hub model repository from its metadata, downloading no weights.
+
+    The revision is resolved to a commit first, and everything after is read at that commit.
+    Only ``config.json`` and the shard index (both needed by the merge anyway) go into the
+    Hugging Face cache; each safetensors header is read with HTTP range requests.
+
+    Args:
+        ref: the repository and optional revision.
+        allow_pickle: passed on to :func:`choose_files` (refusal of pickle-only repositories).
+        display: the reference to name the checkpoint by (a base + LoRA reference whose
+            base this is); default ``ref``.
+
+    Returns:
+        The described checkpoint, or None when metadata cannot tell (offline, the Hub is
+        unreachable, pickle weights, a dtype tureen does not read): the download path then
+        decides, with its own errors.
+
+    Raises:
+        CheckpointNotFoundError: the repository, revision or a shard does not exist, or is
+            gated or private without a token; ``details['reason']`` says which.
+        UnsafeCheckpointError: only pickle weights exist and ``allow_pickle`` is false.
+        CheckpointFileError: a safetensors header or the index is malformed.
+        TureenError: the Hub answered with another error.
+    """
+    hub = _hub()
+    if is_offline():
+        return None
+    try:
+        api = hub.HfApi()
+        info = api.model_info(ref.repo, revision=ref.revision)
+        commit = str(info.sha)
+        repo_files = [sibling.rfilename for sibling in (info.siblings or [])]
+        wanted = choose_files(repo_files, "model", allow_pickle=allow_pickle, ref=ref)
+        if SAFETENSORS_NAME in wanted:
+            shards = [SAFETENSORS_NAME]
+        elif SAFETENSORS_INDEX_NAME in wanted:
+            index = hub.hf_hub_download(ref.repo, SAFETENSORS_INDEX_NAME, revision=commit)
+            shards = _shards_named_in(Path(index))
+            missing = sorted(set(shards) - set(repo_files))
+            if missing or not shards:
+                raise CheckpointFileError(
+                    f"Hub checkpoint {ref}: {SAFETENSORS_INDEX_NAME} names shards the "
+                    f"repository does not have: {', '.join(missing) or '(none named)'}",
+                    details={"reference": str(ref), "files": missing},
+                )
+        else:
+            return None  # pickle weights: described once downloaded
+        folder = (  # where the snapshot will be; it has no config.json yet
+            Path(hub.constants.HF_HUB_CACHE)
+            / f"models--{ref.repo.replace('/', '--')}"
+            / "snapshots"
+            / commit
+        )
+        if "config.json" in wanted:
+            folder = Path(hub.hf_hub_download(ref.repo, "config.json", revision=commit)).parent
+        entries: dict[str, TensorEntry] = {}
+        for shard in shards:
+            header = api.parse_safetensors_file_metadata(ref.repo, shard, revision=commit)
+            for name, tensor in sorted(
+                header.tensors.items(), key=lambda item: item[1].data_offsets[0]
+            ):
+                if not is_supported(tensor.dtype):
+                    return None  # the download path names the unsupported dtype
+                if name in entries:
+                    raise CheckpointFileError(
+                        f"Hub checkpoint {ref}: tensor {name!r} appears in two weight files",
+                        details={"reference": str(ref), "tensor": name},
+                    )
+                begin, end = tensor.data_offsets
+                entries[name] = TensorEntry(name, tensor.dtype, tuple(tensor.shape), begin, end)
+    except TureenError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, hub.errors.HfHubHTTPError | hub.errors.EntryNotFoundError):
+            raise _translate(exc, ref) from None
+        if isinstance(exc, hub.errors.SafetensorsParsingError):
+            raise CheckpointFileError(
+                f"Hub checkpoint {ref}: a safetensors header cannot be parsed ({exc})",
+                details={"reference": str(ref)},
+            ) from None
+        if _is_network_error(exc) or isinstance(exc, hub.errors.OfflineModeIsEnabled):
+            return None  # unreachable: the cache may still have it
+        raise
+    return HubMetadataCheckpoint(
+        display if display is not None else ref,
+        folder=folder,
+        commit=commit,
+        entries=entries,
+        weight_files=shards,
+    )
