@@ -1,0 +1,181 @@
+"""One training job in a process of its own.
+
+``python -m service.jobs.training_worker JOB_ID --db PATH --output DIR``: reads the job's
+validated config from the training store, trains the adapter into ``DIR`` (published only
+once complete), writes progress (steps, loss, ETA; at most four times a second) and the
+outcome back, and polls the store's cancel flag before every optimizer step. A crash or an
+out-of-memory kill ends only this process; the service fails the job. If the service
+process dies, the worker exits promptly and the job restarts with the next server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from merge_kernels.errors import TureenError
+from service.jobs.models import JobError, JobProgress, JobStatus
+from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.store import JobStore
+from service.jobs.worker import CancelPoll, discard_staging
+from training.progress import TrainingProgress
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+PARENT_POLL_INTERVAL_S = 0.5
+EXIT_PARENT_GONE = 75
+
+
+class TrainingProgressWriter:
+    """Writes training progress into the store, throttled (phase changes always written)."""
+
+    def __init__(self, store: JobStore, job_id: str, interval: float = PROGRESS_INTERVAL_S):
+        self.store = store
+        self.job_id = job_id
+        self.interval = interval
+        self._last_write = float("-inf")
+        self._last_phase: str | None = None
+        self._last_loss: float | None = None
+
+    def __call__(self, update: TrainingProgress) -> None:
+        """Record ``update`` unless the last write was too recent."""
+        now = time.monotonic()
+        if update.loss is not None:
+            self._last_loss = update.loss
+        final_step = update.total_steps > 0 and update.step == update.total_steps
+        if (
+            update.phase == self._last_phase
+            and not final_step
+            and now - self._last_write < self.interval
+        ):
+            return
+        self._last_write = now
+        self._last_phase = update.phase
+        snapshot = JobProgress(
+            phase=update.phase,
+            steps_done=update.step,
+            steps_total=update.total_steps or None,
+            loss=self._last_loss,
+            eta_seconds=0.0 if update.phase == "done" else update.eta_seconds,
+        )
+        try:
+            self.store.update(self.job_id, progress=snapshot)
+        except Exception:  # a lost progress report must not fail the training
+            log.warning("could not record progress of training %s", self.job_id, exc_info=True)
+
+
+def run_training_job(store: JobStore, job_id: str, output: Path) -> JobStatus:
+    """Run one claimed training job to its end and record the outcome in the store.
+
+    Args:
+        store: the training store.
+        job_id: a job in state running.
+        output: the adapter folder to write.
+
+    Returns:
+        The job's final status.
+    """
+    from training.config import parse_training_config
+    from training.errors import TrainingCancelledError
+    from training.runner import run_training
+
+    job = store.get(job_id)
+    if job is None or job.status is not JobStatus.RUNNING:
+        log.warning("training %s is not running; nothing to do", job_id)
+        return job.status if job is not None else JobStatus.FAILED
+    error: JobError | None = None
+    try:
+        document = {**job.recipe, "output_dir": str(output), "overwrite": False}
+        config = parse_training_config(document, job.recipe.get("kind", "lora"))
+        report = run_training(
+            config,
+            progress=TrainingProgressWriter(store, job_id),
+            should_stop=CancelPoll(store, job_id),
+        )
+    except TrainingCancelledError:
+        log.info("training %s cancelled", job_id)
+    except TureenError as failure:
+        log.info("training %s failed: %s", job_id, failure.message)
+        error = JobError(code=failure.code, message=failure.message, details=failure.details)
+    except Exception as failure:
+        log.exception("training %s failed unexpectedly", job_id)
+        error = JobError(code="internal_error", message=f"{type(failure).__name__}: {failure}")
+    else:
+        current = store.get(job_id) or job
+        store.update(
+            job_id,
+            status=JobStatus.SUCCEEDED,
+            finished_at=utcnow(),
+            output_dir=str(output),
+            files=report.get("files", []),
+            merge_seconds=report.get("seconds"),
+            evaluation={
+                "held_out": report.get("held_out"),
+                "steps": report.get("training", {}).get("steps"),
+                "data": report.get("data"),
+            },
+            error=None,
+            progress=current.progress.model_copy(update={"phase": "done", "eta_seconds": 0.0}),
+        )
+        log.info("training %s succeeded: %s", job_id, output)
+        return JobStatus.SUCCEEDED
+    discard_staging(output)
+    fields: dict[str, object] = {"finished_at": utcnow(), "error": error}
+    status = JobStatus.FAILED if error is not None else JobStatus.CANCELLED
+    if error is None:
+        progress = (store.get(job_id) or job).progress
+        fields["progress"] = progress.model_copy(update={"phase": "cancelled", "eta_seconds": None})
+    store.update(job_id, status=status, **fields)
+    return status
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            log.error("the service process %d is gone; stopping the training", parent_pid)
+            os._exit(EXIT_PARENT_GONE)
+        time.sleep(PARENT_POLL_INTERVAL_S)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the training job named on the command line; 0 once its outcome is recorded."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s training[%(process)d] %(message)s"
+    )
+    parser = argparse.ArgumentParser(prog="python -m service.jobs.training_worker")
+    parser.add_argument("job_id")
+    parser.add_argument("--db", required=True, help="the training store's location")
+    parser.add_argument("--output", type=Path, required=True, help="the adapter folder")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        threading.Thread(
+            target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
+        ).start()
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    store = open_store(args.db)
+    try:
+        run_training_job(store, args.job_id, args.output)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
