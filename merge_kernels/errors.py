@@ -71,3 +71,9 @@ class MergeCancelledError(TureenError):
     """The merge was cancelled by its caller; nothing was published."""
 
     code = "cancelled"
+
+
+class EvaluationError(TureenError):
+    """An evaluator could not score a candidate (bad data, unreachable server, bad answer)."""
+
+    code = "evaluation_failed"

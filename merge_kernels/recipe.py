@@ -106,6 +106,11 @@ class Recipe(BaseModel):
     reference: Reference = Field(
         "peft", description="Whose defaults unset options follow: peft, mergekit or paper."
     )
+    evaluator: dict[str, Any] | None = Field(
+        None,
+        description="How candidates are scored (greedy_soup needs one; with another method "
+        "the merge and each input are scored). Validated by the evaluator that runs it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
