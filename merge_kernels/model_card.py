@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import yaml
 
 from merge_kernels import __version__
 from merge_kernels.checkpoints.base import Checkpoint
+from merge_kernels.checkpoints.reference import HubRef, LoraRef
 from merge_kernels.io.staging import write_bytes_atomic, write_json_atomic
 from merge_kernels.recipe import Recipe
 
@@ -27,6 +30,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 RECIPE_FILE = "tureen_recipe.yaml"
+EVALUATION_FILE = "evaluation.json"
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -35,7 +39,8 @@ def input_provenance(role: str, checkpoint: Checkpoint) -> dict[str, Any]:
 
     Hub inputs are pinned by their commit SHA; every weight file is listed with its size
     and the sha256 of its safetensors header (names, dtypes, shapes and offsets), which
-    changes whenever the file's layout does.
+    changes whenever the file's layout does. ``hub_repos`` lists the Hub repositories the
+    input comes from (both sides of a base + LoRA input), for the card's ``base_model``.
     """
     files = []
     for path in checkpoint.files():
@@ -49,10 +54,13 @@ def input_provenance(role: str, checkpoint: Checkpoint) -> dict[str, Any]:
                 "header_sha256": hashlib.sha256(header).hexdigest(),
             }
         )
+    ref = checkpoint.ref
+    sides = [ref.base, ref.adapter] if isinstance(ref, LoraRef) else [ref]
     return {
         "role": role,
         "reference": checkpoint.display_name,
         "revision": checkpoint.revision,
+        "hub_repos": [side.repo for side in sides if isinstance(side, HubRef)],
         "files": files,
     }
 
@@ -81,18 +89,75 @@ def copy_tokenizer(source: Checkpoint, out_dir: Path) -> list[str]:
     return copied
 
 
+@dataclass(frozen=True)
+class CardExtras:
+    """What a merge adds to its model card beyond the engine's own recipe and inputs.
+
+    Attributes:
+        recipe: the recipe to show and save instead of the engine's (a greedy soup's, whose
+            output the engine writes as a linear merge of the kept ingredients).
+        evaluate: called with the finished folder (weights, config, tokenizer) before the
+            card is written; returns the evaluation report for the card and
+            ``evaluation.json``.
+    """
+
+    recipe: Recipe | None = None
+    evaluate: Callable[[Path], dict[str, Any]] | None = None
+
+
+def _evaluation_section(evaluation: dict[str, Any]) -> str:
+    lines = ["## Evaluation", ""]
+    summary = evaluation.get("summary")
+    if isinstance(summary, list) and summary:
+        lines += ["| model | score |", "|---|---|"]
+        lines += [f"| {row['model']} | {row['score']} |" for row in summary]
+        lines.append("")
+    lines += [
+        "Full report (also in `evaluation.json`):",
+        "",
+        "```json",
+        json.dumps(evaluation, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def hub_base_models(provenance: Sequence[dict[str, Any]]) -> list[str]:
+    """The Hub repository ids among the inputs, for the card's ``base_model`` list.
+
+    The Hub accepts only repository ids there: local folders are left out (they appear in
+    the card's table of inputs), revisions are dropped (they are recorded in the table, by
+    commit SHA), and a base + LoRA input contributes each side that is a Hub repository.
+
+    Args:
+        provenance: the inputs, as :func:`input_provenance` describes them.
+
+    Returns:
+        Repository ids in input order, without duplicates.
+    """
+    found: list[str] = []
+    for item in provenance:
+        for repo in item.get("hub_repos", []):
+            if repo not in found:
+                found.append(repo)
+    return found
+
+
 def write_model_card(
-    out_dir: Path, recipe: Recipe, provenance: Sequence[dict[str, Any]], title: str
+    out_dir: Path,
+    recipe: Recipe,
+    provenance: Sequence[dict[str, Any]],
+    title: str,
+    evaluation: dict[str, Any] | None = None,
 ) -> None:
     """Write ``README.md`` (Hub model card with YAML front matter) and the recipe file."""
     spec = recipe.method
-    bases = [p["reference"] for p in provenance]
-    front = {
-        "base_model": bases,
-        "base_model_relation": "merge",
-        "library_name": "transformers",
-        "tags": ["merge", "tureen", spec.name],
-    }
+    front: dict[str, Any] = {}
+    bases = hub_base_models(provenance)
+    if bases:
+        front = {"base_model": bases, "base_model_relation": "merge"}
+    front |= {"library_name": "transformers", "tags": ["merge", "tureen", spec.name]}
     rows = "\n".join(
         f"| {p['role']} | `{p['reference']}` | {p['revision'] or 'local'} | "
         + ", ".join(
@@ -108,6 +173,9 @@ def write_model_card(
         "## Inputs\n\n| role | reference | revision | weight files |\n|---|---|---|---|\n"
         f"{rows}\n\n## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
     )
+    if evaluation is not None:
+        body += "\n" + _evaluation_section(evaluation)
+        write_json_atomic(out_dir / EVALUATION_FILE, evaluation)
     card = f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{body}"
     write_bytes_atomic(out_dir / "README.md", card.encode())
     write_bytes_atomic(out_dir / RECIPE_FILE, recipe.to_yaml().encode())

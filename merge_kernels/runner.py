@@ -23,9 +23,11 @@ import torch
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
 from merge_kernels.errors import MergeCancelledError, RecipeError
+from merge_kernels.hub_precheck import check_hub_inputs
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.model_card import (
+    CardExtras,
     copy_tokenizer,
     input_provenance,
     write_config,
@@ -134,7 +136,12 @@ def close_inputs(inputs: Sequence[PlannedInput]) -> None:
 
 
 def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[PlannedInput]]:
-    """Open the inputs and plan the merge; the caller closes the inputs."""
+    """Open the inputs and plan the merge; the caller closes the inputs.
+
+    Hub inputs are first checked against the others from the Hub's metadata, so that
+    incompatible checkpoints fail before any weights are downloaded.
+    """
+    check_hub_inputs(recipe, options)
     inputs = open_inputs(recipe, options)
     try:
         plan = build_plan(
@@ -178,6 +185,7 @@ def run_merge(
     *,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    card: CardExtras | None = None,
 ) -> MergeResult:
     """Merge by ``recipe`` into ``out_dir``, atomically and resumably.
 
@@ -187,6 +195,7 @@ def run_merge(
         options: how to run (shard size, device, allowed roots...).
         progress: called after every piece of work.
         should_cancel: polled between pieces of work; True stops the merge.
+        card: what the model card shows besides the recipe and inputs (an evaluation).
 
     Returns:
         What was written.
@@ -207,7 +216,9 @@ def run_merge(
     plan, inputs = plan_merge(recipe, options)
     try:
         plan.raise_for_problems()
-        return _execute(plan, Path(out_dir), options, progress, should_cancel, started)
+        return _execute(
+            plan, Path(out_dir), options, progress, should_cancel, started, card or CardExtras()
+        )
     finally:
         close_inputs(inputs)
 
@@ -219,6 +230,7 @@ def _execute(
     progress: ProgressCallback | None,
     should_cancel: CancelCheck | None,
     started: float,
+    card: CardExtras,
 ) -> MergeResult:
     staging = StagingDir(out_dir, fingerprint(plan, options))
     done = staging.prepare()
@@ -275,7 +287,13 @@ def _execute(
     check_cancel()
     _write_companions(plan, staging.path)
     provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
-    write_model_card(staging.path, plan.recipe, provenance, out_dir.name)
+    evaluation = None
+    if card.evaluate is not None:
+        report(None, "evaluating")
+        evaluation = card.evaluate(staging.path)
+        check_cancel()
+    recipe = card.recipe or plan.recipe
+    write_model_card(staging.path, recipe, provenance, out_dir.name, evaluation)
     final = staging.commit(overwrite=options.overwrite)
     report(None, "done")
     files = sorted(p.name for p in final.iterdir())

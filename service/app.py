@@ -19,10 +19,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import health, merges, methods, metrics, plans
+from service.api.routes import trainings as trainings_routes  # training jobs
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
 from service.errors import ApiError, ErrorBody, error_response, install_error_handlers
 from service.jobs.manager import JobManager
 from service.jobs.sqlite_store import SqliteJobStore
+from service.jobs.training_manager import TrainingManager, training_store_path  # training jobs
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,12 @@ def _lifespan(settings: ServiceSettings) -> Any:
         manager = JobManager(store, settings)
         manager.start()
         app.state.manager = manager
+        # -- training jobs: a store and a manager of their own -----------------------------
+        training_store = SqliteJobStore(training_store_path(settings))
+        trainings = TrainingManager(training_store, settings)
+        trainings.start()
+        app.state.trainings = trainings
+        # -- end training jobs ---------------------------------------------------------------
         log.info(
             "tureen service ready: data dir %s, %d worker(s), auth %s",
             settings.data_dir,
@@ -92,6 +100,9 @@ def _lifespan(settings: ServiceSettings) -> Any:
             yield
         finally:
             app.state.manager = None
+            app.state.trainings = None  # training jobs
+            trainings.stop(timeout=app.state.worker_stop_seconds)  # training jobs
+            training_store.close()  # training jobs
             manager.stop(timeout=app.state.worker_stop_seconds)
             store.close()
 
@@ -153,6 +164,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             {"name": "plans", "description": "Dry runs from configs and headers."},
             {"name": "methods", "description": "The registered merge methods."},
             {"name": "operations", "description": "Health, readiness and metrics."},
+            {"name": "trainings", "description": "LoRA and DPO training jobs and their adapters."},
         ],
     )
     app.state.settings = settings
@@ -162,5 +174,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for module in (merges, plans, methods, health, metrics):
         app.include_router(module.router)
+    app.include_router(trainings_routes.router)  # training jobs
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -40,14 +40,17 @@ def parse_size(text: str) -> int:
 
 
 class _ProgressBar:
-    def __init__(self, stream: object = sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream: object = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
         self.last = -1
 
     def __call__(self, progress: object) -> None:
         from merge_kernels.runner import Progress
 
         assert isinstance(progress, Progress)
+        if progress.phase == "evaluating":
+            print(f"\r{(progress.current or 'evaluating')[:78]:<78}", end="", file=self.stream)  # type: ignore[call-overload]
+            return
         total = max(1, progress.bytes_total)
         percent = int(100 * progress.bytes_done / total)
         if percent == self.last and progress.phase == "merging":
@@ -81,22 +84,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(Path(args.recipe))
     bar = None if args.quiet else _ProgressBar()
-    result = run_merge(recipe, Path(args.out_dir), _options(args), progress=bar)  # type: ignore[arg-type]
+    evaluation = None
+    if recipe.method.needs_evaluation or recipe.evaluator is not None:
+        from merge_kernels.evaluated_merge import run_evaluated_merge
+        from service.evaluation.config import build_evaluator
+
+        evaluator = build_evaluator(
+            recipe.evaluator, base_dir=Path(args.recipe).resolve().parent, device=args.device
+        )
+        scored = run_evaluated_merge(
+            recipe,
+            Path(args.out_dir),
+            evaluator,
+            _options(args),  # type: ignore[arg-type]
+            progress=bar,
+            memory_limit_bytes=args.memory_limit,
+        )
+        result, evaluation = scored.result, scored.report
+    else:
+        result = run_merge(recipe, Path(args.out_dir), _options(args), progress=bar)  # type: ignore[arg-type]
     if bar is not None:
         print(file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "out_dir": str(result.out_dir),
-                "files": result.files,
-                "tensors": result.tensors,
-                "bytes_written": result.bytes_written,
-                "shards_resumed": result.shards_resumed,
-                "seconds": round(result.seconds, 3),
-            },
-            indent=2,
-        )
-    )
+    summary: dict[str, object] = {
+        "out_dir": str(result.out_dir),
+        "files": result.files,
+        "tensors": result.tensors,
+        "bytes_written": result.bytes_written,
+        "shards_resumed": result.shards_resumed,
+        "seconds": round(result.seconds, 3),
+    }
+    if evaluation is not None:
+        summary["evaluation"] = evaluation
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -183,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("out_dir", help="output folder (appears only when complete)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--memory-limit",
+        type=parse_size,
+        default=4 * 1024**3,
+        help="greedy soup: keep candidates in memory when two float32 copies and a "
+        "candidate fit under this (default 4GiB); else they go through the disk",
+    )
     merge.set_defaults(handler=cmd_merge)
 
     plan = commands.add_parser("plan", help="check inputs and report the plan as JSON")
@@ -201,6 +227,20 @@ def _parser() -> argparse.ArgumentParser:
     from service.serve import add_serve_command
 
     add_serve_command(commands)
+
+    # train: LoRA SFT, DPO, the tiny base and synthetic task data (training/cli.py).
+    from training.cli import add_train_command
+
+    add_train_command(commands)
+
+    from service.push import add_push_command
+
+    add_push_command(commands)
+
+    # import-gguf: convert a GGUF file into a safetensors checkpoint.
+    from merge_kernels.checkpoints.gguf_command import add_import_gguf_command
+
+    add_import_gguf_command(commands, parse_size=parse_size)
     return parser
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -86,6 +86,15 @@ class ServiceSettings(BaseSettings):
         memory_budget_bytes: refuse a job whose plan estimates more peak memory (None: no
             limit).
         device: where merge kernels run, ``cpu`` or ``cuda``.
+        standby_worker: keep one worker process started ahead of time (engine imported,
+            about 250 MB) and reuse workers after small jobs, so that a small job starts in
+            milliseconds rather than seconds. Off: one fresh process per job.
+        evaluator_hosts: hosts a recipe's HTTP evaluator may be on (loopback by default;
+            ``*`` allows any), so that a request cannot make the service call anywhere.
+        hf_token: the Hugging Face Hub token that publishes outputs when a request gives
+            none (default: ``HF_TOKEN`` or the ``hf auth login`` token of the server's user);
+            never shown by ``repr()``, never passed to worker processes. The Hub's address
+            is ``huggingface_hub``'s own ``HF_ENDPOINT``, for inputs and publishing alike.
     """
 
     model_config = SettingsConfigDict(
@@ -104,8 +113,13 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1)
     memory_budget_bytes: int | None = Field(None, ge=1)
     device: str = "cpu"
+    standby_worker: bool = True
+    evaluator_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"]
+    )
+    hf_token: SecretStr | None = Field(None, repr=False)  # publishing to the Hub
 
-    @field_validator("allow_roots", "api_tokens", mode="before")
+    @field_validator("allow_roots", "api_tokens", "evaluator_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_list(value)

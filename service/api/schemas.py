@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 
 from merge_kernels.checkpoints.reference import HubRef, LocalRef, LoraRef
 from merge_kernels.registry import MethodSpec, methods
+from service.evaluation.config import EvaluatorConfig
 from service.jobs.models import Job, OutputOptions
 
 _FORBID = ConfigDict(extra="forbid")
@@ -150,6 +151,14 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
         "reference": (
             Literal["peft", "mergekit", "paper"],
             Field("peft", description="Whose defaults unset options follow."),
+        ),
+        "evaluator": (
+            EvaluatorConfig | None,
+            Field(
+                None,
+                description="How candidates are scored: required by greedy_soup; with another "
+                "method the merge and each input are scored and compared.",
+            ),
         ),
         "output": (
             OutputOptions | None,

@@ -16,13 +16,15 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from merge_kernels.errors import RecipeError, TureenError
+from merge_kernels.errors import TureenError
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
+from service.evaluation.config import build_evaluator
+from service.hub import Publisher
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
 from service.jobs.store import (
@@ -38,6 +40,7 @@ from service.jobs.worker import (
     worker_command,
     worker_environment,
 )
+from service.jobs.worker_pool import WorkerPool
 from service.settings import ServiceSettings
 
 __all__ = [
@@ -105,6 +108,15 @@ class JobManager:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool = WorkerPool(
+            lambda: self._command(None),
+            worker_environment(),
+            on_free=self._freed,
+            on_exit=self._wake.set,
+            spare=1 if settings.standby_worker else 0,
+        )
+        # Publishing to the Hugging Face Hub runs in this process (see service.hub).
+        self.publisher = Publisher(store, settings, self.output_path)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -120,8 +132,10 @@ class JobManager:
         if requeued:
             log.info("re-queued %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
         self._stopping.clear()
+        self._pool.start()
         self._thread = threading.Thread(target=self._dispatch, name="tureen-jobs", daemon=True)
         self._thread.start()
+        self.publisher.start()  # publishing to the Hub
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop dispatching and end running workers; their jobs stay ``running`` to resume.
@@ -132,9 +146,11 @@ class JobManager:
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
+        self.publisher.stop(max(0.0, deadline - time.monotonic()) / 2)  # publishing to the Hub
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             self._thread = None
+        self._pool.stop()
         with self._lock:
             workers, self._workers = dict(self._workers), {}
         for worker in workers.values():
@@ -173,13 +189,17 @@ class JobManager:
             CheckpointFileError: the merge cannot run.
             OverMemoryBudgetError: the estimate exceeds ``settings.memory_budget_bytes``.
         """
-        if recipe.method.needs_evaluation:
-            raise RecipeError(
-                "merge_method",
-                f"{recipe.merge_method} chooses its ingredients by evaluating candidates, "
-                "which merge jobs do not do; use another method",
+        options = self.engine_options(output)
+        if recipe.method.needs_evaluation or recipe.evaluator is not None:
+            # Checked here so a bad data path or a disallowed host is a 4xx, not a failed job.
+            build_evaluator(
+                recipe.evaluator,
+                base_dir=options.base_dir,
+                allowed_roots=options.allowed_roots,
+                allowed_hosts=self.settings.evaluator_hosts,
+                device=options.device,
             )
-        plan, inputs = plan_merge(recipe, self.engine_options(output))
+        plan, inputs = plan_merge(recipe, options)
         try:
             plan.raise_for_problems()
             estimate = plan.peak_memory_estimate()
@@ -197,6 +217,7 @@ class JobManager:
         *,
         idempotency_key: str | None = None,
         body_hash: str | None = None,
+        hub_token: str | None = None,
     ) -> tuple[Job, bool]:
         """Validate a merge and queue it as a job.
 
@@ -209,6 +230,8 @@ class JobManager:
             idempotency_key: the client's key for this request; a repeat with the same
                 ``body_hash`` returns the first job without validating again.
             body_hash: a hash of the request body.
+            hub_token: the request's Hugging Face token for ``output.publish``; held in this
+                process's memory only (see :mod:`service.hub`), never stored.
 
         Returns:
             ``(job, created)``: the queued job, and False when the key returned an
@@ -237,10 +260,15 @@ class JobManager:
                 recipe=recipe.model_dump(mode="json"),
                 output=output,
                 created_at=utcnow(),
+                publish=(  # publishing to the Hub
+                    Publisher.initial(output.publish, hub_token) if output.publish else None
+                ),
             )
             job, created = self.store.create(
                 job, idempotency_key=idempotency_key, body_hash=body_hash
             )
+            if created and output.publish is not None:
+                self.publisher.remember(job.id, hub_token)
         if created:
             log.info("job %s queued (%s)", job.id, recipe.merge_method)
             self._wake.set()
@@ -421,17 +449,22 @@ class JobManager:
             self.store.update(job.id, worker_pid=process.pid)
             log.info("job %s started in worker %d (attempt %d)", job.id, process.pid, job.attempts)
 
-    def _spawn(self, job: Job) -> subprocess.Popen[bytes]:
-        command = worker_command(
-            job.id,
+    def _command(self, job: Job | None) -> Sequence[str]:
+        return worker_command(
+            None if job is None else job.id,
             store_location=self.store.location,
-            output=self.output_path(job),
+            output=None if job is None else self.output_path(job),
             device=self.settings.device,
             base_dir=self.settings.inputs_dir,
             allowed_roots=self.settings.input_roots,
+            evaluator_hosts=self.settings.evaluator_hosts,
         )
-        # A session of its own, so a terminal's Ctrl-C reaches the service, which then
-        # decides the workers' fate, rather than killing them under it.
-        return subprocess.Popen(
-            command, env=worker_environment(), stdin=subprocess.DEVNULL, start_new_session=True
-        )
+
+    def _spawn(self, job: Job) -> subprocess.Popen[bytes]:
+        return self._pool.run(job.id, self.output_path(job))
+
+    def _freed(self, job_id: str) -> None:
+        # The worker recorded the job's outcome and waits for another: free the slot.
+        with self._lock:
+            self._workers.pop(job_id, None)
+        self._wake.set()

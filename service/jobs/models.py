@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from merge_kernels.checkpoints.reference import REPO_ID_PATTERN, REVISION_PATTERN, is_hub_repo_id
 
 
 class JobStatus(StrEnum):
@@ -17,6 +19,7 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PUBLISHING = "publishing"  # merged; the output is being uploaded to the Hub
 
     @property
     def finished(self) -> bool:
@@ -35,6 +38,11 @@ class JobProgress(BaseModel):
     bytes_total: int = 0
     current: str | None = Field(None, description="Tensor being merged.")
     eta_seconds: float | None = Field(None, description="Estimated seconds left.")
+    # -- training jobs -------------------------------------------------------------------
+    steps_done: int | None = Field(None, description="Training: optimizer steps done.")
+    steps_total: int | None = Field(None, description="Training: optimizer steps planned.")
+    loss: float | None = Field(None, description="Training: loss of the last step.")
+    # -- end training jobs ---------------------------------------------------------------
 
 
 class JobError(BaseModel):
@@ -63,6 +71,88 @@ class OutputOptions(BaseModel):
     dtype: str | None = Field(
         None, pattern="^(float32|float16|bfloat16)$", description="Output dtype override."
     )
+    # -- publishing to the Hugging Face Hub ------------------------------------------------
+    publish: PublishOptions | None = Field(
+        None,
+        description="Publish the output to the Hugging Face Hub once merged. The Hub token "
+        "goes in the X-HF-Token header (or the server's configuration), never in the body.",
+    )
+    # -- end publishing ----------------------------------------------------------------------
+
+
+# -- publishing to the Hugging Face Hub ------------------------------------------------------
+
+
+class PublishOptions(BaseModel):
+    """Where and how to publish a merge's output on the Hugging Face Hub (no secrets here)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    repo_id: str = Field(
+        pattern=rf"^{REPO_ID_PATTERN}$",
+        max_length=96 * 2 + 1,
+        description="The model repository, 'namespace/name'; created when missing.",
+    )
+    private: bool | None = Field(
+        None,
+        description="Visibility of a repository created for this: true private, false public; "
+        "default private. An existing repository keeps its visibility, except that publishing "
+        "with true to a public one is refused.",
+    )
+    revision: str | None = Field(
+        None,
+        pattern=rf"^{REVISION_PATTERN}$",
+        max_length=255,
+        description="Branch to commit to, created from main when missing (default main); "
+        "with create_pr, the branch the pull request targets.",
+    )
+    commit_message: str | None = Field(
+        None, min_length=1, max_length=1000, description="Default: names the job and method."
+    )
+    create_pr: bool = Field(False, description="Open a pull request instead of committing.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _namespaced(cls, value: str) -> str:
+        if "/" not in value or not is_hub_repo_id(value):
+            raise ValueError("must be 'namespace/name', a valid Hub repository id")
+        return value
+
+
+class PublishState(StrEnum):
+    """Where a job's publication to the Hub is."""
+
+    PENDING = "pending"
+    PUBLISHING = "publishing"
+    PUBLISHED = "published"
+    FAILED = "failed"
+
+
+class JobPublish(BaseModel):
+    """A job's publication to the Hub: where to, how far it came, and its commit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    options: PublishOptions
+    state: PublishState = PublishState.PENDING
+    step: str | None = Field(None, description="What the upload is doing now.")
+    token_source: Literal["request", "server"] = Field(
+        "server",
+        description="Whose Hub token publishes: the request's X-HF-Token (held in the server's "
+        "memory only, never stored) or the server's configured token.",
+    )
+    attempts: int = Field(0, description="Publishing attempts started so far.")
+    requested_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    repo_url: str | None = None
+    commit_url: str | None = Field(None, description="The commit, once published.")
+    commit_sha: str | None = None
+    pr_url: str | None = Field(None, description="The pull request, with create_pr.")
+    error: JobError | None = Field(None, description="Why the last attempt failed.")
+
+
+# -- end publishing ---------------------------------------------------------------------------
 
 
 class Job(BaseModel):
@@ -94,6 +184,14 @@ class Job(BaseModel):
         None, description="Seconds the successful run took (its last attempt)."
     )
     worker_pid: int | None = Field(None, description="Process id of the worker running it.")
+    evaluation: dict[str, Any] | None = Field(  # scored merges and greedy soups
+        None,
+        description="The evaluation report of a greedy soup or of a merge with an evaluator: "
+        "every score, every step, the final score (also in the output's evaluation.json).",
+    )
+    publish: JobPublish | None = Field(  # publishing to the Hugging Face Hub
+        None, description="Publication of the output to the Hugging Face Hub, when asked for."
+    )
     updated_at: datetime | None = Field(None, description="When the record last changed.")
     version: int = Field(
         0, description="Increases with every change of the record, for noticing updates."

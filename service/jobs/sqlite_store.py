@@ -24,7 +24,9 @@ from typing import Any
 from service.jobs.models import Job, JobProgress, JobStatus
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError, JobStore
 
-_JSON_COLUMNS = frozenset({"recipe", "output", "progress", "error", "files"})
+_JSON_COLUMNS = frozenset(
+    {"recipe", "output", "progress", "error", "files", "publish", "evaluation"}
+)
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at"})
 _JOB_COLUMNS = tuple(Job.model_fields)
 _EXTRA_COLUMNS = ("idempotency_key", "body_hash")

@@ -6,6 +6,12 @@ from the store, runs the engine, writes progress (at most four times a second, w
 and the outcome back, and polls the store's cancel flag. Everything it needs comes from its
 arguments and the store; nothing is pickled, and no API token reaches it.
 
+The service runs workers in *standby* mode (``--standby``, see
+:mod:`service.jobs.worker_pool`): a worker announces on standard output that it is ready,
+reads a job id and output folder from standard input, runs the job, and announces again. It
+has paid for Python's and torch's start-up once, so a small merge takes a fraction of a
+second end to end instead of seconds.
+
 If the API process dies, the worker exits promptly too and leaves its job ``running`` with
 its staging folder intact, so that the next server start re-queues the job and the engine
 resumes after the last finished shard.
@@ -14,8 +20,11 @@ resumes after the last finished shard.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import resource
+import shutil
 import signal
 import sys
 import threading
@@ -26,18 +35,23 @@ from pathlib import Path
 from typing import Any
 
 from merge_kernels.errors import MergeCancelledError, TureenError
+from merge_kernels.evaluated_merge import run_evaluated_merge, scratch_folder
 from merge_kernels.io.staging import StagingDir
 from merge_kernels.recipe import Recipe, parse_recipe
 from merge_kernels.runner import MergeOptions, MergeResult, Progress, run_merge
+from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
 from service.jobs.models import Job, JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
+from service.jobs.worker_pool import READY
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # at most four progress writes a second
 CANCEL_POLL_INTERVAL_S = 0.5
 PARENT_POLL_INTERVAL_S = 0.5
+MAX_JOBS_PER_WORKER = 100  # then a fresh process, so that nothing accumulates
+RECYCLE_RSS_BYTES = 1 << 30  # a worker that peaked above this exits after its job
 EXIT_PARENT_GONE = 75  # the job stays "running" for the next server start to resume
 
 
@@ -154,9 +168,13 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(PARENT_POLL_INTERVAL_S)
 
 
-def _succeeded(job: Job, result: MergeResult) -> dict[str, object]:
+def _succeeded(
+    job: Job, result: MergeResult, evaluation: dict[str, Any] | None = None
+) -> dict[str, object]:
     return {
-        "status": JobStatus.SUCCEEDED,
+        "evaluation": evaluation,
+        # A merge asked to be published is handed to the API process's publisher.
+        "status": JobStatus.PUBLISHING if job.output.publish else JobStatus.SUCCEEDED,
         "finished_at": utcnow(),
         "output_dir": str(result.out_dir),
         "files": result.files,
@@ -170,7 +188,14 @@ def _succeeded(job: Job, result: MergeResult) -> dict[str, object]:
     }
 
 
-def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -> JobStatus:
+def run_job(
+    store: JobStore,
+    job_id: str,
+    output: Path,
+    options: MergeOptions,
+    *,
+    evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
+) -> JobStatus:
     """Run one claimed job to its end and record the outcome in the store.
 
     Args:
@@ -179,6 +204,7 @@ def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -
         output: the job's output folder.
         options: engine options; ``max_shard_bytes`` and ``out_dtype`` are taken from the
             job's output options when it sets them.
+        evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
 
     Returns:
         The job's final status (unchanged if the job was not running).
@@ -195,9 +221,28 @@ def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -
     error: JobError | None = None
     try:
         recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
-        result = run_merge(
-            recipe, output, options, progress=writer, should_cancel=CancelPoll(store, job_id)
-        )
+        evaluation = None
+        if recipe.method.needs_evaluation or recipe.evaluator is not None:
+            evaluator = build_evaluator(
+                recipe.evaluator,
+                base_dir=options.base_dir,
+                allowed_roots=options.allowed_roots,
+                allowed_hosts=evaluator_hosts,
+                device=options.device,
+            )
+            scored = run_evaluated_merge(
+                recipe,
+                output,
+                evaluator,
+                options,
+                progress=writer,
+                should_cancel=CancelPoll(store, job_id),
+            )
+            result, evaluation = scored.result, scored.report
+        else:
+            result = run_merge(
+                recipe, output, options, progress=writer, should_cancel=CancelPoll(store, job_id)
+            )
     except MergeCancelledError:
         log.info("job %s cancelled", job_id)
     except TureenError as failure:
@@ -211,10 +256,11 @@ def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -
         error = JobError(code="internal_error", message=f"{type(failure).__name__}: {failure}")
     else:
         log.info("job %s succeeded: %s", job_id, result.out_dir)
-        store.update(job_id, **_succeeded(store.get(job_id) or job, result))
+        store.update(job_id, **_succeeded(store.get(job_id) or job, result, evaluation))
         return JobStatus.SUCCEEDED
     # No partial output is kept: nothing could resume it, and it may be large.
     discard_staging(output)
+    shutil.rmtree(scratch_folder(output), ignore_errors=True)
     fields: dict[str, object] = {"finished_at": utcnow(), "error": error}
     if error is None:
         status = JobStatus.CANCELLED
@@ -229,39 +275,43 @@ def run_job(store: JobStore, job_id: str, output: Path, options: MergeOptions) -
 
 
 def worker_command(
-    job_id: str,
+    job_id: str | None,
     *,
     store_location: str,
-    output: Path,
+    output: Path | None,
     device: str,
     base_dir: Path,
     allowed_roots: Sequence[Path],
     parent_pid: int | None = None,
+    evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
     Args:
-        job_id: the claimed job.
+        job_id: the claimed job, or None for a standby worker: it imports the engine,
+            writes ``READY`` to its standard output, reads ``{"job_id": ..., "output": ...}``
+            as one JSON line from its standard input, runs the job, and repeats (end of
+            input: it exits).
         store_location: the store's ``location``.
-        output: the job's output folder.
+        output: the job's output folder (None for a standby worker).
         device: where the kernels run.
         base_dir: folder relative local references are relative to.
         allowed_roots: folders local checkpoints may be read from.
         parent_pid: the process that starts the worker (default: this one); the worker
             stops when that process disappears.
+        evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
 
     Returns:
         The argument list for ``subprocess.Popen``.
     """
+    assignment = ["--standby"] if job_id is None else [job_id, "--output", str(output)]
     command = [
         sys.executable,
         "-m",
         "service.jobs.worker",
-        job_id,
+        *assignment,
         "--db",
         store_location,
-        "--output",
-        str(output),
         "--device",
         device,
         "--base-dir",
@@ -271,6 +321,8 @@ def worker_command(
     ]
     for root in allowed_roots:
         command += ["--allow-root", str(root)]
+    for host in evaluator_hosts:
+        command += ["--evaluator-host", host]
     return command
 
 
@@ -294,13 +346,15 @@ def describe_exit(returncode: int) -> tuple[str, dict[str, str | int | None]]:
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.jobs.worker", description=__doc__)
-    parser.add_argument("job_id")
+    parser.add_argument("job_id", nargs="?")
+    parser.add_argument("--standby", action="store_true", help="wait for a job on stdin")
     parser.add_argument("--db", required=True, help="the job store's location")
-    parser.add_argument("--output", required=True, type=Path, help="the output folder")
+    parser.add_argument("--output", type=Path, help="the output folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--base-dir", type=Path, required=True)
     parser.add_argument("--allow-root", type=Path, action="append", default=[])
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--evaluator-host", action="append", default=[])
     return parser.parse_args(argv)
 
 
@@ -314,18 +368,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.Thread(
             target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
         ).start()
+    options = MergeOptions(
+        device=args.device, allowed_roots=tuple(args.allow_root), base_dir=args.base_dir
+    )
+    hosts = tuple(args.evaluator_host)
+    if not args.standby:
+        if args.job_id is None or args.output is None:
+            raise SystemExit("give JOB_ID and --output, or --standby")
+        store = open_store(args.db)
+        try:
+            run_job(store, args.job_id, args.output, options, evaluator_hosts=hosts)
+        finally:
+            store.close()
+        return 0
+    # Standby: everything heavy is imported by now, so a job handed over starts at once.
     store = open_store(args.db)
     try:
-        options = MergeOptions(
-            device=args.device,
-            allowed_roots=tuple(args.allow_root),
-            base_dir=args.base_dir,
-        )
-        run_job(store, args.job_id, args.output, options)
+        for _ in range(MAX_JOBS_PER_WORKER):
+            sys.stdout.buffer.write(READY)
+            sys.stdout.buffer.flush()
+            line = sys.stdin.readline()
+            if not line.strip():
+                break  # the service stopped, or needs this worker no more
+            assignment = json.loads(line)
+            run_job(
+                store,
+                str(assignment["job_id"]),
+                Path(assignment["output"]),
+                options,
+                evaluator_hosts=hosts,
+            )
+            if _peak_rss_bytes() > RECYCLE_RSS_BYTES:
+                break  # give a large merge's memory back to the system
     finally:
         store.close()
     return 0
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program.
+
+    ``VmHWM`` rather than ``ru_maxrss``: the latter survives ``exec``, so a worker started
+    by a large service would inherit the service's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The outcome is recorded and the store closed: skip the interpreter's slow teardown
+    # (torch's), so the service sees the process end, and frees its slot, at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -145,10 +145,13 @@ def test_model_card_front_matter_and_recipe(models: Path, tmp_path: Path) -> Non
     merge(models, RECIPES["ties"], out)
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model_relation"] == "merge"
     assert front["library_name"] == "transformers"
     assert "ties" in front["tags"]
-    assert front["base_model"][0] == "base"
+    # Only Hub repository ids may be listed as base_model: these inputs are local folders
+    # (the card of a merge of Hub inputs lists them, with base_model_relation: merge).
+    assert "base_model" not in front
+    assert "base_model_relation" not in front
+    assert "| base | `base` | local |" in card
     assert "header sha256" in card
     assert (
         parse_recipe(yaml.safe_load((out / "tureen_recipe.yaml").read_text())).merge_method

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
@@ -22,11 +24,22 @@ from service.api.files import (
 from service.api.schemas import FileList, JobList, recipe_body_openapi
 from service.errors import ApiError, error_responses
 from service.jobs.manager import JobManager
-from service.jobs.models import Job, JobStatus
+from service.jobs.models import Job, JobStatus, PublishOptions
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"], dependencies=[Authenticated])
 
 JobId = Annotated[str, PathParam(description="The job id.", max_length=128)]
+# Publishing to the Hub: the request's token travels in a header, never in the body.
+HubToken = Annotated[
+    str | None,
+    Header(
+        alias="X-HF-Token",
+        max_length=1024,
+        description="A Hugging Face token that may write to the publish repository; held in "
+        "the server's memory for the upload only (never stored, logged or returned). Default: "
+        "the server's configured token.",
+    ),
+]
 
 _SUBMIT_DOC = (
     "The recipe document itself (mergekit-style keys), as JSON or YAML, plus an optional "
@@ -59,11 +72,20 @@ async def submit_merge(
     manager: ManagerDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
+    hub_token: HubToken = None,
 ) -> Job:
-    """Validate the recipe and its checkpoints (headers only), then queue the merge."""
+    """Validate the recipe and its checkpoints (headers only), then queue the merge.
+
+    With `output.publish`, the job goes on to `publishing` once merged, then back to
+    `succeeded` with `publish.state` `published` (and the commit) or `failed`.
+    """
     job, created = await run_in_threadpool(
         lambda: manager.submit(
-            body.recipe, body.output, idempotency_key=idempotency_key, body_hash=body.body_hash
+            body.recipe,
+            body.output,
+            idempotency_key=idempotency_key,
+            body_hash=body.body_hash,
+            hub_token=hub_token,
         )
     )
     response.status_code = 202 if created else 200
@@ -238,3 +260,61 @@ async def download_file(
         media_type="application/octet-stream",
         headers=headers,
     )
+
+
+# -- publishing to the Hugging Face Hub -------------------------------------------------------
+
+_PUBLISH_BODY = {
+    "requestBody": {
+        "required": False,
+        "description": "Where to publish; omitted, the job's last publish options (a retry).",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PublishOptions"}}
+        },
+    }
+}
+
+
+def _publish_options(body: bytes) -> PublishOptions | None:
+    if not body.strip():
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise ApiError(
+            422, "invalid_body", f"the body is not valid JSON: {error}", details={"field": "body"}
+        ) from None
+    if document is None:
+        return None
+    try:
+        return PublishOptions.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(
+            422, "invalid_request", f"{field}: {first['msg']}", details={"field": field}
+        ) from None
+
+
+@router.post(
+    "/{job_id}/publish",
+    status_code=202,
+    response_model=Job,
+    summary="Publish a merge to the Hugging Face Hub",
+    responses=error_responses(401, 404, 409, 422),
+    openapi_extra=_PUBLISH_BODY,
+)
+async def publish_merge(
+    job_id: JobId, request: Request, manager: ManagerDep, hub_token: HubToken = None
+) -> Job:
+    """Publish a succeeded merge's output in one commit, or retry a failed publication.
+
+    The job turns `publishing`, then `succeeded` again with `publish.state` `published`
+    (`commit_url`, `commit_sha`, `pr_url`) or `failed` (`publish.error`); the local output
+    is kept either way.
+    """
+    options = _publish_options(await request.body())
+    return await run_in_threadpool(manager.publisher.request, job_id, options, hub_token)
+
+
+# -- end publishing ----------------------------------------------------------------------------
