@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from merge_kernels.errors import TureenError
 
@@ -40,7 +41,7 @@ def parse_size(text: str) -> int:
 
 
 class _ProgressBar:
-    def __init__(self, stream: object = None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.last = -1
 
@@ -49,7 +50,7 @@ class _ProgressBar:
 
         assert isinstance(progress, Progress)
         if progress.phase == "evaluating":
-            print(f"\r{(progress.current or 'evaluating')[:78]:<78}", end="", file=self.stream)  # type: ignore[call-overload]
+            print(f"\r{(progress.current or 'evaluating')[:78]:<78}", end="", file=self.stream)
             return
         total = max(1, progress.bytes_total)
         percent = int(100 * progress.bytes_done / total)
@@ -61,7 +62,7 @@ class _ProgressBar:
             f"\r[{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% "
             f"{progress.tensors_done}/{progress.tensors_total} tensors  {progress.phase}"
         )
-        print(line, end="", file=self.stream, flush=True)  # type: ignore[call-overload]
+        print(line, end="", file=self.stream, flush=True)
 
 
 def _options(args: argparse.Namespace) -> object:
@@ -227,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
     from service.serve import add_serve_command
 
     add_serve_command(commands)
+
+    from service.demo import add_demo_command
+
+    add_demo_command(commands)
 
     # train: LoRA SFT, DPO, the tiny base and synthetic task data (training/cli.py).
     from training.cli import add_train_command

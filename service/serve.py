@@ -96,7 +96,7 @@ def serve(settings: ServiceSettings) -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_level=settings.log_level,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
@@ -104,6 +104,10 @@ def serve(settings: ServiceSettings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``tureen serve``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(settings_from_args(args))
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    serve(settings)
     return 0

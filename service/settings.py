@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator
@@ -86,6 +86,7 @@ class ServiceSettings(BaseSettings):
         memory_budget_bytes: refuse a job whose plan estimates more peak memory (None: no
             limit).
         device: where merge kernels run, ``cpu`` or ``cuda``.
+        log_level: how much the service and its worker processes log.
         standby_worker: keep one worker process started ahead of time (engine imported,
             about 250 MB) and reuse workers after small jobs, so that a small job starts in
             milliseconds rather than seconds. Off: one fresh process per job.
@@ -114,6 +115,7 @@ class ServiceSettings(BaseSettings):
     memory_budget_bytes: int | None = Field(None, ge=1)
     device: str = "cpu"
     standby_worker: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     evaluator_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"]
     )

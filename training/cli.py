@@ -42,7 +42,7 @@ class _ProgressLine:
         self.phase = update.phase
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep stderr for our progress: no library progress bars or deprecation warnings."""
     import warnings
 
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.runner import run_training, summary
 
     config = load_training_config(Path(args.config), args.kind)
-    _quiet_libraries()
+    quiet_libraries()
     progress = None if args.quiet else _ProgressLine()
     report = run_training(config, progress=progress)
     print(json.dumps(summary(report), indent=2))
@@ -71,7 +71,7 @@ def cmd_base(args: argparse.Namespace) -> int:
     """Build the tiny base model into OUT_DIR."""
     from training.tiny_base import TinyBaseSpec, build_tiny_base
 
-    _quiet_libraries()
+    quiet_libraries()
     spec = TinyBaseSpec(
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 11 // 4,

@@ -458,6 +458,7 @@ class JobManager:
             base_dir=self.settings.inputs_dir,
             allowed_roots=self.settings.input_roots,
             evaluator_hosts=self.settings.evaluator_hosts,
+            log_level=self.settings.log_level,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:

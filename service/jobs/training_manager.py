@@ -420,6 +420,8 @@ class TrainingManager:
             str(self.output_path(job)),
             "--parent-pid",
             str(os.getpid()),
+            "--log-level",
+            self.settings.log_level,
         ]
 
 

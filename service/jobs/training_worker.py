@@ -146,15 +146,17 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the training job named on the command line; 0 once its outcome is recorded."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s training[%(process)d] %(message)s"
-    )
     parser = argparse.ArgumentParser(prog="python -m service.jobs.training_worker")
     parser.add_argument("job_id")
     parser.add_argument("--db", required=True, help="the training store's location")
     parser.add_argument("--output", type=Path, required=True, help="the adapter folder")
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s training[%(process)d] %(message)s",
+    )
     if args.parent_pid is not None:
         threading.Thread(
             target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True

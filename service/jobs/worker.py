@@ -284,6 +284,7 @@ def worker_command(
     allowed_roots: Sequence[Path],
     parent_pid: int | None = None,
     evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
+    log_level: str = "info",
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -300,6 +301,7 @@ def worker_command(
         parent_pid: the process that starts the worker (default: this one); the worker
             stops when that process disappears.
         evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
+        log_level: how much the worker logs.
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -323,7 +325,7 @@ def worker_command(
         command += ["--allow-root", str(root)]
     for host in evaluator_hosts:
         command += ["--evaluator-host", host]
-    return command
+    return [*command, "--log-level", log_level]
 
 
 def worker_environment() -> dict[str, str]:
@@ -355,15 +357,17 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-root", type=Path, action="append", default=[])
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--evaluator-host", action="append", default=[])
+    parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job named on the command line; returns the process exit status (0: recorded)."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s"
-    )
     args = _arguments(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
+    )
     if args.parent_pid is not None:
         threading.Thread(
             target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
