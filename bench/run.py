@@ -29,7 +29,15 @@ tureen does. Both are timed in every round, alternating with the merges.
 
 In the last round of each recipe the two outputs are compared tensor by tensor (untimed).
 
-Results go to ``bench/results/<date>-<name>.json``, and a markdown table is printed.
+Results go to ``bench/results/<date>-<name>.json`` (``--results``), rewritten after every
+recipe or round, and a markdown table is printed.
+
+For GPUs and tight time budgets (``bench/gpu_run.py`` drives it so): ``--tureen-args`` and
+``--mergekit-args`` add arguments (write them as ``--tureen-args=--device cuda``);
+``--mergekit-variant NAME=ARGS`` adds mergekit under another tool name with other arguments;
+``--order round`` runs round 0 of every recipe before round 1; ``--rewarm round`` reads the
+inputs once per round instead of before every merge; ``--compare-first`` compares the first
+runs' outputs; ``--deadline-s`` leaves out what would not end in time.
 
 Usage: ``python bench/run.py --model-gb 3 --mergekit ../mergekit-venv/bin/mergekit-yaml
 [--repeats 3] [--mergekit-repeats ties=1] [--recipes linear,ties] [--tools tureen,mergekit]``
@@ -43,7 +51,10 @@ import hashlib
 import json
 import os
 import platform
+import resource
+import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,7 +82,7 @@ BLOCK = 64 * 1024 * 1024
 POLL_SECONDS = 0.02
 TIME = "/usr/bin/time"  # GNU time
 RESULTS = Path(__file__).resolve().parent / "results"
-SNAPSHOT_PACKAGES = ("merge_kernels", "service")
+SNAPSHOT_PACKAGES = ("merge_kernels", "service", "training")  # the CLI imports all three
 RECIPES = ("linear", "task_arithmetic", "ties", "dare_ties")
 TOOLS = ("tureen", "mergekit")
 
@@ -80,6 +91,9 @@ TARGET_LINEAR_SPEEDUP = 3.0
 TARGET_LINEAR_RSS_GB = 0.6
 TARGET_TIES_SPEEDUP = 15.0
 TARGET_LINEAR_FLOOR_RATIO = 1.3
+# The GPU benchmark's (--goals gpu).
+TARGET_GPU_TIES_OVER_LINEAR = 1.05
+TARGET_GPU_TIES_SPEEDUP = 3.0
 
 
 def recipe_yaml(method: str, data: DataSet) -> str:
@@ -179,39 +193,79 @@ def _tail(path: Path, chars: int = 4000) -> str:
     return text[-chars:]
 
 
-def measure(command: list[str], log_dir: Path, env: dict[str, str], cwd: Path) -> ProcessRun:
-    """Run ``command`` to completion; its wall time and peak RSS (whole process tree)."""
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    command: list[str],
+    log_dir: Path,
+    env: dict[str, str],
+    cwd: Path,
+    timeout: float | None = None,
+) -> ProcessRun:
+    """Run ``command`` to completion; its wall time and peak RSS (whole process tree).
+
+    With ``timeout`` (seconds), a command still running then is killed with its whole process
+    group and reported with return code -9. Where GNU time is not installed, the command is
+    started directly: its CPU time then comes from this process's children's rusage and its
+    peak RSS from polling alone.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
     time_path = log_dir / "time.txt"
     # /usr/bin/time forks the command from a tiny process: Linux carries a process's peak RSS
     # across fork+exec, so forking straight from this (larger) process would inflate it.
-    launcher = [TIME, "-f", "%M %U %S", "-o", str(time_path)]
+    with_time = os.access(TIME, os.X_OK)
+    launcher = [TIME, "-f", "%M %U %S", "-o", str(time_path)] if with_time else []
     peak = [0]
-    load = os.getloadavg()[0]  # 1-minute load average, a sign of other work on the machine
+    try:
+        load = os.getloadavg()[0]  # 1-minute load average, a sign of other work on the machine
+    except OSError:
+        load = float("nan")
     done = threading.Event()
+    cpu_before = _children_cpu_s()
     with out_path.open("wb") as out, err_path.open("wb") as err:
         started = time.monotonic()
-        process = subprocess.Popen(launcher + command, stdout=out, stderr=err, env=env, cwd=cwd)
+        process = subprocess.Popen(
+            launcher + command, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
+        )
 
         def poll() -> None:
             while not done.is_set():
-                tree = sum(tree_rss_bytes(child) for child in _children(process.pid))
+                if with_time:
+                    tree = sum(tree_rss_bytes(child) for child in _children(process.pid))
+                else:
+                    tree = tree_rss_bytes(process.pid)
                 peak[0] = max(peak[0], tree)
                 done.wait(POLL_SECONDS)
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        returncode = process.wait()
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = -9
+            err.write(f"\nkilled after the {timeout:.0f} s time limit\n".encode())
+        except BaseException:  # interrupted: never leave the measured command running
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
         wall = time.monotonic() - started
         done.set()
         poller.join()
-    try:
-        # "Command exited with non-zero status N" may come first.
-        maxrss_kb, user_s, sys_s = time_path.read_text().split("\n")[-2].split()
-        maxrss, cpu = int(maxrss_kb) * 1024, float(user_s) + float(sys_s)
-    except (OSError, ValueError, IndexError):
-        maxrss, cpu = 0, float("nan")
+    if with_time:
+        try:
+            # "Command exited with non-zero status N" may come first.
+            maxrss_kb, user_s, sys_s = time_path.read_text().split("\n")[-2].split()
+            maxrss, cpu = int(maxrss_kb) * 1024, float(user_s) + float(sys_s)
+        except (OSError, ValueError, IndexError):
+            maxrss, cpu = 0, float("nan")
+    else:
+        maxrss, cpu = 0, _children_cpu_s() - cpu_before
     return ProcessRun(
         command=command,
         returncode=returncode,
@@ -302,8 +356,8 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def compare_outputs(first: Path, second: Path) -> dict[str, object]:
-    """Compare two merged checkpoints tensor by tensor."""
+def compare_outputs(first: Path, second: Path, device: str = "cpu") -> dict[str, object]:
+    """Compare two merged checkpoints tensor by tensor (the arithmetic on ``device``)."""
     import torch
     from safetensors import safe_open
 
@@ -325,13 +379,16 @@ def compare_outputs(first: Path, second: Path) -> dict[str, object]:
         ):
             a_raw, b_raw = a_file.get_tensor(name), b_file.get_tensor(name)
         dtypes.add(f"{a_raw.dtype}/{b_raw.dtype}")
-        a, b = a_raw.float(), b_raw.float()
+        a, b = a_raw.to(device).float(), b_raw.to(device).float()
         diff = (a - b).abs()
         elements += diff.numel()
         differing += int(torch.count_nonzero(diff))
         max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
         squared_diff += float((diff.double() ** 2).sum())
         squared_ref += float((b.double() ** 2).sum())
+    del a, b, diff
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the merges that follow run in other processes
     return {
         "same_names": True,
         "tensors": len(left),
@@ -382,33 +439,96 @@ class FloorSample:
 
 
 @dataclass
+class Skipped:
+    """A merge or floor pass left out because it would not end before the deadline."""
+
+    recipe: str
+    tool: str
+    round: int
+    reason: str
+
+
+@dataclass
 class Bench:
-    """State of one benchmark invocation."""
+    """State of one benchmark invocation.
+
+    ``tool_args`` holds each tool's extra command-line arguments: tureen's go after
+    ``merge RECIPE OUT --quiet``, and every other tool is mergekit, run as
+    ``mergekit-yaml RECIPE OUT ARGS --quiet`` (so a mergekit "variant" is a tool name with its
+    own arguments). ``deadline`` (a ``time.monotonic()`` value) makes the benchmark leave out
+    any merge or floor pass that its previous timings say would not end before it, and kill
+    one still running then.
+    """
 
     data: DataSet
     work: Path
     mergekit: Path | None
     env: dict[str, str]
     source: Path
+    tool_args: dict[str, list[str]] = field(default_factory=dict)
+    deadline: float | None = None
+    compare_device: str = "cpu"
+    evict_kept: bool = True
     runs: list[Run] = field(default_factory=list)
     floor: list[FloorSample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     comparisons: dict[str, dict[str, object]] = field(default_factory=dict)
     buffer: bytearray = field(default_factory=lambda: bytearray(BLOCK))
 
     def input_files(self, recipe: str) -> list[Path]:
         return [f for m in recipe_inputs(recipe, self.data) for f in checkpoint_files(m)]
 
+    def config(self, recipe: str) -> Path:
+        """The recipe's YAML file (written on first use)."""
+        path = self.work / "recipes" / f"{recipe}.yaml"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(recipe_yaml(recipe, self.data))
+        return path
+
     def command(self, tool: str, config: Path, out: Path) -> list[str]:
+        extra = self.tool_args.get(tool, ["--lazy-unpickle"] if tool == "mergekit" else [])
         if tool == "tureen":
-            return [sys.executable, "-m", "service.cli", "merge", str(config), str(out), "--quiet"]
+            command = [sys.executable, "-m", "service.cli", "merge", str(config), str(out)]
+            return [*command, "--quiet", *extra]
         assert self.mergekit is not None
-        return [str(self.mergekit), str(config), str(out), "--lazy-unpickle", "--quiet"]
+        return [str(self.mergekit), str(config), str(out), *extra, "--quiet"]
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline, if there is one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _fits(self, needed: float | None) -> bool:
+        """Whether a step expected to take ``needed`` seconds (with 15% + 2 s to spare) ends
+        before the deadline; a step never timed before only needs some time left."""
+        left = self.remaining()
+        return left is None or (left > 0 and (needed is None or 1.15 * needed + 2 < left))
+
+    def predicted_merge_s(self, recipe: str, tool: str) -> float | None:
+        """Wall plus sync time of the tool's last run of this recipe, else its slowest run,
+        else (for a mergekit variant) the last run of this recipe by any mergekit."""
+        same = [r for r in self.runs if r.ok and r.tool == tool and r.recipe == recipe]
+        if same:
+            return same[-1].wall_s + same[-1].sync_after_s
+        other = [r.wall_s + r.sync_after_s for r in self.runs if r.ok and r.tool == tool]
+        if other:
+            return max(other)
+        kin = [r for r in self.runs if r.ok and r.tool != "tureen" and r.recipe == recipe]
+        return kin[-1].wall_s + kin[-1].sync_after_s if tool != "tureen" and kin else None
 
     def read_pass(self, recipe: str, round_: int) -> None:
+        last = [f.read_s for f in self.floor if f.read_s is not None]
+        if not self._fits(last[-1] if last else None):
+            self.skipped.append(Skipped(recipe, "floor-read", round_, "deadline"))
+            return
         seconds, nbytes = read_all(self.input_files(recipe), self.buffer)
         self.floor.append(FloorSample(recipe, round_, read_s=seconds, read_bytes=nbytes))
 
     def write_pass(self, recipe: str, round_: int) -> None:
+        last = [f.write_s for f in self.floor if f.write_s is not None]
+        if not self._fits(last[-1] if last else None):
+            self.skipped.append(Skipped(recipe, "floor-write", round_, "deadline"))
+            return
         nbytes = checkpoint_bytes(self.data.base)
         target = self.work / "floor-write.bin"
         seconds, nosync = write_once(target, nbytes, self.buffer)
@@ -417,12 +537,23 @@ class Bench:
             FloorSample(recipe, round_, write_s=seconds, write_nosync_s=nosync, write_bytes=nbytes)
         )
 
-    def merge(self, recipe: str, tool: str, round_: int, config: Path, keep: bool) -> Path | None:
+    def merge(self, recipe: str, tool: str, round_: int, keep: bool) -> Path | None:
+        predicted = self.predicted_merge_s(recipe, tool)
+        if not self._fits(predicted):
+            left = self.remaining()
+            reason = f"deadline: {max(0.0, left or 0.0):.0f} s left" + (
+                f", {predicted:.0f} s expected" if predicted is not None else ""
+            )
+            self.skipped.append(Skipped(recipe, tool, round_, reason))
+            print(f"  {recipe:16s} {tool:8s} round {round_}: skipped ({reason})", file=sys.stderr)
+            return None
+        config = self.config(recipe)
         out = self.work / f"out-{tool}"
         drop_file(out)
         command = self.command(tool, config, out)
         logs = self.work / "logs" / f"{recipe}-{tool}-{round_}"
-        result = measure(command, logs, self.env, self.source if tool == "tureen" else REPO)
+        cwd = self.source if tool == "tureen" else REPO
+        result = measure(command, logs, self.env, cwd, timeout=self.remaining())
         started = time.monotonic()
         os.sync()
         sync_s = time.monotonic() - started
@@ -468,38 +599,87 @@ class Bench:
             kept = self.work / f"kept-{tool}"
             drop_file(kept)
             out.rename(kept)
-            drop_cached(kept)
+            if self.evict_kept:
+                drop_cached(kept)
             return kept
         drop_file(out)
         return None
 
+    def compare(self, recipe: str, kept: dict[str, Path]) -> None:
+        """Compare the two kept outputs (tureen's first), then delete them."""
+        if len(kept) == 2:
+            names = sorted(kept, key=lambda tool: tool != "tureen")
+            first, second = (kept[tool] for tool in names)
+            started = time.monotonic()
+            self.comparisons[recipe] = compare_outputs(first, second, self.compare_device)
+            self.comparisons[recipe]["seconds"] = round(time.monotonic() - started, 1)
+            pair = " vs ".join(names)
+            print(f"  {recipe:16s} {pair}: {self.comparisons[recipe]}", file=sys.stderr)
+        for path in kept.values():
+            drop_file(path)
+        kept.clear()
 
-def run_recipe(
-    bench: Bench, recipe: str, tools: Sequence[str], repeats: dict[str, int], compare: bool
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rounds each tool runs in, per recipe, and which outputs are compared.
+
+    A tool runs in rounds ``first_round[tool]`` to ``first_round[tool] + repeats - 1``. The
+    outputs compared are tureen's and ``reference``'s, from each one's first run
+    (``compare_first``) or last run; with ``compare_first`` they are compared as soon as both
+    exist, otherwise once the recipe's rounds are over.
+    """
+
+    tools: tuple[str, ...]
+    repeats: dict[str, dict[str, int]]  # recipe -> tool -> runs
+    first_round: dict[str, int]
+    reference: str | None
+    compare_first: bool = False
+    rewarm_every_run: bool = True
+
+    def active(self, recipe: str, round_: int) -> list[str]:
+        return [
+            t
+            for t in self.tools
+            if self.first_round.get(t, 0)
+            <= round_
+            < self.first_round.get(t, 0) + self.repeats[recipe][t]
+        ]
+
+    def rounds(self, recipe: str) -> int:
+        return max(self.first_round.get(t, 0) + self.repeats[recipe][t] for t in self.tools)
+
+    def keeps(self, recipe: str, tool: str, round_: int) -> bool:
+        if self.reference is None or tool not in ("tureen", self.reference):
+            return False
+        first = self.first_round.get(tool, 0)
+        return round_ == (first if self.compare_first else first + self.repeats[recipe][tool] - 1)
+
+
+def run_round(
+    bench: Bench, recipe: str, round_: int, schedule: Schedule, kept: dict[str, Path]
 ) -> None:
-    config = bench.work / "recipes" / f"{recipe}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(recipe_yaml(recipe, bench.data))
-    rounds = max(repeats[t] for t in tools)
-    last = {t: repeats[t] - 1 for t in tools}
-    kept: dict[str, Path] = {}
-    for round_ in range(rounds):
-        for tool in tools:
-            if round_ >= repeats[tool]:
-                continue
+    """One round of a recipe: a read pass, the active tools' merges, and a write pass."""
+    tools = schedule.active(recipe, round_)
+    if not tools:
+        return
+    for index, tool in enumerate(tools):
+        if schedule.rewarm_every_run or index == 0:
             bench.read_pass(recipe, round_)  # re-warms the inputs too
-            keep = compare and len(tools) > 1 and round_ == last[tool]
-            path = bench.merge(recipe, tool, round_, config, keep)
-            if path is not None:
-                kept[tool] = path
-        bench.write_pass(recipe, round_)
-    if len(kept) == 2:
-        started = time.monotonic()
-        bench.comparisons[recipe] = compare_outputs(kept["tureen"], kept["mergekit"])
-        bench.comparisons[recipe]["seconds"] = round(time.monotonic() - started, 1)
-        print(f"  {recipe:16s} tureen vs mergekit: {bench.comparisons[recipe]}", file=sys.stderr)
-    for path in kept.values():
-        drop_file(path)
+        path = bench.merge(recipe, tool, round_, schedule.keeps(recipe, tool, round_))
+        if path is not None:
+            kept[tool] = path
+        if schedule.compare_first and len(kept) == 2:
+            bench.compare(recipe, kept)
+    bench.write_pass(recipe, round_)
+
+
+def run_recipe(bench: Bench, recipe: str, schedule: Schedule) -> None:
+    """All rounds of one recipe, then the comparison of the kept outputs."""
+    kept: dict[str, Path] = {}
+    for round_ in range(schedule.rounds(recipe)):
+        run_round(bench, recipe, round_, schedule, kept)
+    bench.compare(recipe, kept)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +690,9 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(bench: Bench, recipes: Sequence[str], tools: Sequence[str]) -> dict[str, object]:
+def summarize(
+    bench: Bench, recipes: Sequence[str], tools: Sequence[str], goals: str = "cpu"
+) -> dict[str, object]:
     floor_read = _median([f.read_s for f in bench.floor if f.read_s is not None])
     floor_write = _median([f.write_s for f in bench.floor if f.write_s is not None])
     floor_write_nosync = _median(
@@ -542,6 +724,14 @@ def summarize(bench: Bench, recipes: Sequence[str], tools: Sequence[str]) -> dic
             }
         tureen = row.get("tureen")
         mergekit = row.get("mergekit")
+        if isinstance(tureen, dict) and tureen["median_wall_s"]:
+            row["speedup_over_tureen"] = {
+                tool: stats["median_wall_s"] / tureen["median_wall_s"]
+                for tool in tools
+                if tool != "tureen"
+                and isinstance(stats := row.get(tool), dict)
+                and stats["median_wall_s"]
+            }
         if isinstance(tureen, dict) and isinstance(mergekit, dict):
             t, m = tureen["median_wall_s"], mergekit["median_wall_s"]
             row["speedup_mergekit_over_tureen"] = m / t if t and m else None
@@ -560,7 +750,7 @@ def summarize(bench: Bench, recipes: Sequence[str], tools: Sequence[str]) -> dic
             "read_plus_write_s": floor,
         },
         "recipes": per_recipe,
-        "targets": targets(per_recipe),
+        "targets": gpu_targets(per_recipe, tools) if goals == "gpu" else targets(per_recipe),
     }
 
 
@@ -592,8 +782,50 @@ def targets(per_recipe: dict[str, object]) -> list[dict[str, object]]:
     return found
 
 
+def gpu_targets(per_recipe: dict[str, object], tools: Sequence[str]) -> list[dict[str, object]]:
+    """The GPU benchmark's targets: TIES as fast as linear, and ≥ 3× faster than mergekit."""
+
+    def wall(recipe: str, tool: str) -> float | None:
+        row = per_recipe.get(recipe)
+        stats = row.get(tool) if isinstance(row, dict) else None
+        value = stats.get("median_wall_s") if isinstance(stats, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
+    found: list[dict[str, object]] = []
+    ties, linear = wall("ties", "tureen"), wall("linear", "tureen")
+    ratio = ties / linear if ties and linear else None
+    found.append(
+        {
+            "target": "tureen TIES wall ≤ 1.05 × tureen linear wall (compute hidden under IO)",
+            "value": ratio,
+            "threshold": TARGET_GPU_TIES_OVER_LINEAR,
+            "met": None if ratio is None else ratio <= TARGET_GPU_TIES_OVER_LINEAR,
+        }
+    )
+    for tool in tools:
+        if tool == "tureen":
+            continue
+        other = wall("ties", tool)
+        speedup = other / ties if other and ties else None
+        found.append(
+            {
+                "target": f"TIES (density 0.2) ≥ 3× faster than {tool}",
+                "value": speedup,
+                "threshold": TARGET_GPU_TIES_SPEEDUP,
+                "met": None if speedup is None else speedup >= TARGET_GPU_TIES_SPEEDUP,
+            }
+        )
+    return found
+
+
 def _gb(value: float | None) -> float | None:
     return None if value is None else value / GB
+
+
+def _ratio(top: object, bottom: object) -> float | None:
+    if isinstance(top, int | float) and isinstance(bottom, int | float) and top and bottom:
+        return float(top) / float(bottom)
+    return None
 
 
 def _fmt(value: object, digits: int = 2, suffix: str = "") -> str:
@@ -615,14 +847,19 @@ def markdown(summary: dict[str, object], tools: Sequence[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, row in recipes.items():
-        for tool in tools:
+        for tool in sorted(tools, key=lambda t: (t != "tureen", t != "mergekit")):
             stats = row.get(tool)
             if not isinstance(stats, dict):
                 continue
             runs = f"{stats['ok_runs']}/{stats['runs']}"
             speed = row.get("speedup_mergekit_over_tureen") if tool == "tureen" else None
+            if tool not in TOOLS:  # a mergekit variant: its own ratio, on its own row
+                speed = (row.get("speedup_over_tureen") or {}).get(tool)
             rss = row.get("rss_ratio_tureen_over_mergekit") if tool == "tureen" else None
             cpu = row.get("cpu_ratio_mergekit_over_tureen") if tool == "tureen" else None
+            if tool not in TOOLS and isinstance(base := row.get("tureen"), dict):
+                cpu = _ratio(stats["median_cpu_s"], base["median_cpu_s"])
+                rss = _ratio(base["median_peak_rss_bytes"], stats["median_peak_rss_bytes"])
             lines.append(
                 f"| {recipe} | {tool} | {runs} | {_fmt(stats['median_wall_s'], 1)} "
                 f"| {_fmt(stats['input_gb_per_s'])} "
@@ -645,6 +882,12 @@ def markdown(summary: dict[str, object], tools: Sequence[str]) -> str:
     ]
     if ratios:
         lines.append("tureen ÷ floor: " + ", ".join(ratios) + ".")
+    variants = [t for t in tools if t not in TOOLS]
+    if variants:
+        lines.append(
+            f"Rows of {', '.join(variants)} (mergekit with other options) give that tool's own "
+            "ratios against tureen."
+        )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for check in summary["targets"]:  # type: ignore[attr-defined]
         met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
@@ -667,9 +910,12 @@ def snapshot_tureen(target: Path) -> dict[str, object]:
         digest.update(path.read_bytes())
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, cwd=REPO, check=False
-        ).stdout.strip()
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, cwd=REPO, check=False
+            ).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
 
     return {
         "commit": git("rev-parse", "HEAD"),
@@ -697,11 +943,27 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def mergekit_version(mergekit: Path) -> str | None:
+def _script_python(script: Path) -> Path | None:
+    """The interpreter named by a console script's ``#!`` line."""
+    try:
+        with script.open("rb") as handle:
+            first = handle.readline(4096).decode(errors="replace")
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    return Path(words[0]) if words and Path(words[0]).exists() else None
+
+
+def mergekit_version(mergekit: Path, env: dict[str, str] | None = None) -> str | None:
     python = mergekit.parent / "python"
+    if not python.exists():
+        python = _script_python(mergekit) or python
     if not python.exists():
         return None
     result = subprocess.run(
@@ -714,8 +976,13 @@ def mergekit_version(mergekit: Path) -> str | None:
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     return result.stdout.strip() or None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_repeats(items: Sequence[str], option: str) -> dict[str, int]:
@@ -729,6 +996,31 @@ def parse_repeats(items: Sequence[str], option: str) -> dict[str, int]:
     return found
 
 
+def parse_tool_counts(items: Sequence[str], option: str, tools: Sequence[str]) -> dict[str, int]:
+    """``TOOL=N`` items as a dict (N ≥ 0)."""
+    found: dict[str, int] = {}
+    for item in items:
+        tool, _, count = item.partition("=")
+        if tool not in tools or not count.isdigit():
+            raise SystemExit(f"{option} takes TOOL=N with TOOL in {list(tools)} and N ≥ 0")
+        found[tool] = int(count)
+    return found
+
+
+def parse_variants(items: Sequence[str]) -> dict[str, list[str]]:
+    """``NAME=ARGS`` items: mergekit run under another name with other arguments."""
+    found: dict[str, list[str]] = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if not name or name in TOOLS or not all(c.isalnum() or c in "-_" for c in name):
+            raise SystemExit(
+                f"--mergekit-variant takes NAME=ARGS with a NAME of letters, digits, - and _ "
+                f"other than {TOOLS}; got {item!r}"
+            )
+        found[name] = shlex.split(text)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-gb", type=float, required=True, help="size of each model, GB")
@@ -736,6 +1028,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--shard-size", type=parse_size, default=2 * GB, help="input shards")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--draw-on", help="generate missing inputs with torch on this device (see generate.py)"
+    )
     parser.add_argument("--mergekit", type=Path, help="path to mergekit-yaml")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--tools", default=",".join(TOOLS))
@@ -754,24 +1049,108 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RECIPE=N",
         help="fewer tureen runs for one recipe; repeatable",
     )
+    parser.add_argument(
+        "--tureen-args", default="", help="extra arguments for tureen merge, e.g. '--device cuda'"
+    )
+    parser.add_argument(
+        "--mergekit-args",
+        default="--lazy-unpickle",
+        help="arguments for mergekit-yaml before --quiet (default: --lazy-unpickle)",
+    )
+    parser.add_argument(
+        "--mergekit-variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also run mergekit as tool NAME with these arguments (list NAME in --tools)",
+    )
+    parser.add_argument(
+        "--tool-repeats",
+        action="append",
+        default=[],
+        metavar="TOOL=N",
+        help="runs of one tool for every recipe (default --repeats); repeatable",
+    )
+    parser.add_argument(
+        "--tool-first-round",
+        action="append",
+        default=[],
+        metavar="TOOL=R",
+        help="start a tool's runs in round R (0-based) instead of round 0; repeatable",
+    )
+    parser.add_argument(
+        "--order",
+        choices=["recipe", "round"],
+        default="recipe",
+        help="recipe: all rounds of one recipe, then the next; round: round 0 of every "
+        "recipe, then round 1, ... (so a deadline leaves out repeats, not recipes)",
+    )
+    parser.add_argument(
+        "--rewarm",
+        choices=["run", "round"],
+        default="run",
+        help="read pass before every merge (run) or once per round of a recipe (round)",
+    )
+    parser.add_argument(
+        "--compare-first",
+        action="store_true",
+        help="compare the outputs of each tool's first run, as soon as both exist",
+    )
+    parser.add_argument("--compare-device", default="cpu", help="where outputs are compared")
+    parser.add_argument(
+        "--keep-outputs-cached",
+        action="store_true",
+        help="leave the compared outputs in the page cache (by default they are evicted)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="leave out merges and floor passes that would end later than this many seconds "
+        "after the start, and kill one still running then",
+    )
+    parser.add_argument(
+        "--goals", choices=["cpu", "gpu"], default="cpu", help="which targets to check"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON")
     parser.add_argument("--no-compare", action="store_true", help="skip comparing outputs")
     parser.add_argument("--name", help="results file name (default from the sizes)")
     args = parser.parse_args(argv)
+    begun = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)  # so a stopped benchmark stops its merge too
 
+    variants = parse_variants(args.mergekit_variant)
+    known = (*TOOLS, *variants)
     recipes = [r for r in args.recipes.split(",") if r]
     tools = [t for t in args.tools.split(",") if t]
     for recipe in recipes:
         if recipe not in RECIPES:
             parser.error(f"unknown recipe {recipe!r}; choose from {RECIPES}")
     for tool in tools:
-        if tool not in TOOLS:
-            parser.error(f"unknown tool {tool!r}; choose from {TOOLS}")
-    if "mergekit" in tools and (args.mergekit is None or not args.mergekit.exists()):
+        if tool not in known:
+            parser.error(f"unknown tool {tool!r}; choose from {known}")
+    if any(t != "tureen" for t in tools) and (args.mergekit is None or not args.mergekit.exists()):
         parser.error("--mergekit /path/to/mergekit-yaml is needed (see bench/setup_mergekit.sh)")
     fewer = {
         "mergekit": parse_repeats(args.mergekit_repeats, "--mergekit-repeats"),
         "tureen": parse_repeats(args.tureen_repeats, "--tureen-repeats"),
     }
+    per_tool = parse_tool_counts(args.tool_repeats, "--tool-repeats", tools)
+    first_round = parse_tool_counts(args.tool_first_round, "--tool-first-round", tools)
+    repeats = {
+        recipe: {t: fewer.get(t, {}).get(recipe, per_tool.get(t, args.repeats)) for t in tools}
+        for recipe in recipes
+    }
+    others = [t for t in tools if t != "tureen"]
+    reference = "mergekit" if "mergekit" in others else (others[0] if others else None)
+    compare = not args.no_compare and "tureen" in tools and reference is not None
+    schedule = Schedule(
+        tools=tuple(tools),
+        repeats=repeats,
+        first_round=first_round,
+        reference=reference if compare else None,
+        compare_first=args.compare_first,
+        rewarm_every_run=args.rewarm == "run",
+    )
 
     data = ensure_dataset(
         args.model_gb,
@@ -779,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         shard_bytes=args.shard_size,
         data=args.data,
+        draw_on=args.draw_on,
     )
     work = args.data / "work"
     if work.exists():
@@ -788,59 +1168,102 @@ def main(argv: list[str] | None = None) -> int:
     tureen_source = snapshot_tureen(source)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
-    bench = Bench(data=data, work=work, mergekit=args.mergekit, env=env, source=source)
+    tool_args = {"tureen": shlex.split(args.tureen_args), **variants}
+    tool_args["mergekit"] = shlex.split(args.mergekit_args)
+    bench = Bench(
+        data=data,
+        work=work,
+        mergekit=args.mergekit,
+        env=env,
+        source=source,
+        tool_args=tool_args,
+        deadline=None if args.deadline_s is None else begun + args.deadline_s,
+        compare_device=args.compare_device,
+        evict_kept=not args.keep_outputs_cached,
+    )
 
     started = dt.datetime.now(dt.UTC)
+    name = args.name or f"{args.model_gb:g}gb-{args.finetunes}ft"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{started:%Y-%m-%d}-{name}.json"
+    facts = machine()
+    mergekit_facts = mergekit_version(args.mergekit, env) if args.mergekit else None
+
+    def save(complete: bool) -> dict[str, object]:
+        summary = summarize(bench, recipes, tools, args.goals)
+        result = {
+            "name": name,
+            "complete": complete,
+            "started_utc": started.isoformat(timespec="seconds"),
+            "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "argv": sys.argv,
+            "machine": facts,
+            "tureen": tureen_source,
+            "mergekit": mergekit_facts,
+            "commands": {
+                tool: bench.command(tool, Path("RECIPE.yaml"), Path("OUT")) for tool in tools
+            },
+            "data": {
+                "folder": str(data.folder),
+                "dtype": data.dtype,
+                "shape": asdict(data.shape),
+                "parameters_per_model": data.shape.parameters(),
+                "model_bytes": [checkpoint_bytes(m) for m in data.models],
+                "warm_up_read_s": warm_s,
+                "drawn_on": args.draw_on,
+            },
+            "method": {
+                "timing": "wall time from process start to exit, start-up and imports included",
+                "peak_rss": "max(/usr/bin/time %M: ru_maxrss of the command and its reaped "
+                "children; peak of the summed RSS of the process tree polled from /proc every "
+                "20 ms)",
+                "page_cache": "warm: all inputs read once before timing, and again before each "
+                + ("run" if schedule.rewarm_every_run else "round of a recipe"),
+                "sync": "sync timed separately after each run (sync_after_s); tureen fsyncs "
+                "its output inside its wall time, mergekit does not",
+                "floor": "preadv of every input byte into a 64 MiB buffer + pwrite of one "
+                "output's bytes in 64 MiB blocks and fsync",
+                "order": args.order,
+                "deadline_s": args.deadline_s,
+            },
+            "summary": summary,
+            "comparisons": bench.comparisons,
+            "runs": [asdict(r) for r in bench.runs],
+            "skipped": [asdict(s) for s in bench.skipped],
+            "floor_samples": [asdict(f) for f in bench.floor],
+        }
+        path.write_text(json.dumps(result, indent=2))
+        return summary
+
     files = bench.input_files(recipes[0])
     warm_s, warm_bytes = read_all(files, bench.buffer)
     print(
         f"warm-up read of {warm_bytes / GB:.2f} GB of inputs: {warm_s:.1f} s; data {data.folder}",
         file=sys.stderr,
     )
-    for recipe in recipes:
-        repeats = {t: fewer[t].get(recipe, args.repeats) for t in tools}
-        run_recipe(bench, recipe, tools, repeats, compare=not args.no_compare)
+    complete = True
+    try:
+        if args.order == "recipe":
+            for recipe in recipes:
+                run_recipe(bench, recipe, schedule)
+                save(complete=False)
+        else:
+            kept: dict[str, dict[str, Path]] = {recipe: {} for recipe in recipes}
+            for round_ in range(max(schedule.rounds(recipe) for recipe in recipes)):
+                for recipe in recipes:
+                    run_round(bench, recipe, round_, schedule, kept[recipe])
+                    save(complete=False)
+            for recipe in recipes:
+                bench.compare(recipe, kept[recipe])
+    except KeyboardInterrupt as stop:
+        print(f"\ninterrupted ({stop}): results so far", file=sys.stderr)
+        complete = False
 
-    summary = summarize(bench, recipes, tools)
-    name = args.name or f"{args.model_gb:g}gb-{args.finetunes}ft"
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{started:%Y-%m-%d}-{name}.json"
-    result = {
-        "name": name,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "machine": machine(),
-        "tureen": tureen_source,
-        "mergekit": mergekit_version(args.mergekit) if args.mergekit else None,
-        "data": {
-            "folder": str(data.folder),
-            "dtype": data.dtype,
-            "shape": asdict(data.shape),
-            "parameters_per_model": data.shape.parameters(),
-            "model_bytes": [checkpoint_bytes(m) for m in data.models],
-            "warm_up_read_s": warm_s,
-        },
-        "method": {
-            "timing": "wall time from process start to exit, start-up and imports included",
-            "peak_rss": "max(/usr/bin/time %M: ru_maxrss of the command and its reaped "
-            "children; peak of the summed RSS of the process tree polled from /proc every 20 ms)",
-            "page_cache": "warm: all inputs read once before timing, and again before each run",
-            "sync": "sync timed separately after each run (sync_after_s); tureen fsyncs "
-            "its output inside its wall time, mergekit does not",
-            "floor": "preadv of every input byte into a 64 MiB buffer + pwrite of one "
-            "output's bytes in 64 MiB blocks and fsync",
-        },
-        "summary": summary,
-        "comparisons": bench.comparisons,
-        "runs": [asdict(r) for r in bench.runs],
-        "floor_samples": [asdict(f) for f in bench.floor],
-    }
-    path.write_text(json.dumps(result, indent=2))
+    summary = save(complete=complete)
     shutil.rmtree(work, ignore_errors=True)
     print(markdown(summary, tools))
     print(f"\nresults: {path}", file=sys.stderr)
-    return 0
+    return 0 if complete else 130
 
 
 if __name__ == "__main__":
