@@ -4,9 +4,11 @@
 
 Takes a set written by ``bench/generate.py`` (base + fine-tunes) and runs ``tureen merge`` on
 a greedy soup whose ingredients are all its models, scored by an HTTP evaluator that this
-script serves on loopback. The evaluator reads one small tensor of each candidate and
-scores its distance to the mean of the ingredients' copies (a stand-in for a held-out
-score: what is measured here is the engine's cost, not quality). The merge runs in its own
+script serves on loopback. The evaluator reads one small fine-tuned tensor of each
+candidate and scores its distance to the mean of the ingredients' copies (a stand-in for a
+held-out score under which averaging helps, so that the soup grows: what is measured here is
+the engine's cost, not quality). Candidates are written in float32, since rounding them to
+bf16 would move this score more than averaging does. The merge runs in its own
 process under GNU time, so the peak RSS is that of the whole tureen process.
 
 Reported: wall time, the search's bytes read (``bytes_read``), the final merge's reads, the
@@ -31,7 +33,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-PROBE = "model.norm.weight"
+PROBE = "model.layers.0.self_attn.k_proj.weight"  # small, and fine-tuned (norms are not)
 
 
 def read_probe(folder: Path) -> torch.Tensor:
@@ -81,6 +83,8 @@ def main() -> None:
                     "models": [{"model": str(m)} for m in models],
                     "evaluator": {"type": "http", "url": url},
                     "dtype": "bfloat16",
+                    # float32 candidates: bf16 rounding would swamp this stand-in score
+                    "out_dtype": "float32",
                 }
             )
         )

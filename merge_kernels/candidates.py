@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.io.dtypes import dtype_code
+from merge_kernels.io.shard_plan import OutputTensor, plan_shards
+from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.model_card import copy_tokenizer, write_config
 
 
@@ -135,8 +137,14 @@ class Candidate:
         assert self._tensors is not None
         target = self._scratch / f"candidate-{self.step:04d}"
         target.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.contiguous() for name, tensor in self._tensors.items()}
-        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        tensors = self._tensors
+        # Written in place tensor by tensor, never serialised whole in memory.
+        planned = [OutputTensor(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+        (spec,) = plan_shards(planned, max(1, sum(p.nbytes for p in planned)))
+        with ShardWriter(target, spec) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+            writer.finish()
         first = next(iter(tensors.values()), None)
         write_config(
             self._companion, target, dtype_code(first.dtype) if first is not None else None

@@ -92,6 +92,7 @@ def run_evaluated_merge(
         evaluator raises; nothing is left at ``out_dir`` then.
     """
     options = options or MergeOptions()
+    out_dir = Path(out_dir).absolute()  # the scratch folder is referenced from recipes
     scratch = scratch_folder(out_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)

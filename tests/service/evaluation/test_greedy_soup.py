@@ -204,3 +204,22 @@ def test_on_disk_search_writes_ingredients_in_the_output_dtype(
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
     # The float32 inputs were converted by the engine before being scored alone.
     assert report["bytes_read"] >= len(report["ingredients"]) * report["model_bytes"]
+
+
+def test_on_disk_search_into_a_relative_output_folder(
+    soup_world: SoupWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relative references resolve against the recipe's folder, not the working directory:
+    # the search's own checkpoints must still be found.
+    monkeypatch.chdir(tmp_path)
+    recipe = parse_recipe(soup_world.recipe(out_dtype="bfloat16"))
+    scored = run_evaluated_merge(
+        recipe,
+        Path("relative-out"),
+        Table(table_for_ties()),
+        MergeOptions(base_dir=soup_world.root),
+        memory_limit_bytes=0,
+    )
+    assert scored.report["in_memory"] is False
+    assert scored.result.out_dir == tmp_path / "relative-out"
+    assert (tmp_path / "relative-out" / "model.safetensors").is_file()
