@@ -6,11 +6,19 @@ in the same order, so they share this one definition.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.plan import MergePlan, TensorPlan
+
+READ_THREADS = 8  # most inputs read at once; fewer on a machine with fewer cores
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 PieceKey = tuple[str, int | None]
 
@@ -53,15 +61,39 @@ def pieces_of(tensor: TensorPlan) -> list[Piece]:
     return [Piece(tensor, start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def _read_one(checkpoint: Checkpoint, source: str, unit: Piece) -> torch.Tensor:
+    if unit.start is None or unit.stop is None:
+        return checkpoint.read(source)
+    return checkpoint.read_rows(source, unit.start, unit.stop)
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max_workers=min(READ_THREADS, os.cpu_count() or 1),
+                thread_name_prefix="tureen-input",
+            )
+        return _POOL
+
+
 def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
     """Read ``unit`` from every input, in the inputs' own dtypes (the base's alone for a
-    tensor copied unmerged)."""
-    pieces = []
-    for item, source in zip(plan.inputs, unit.tensor.sources, strict=True):
-        if unit.start is None or unit.stop is None:
-            pieces.append(item.checkpoint.read(source))
-        else:
-            pieces.append(item.checkpoint.read_rows(source, unit.start, unit.stop))
-        if unit.tensor.params is None:
-            break  # copied from the first input only
-    return pieces
+    tensor copied unmerged).
+
+    The inputs are read in parallel threads (reads release the GIL), so that a machine with
+    cores to spare copies from several files at once.
+    """
+    if unit.tensor.params is None:  # copied from the first input only
+        return [_read_one(plan.inputs[0].checkpoint, unit.tensor.sources[0], unit)]
+    jobs = [
+        (item.checkpoint, source)
+        for item, source in zip(plan.inputs, unit.tensor.sources, strict=True)
+    ]
+    if len(jobs) == 1 or (os.cpu_count() or 1) < 2:
+        return [_read_one(checkpoint, source, unit) for checkpoint, source in jobs]
+    futures = [
+        _readers().submit(_read_one, checkpoint, source, unit) for checkpoint, source in jobs
+    ]
+    return [future.result() for future in futures]
