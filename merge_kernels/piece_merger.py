@@ -13,6 +13,7 @@ import torch
 
 from merge_kernels.errors import RecipeError
 from merge_kernels.io.dtypes import torch_dtype
+from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
 from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold_with_ties
 from merge_kernels.methods.task_arithmetic import TiesParams
@@ -29,6 +30,7 @@ class PieceMerger:
     def __init__(self, plan: MergePlan, device: str, check_cancel: Callable[[], None]):
         self.plan = plan
         self.device = torch.device(device)
+        set_pinned_reads(self.device.type == "cuda")
         self.check_cancel = check_cancel
         self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
         self._buffers: list[torch.Tensor] = []
@@ -154,8 +156,11 @@ class PieceMerger:
         tensor = unit.tensor
         out_dtype = torch_dtype(tensor.dtype)
         floats = [self._as_float32(position, piece) for position, piece in enumerate(raw)]
-        merged = self._kernel(unit, floats, unit.offset, self._trims_for(unit))
-        return merged.to(dtype=out_dtype).cpu()
+        merged = self._kernel(unit, floats, unit.offset, self._trims_for(unit)).to(out_dtype)
+        if merged.device.type == "cpu":
+            return merged
+        host = torch.empty(merged.shape, dtype=out_dtype, pin_memory=True)
+        return host.copy_(merged)  # into pinned memory: a DMA copy, not a staged one
 
     def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:
         """``piece`` in float32 on the device, converted into a buffer kept per input.
@@ -165,7 +170,9 @@ class PieceMerger:
         piece.
         """
         if self.device.type != "cpu":
-            return piece.to(device=self.device, dtype=torch.float32, non_blocking=True)
+            # Pinned input (see set_pinned_reads): the copy is asynchronous and moves the
+            # stored dtype's bytes; the conversion to float32 runs on the device.
+            return piece.to(device=self.device, non_blocking=True).to(torch.float32)
         if piece.dtype == torch.float32:
             return piece
         while len(self._buffers) <= position:

@@ -33,6 +33,17 @@ def _require_little_endian() -> None:
         raise NotImplementedError("tureen's safetensors IO supports little-endian hosts only")
 
 
+# Whether reads land in page-locked (pinned) memory, which the GPU copies from by DMA and
+# asynchronously. Process-wide: set by the merge when its kernels run on CUDA.
+_PINNED = False
+
+
+def set_pinned_reads(enabled: bool) -> None:
+    """Read tensors into pinned host memory (for a CUDA merge) or ordinary memory."""
+    global _PINNED
+    _PINNED = bool(enabled) and torch.cuda.is_available()
+
+
 class SafetensorsReader:
     """Random access to the tensors of one safetensors file.
 
@@ -115,7 +126,7 @@ class SafetensorsReader:
         """Read ``nbytes`` at ``offset`` into a new uint8 tensor, without extra copies."""
         if self._fd is None:
             raise ValueError(f"reader for {self._path} is closed")
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=_PINNED)
         if nbytes == 0:
             return out
         view = out.numpy().data  # a writable memoryview over the tensor storage

@@ -6,10 +6,11 @@ tensor (or each block of rows of a tensor) at its offset with ``os.pwrite``. The
 assembled in memory, and tensors may arrive in any order.
 
 :meth:`ShardWriter.finish` refuses to complete a shard with any byte range left unwritten, then
-returns the file's sha256 for the resume manifest. The hash is computed as the file is written:
-bytes written in file order are hashed straight from memory; bytes written ahead of that point
-are hashed by reading them back from the file once the gap before them has been filled, so
-out-of-order writes cost one extra read of the out-of-order bytes only.
+returns the file's sha256 for the resume manifest. The hash is computed as the file is written,
+on a thread of its own: bytes written in file order are hashed straight from memory; bytes
+written ahead of that point are hashed by reading them back from the file once the gap before
+them has been filled, so out-of-order writes cost one extra read of the out-of-order bytes
+only.
 
 Only little-endian hosts are supported: tensor bytes are written as they lie in memory.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +46,73 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while done < len(data):
         # pwrite may write less than asked (at most ~2 GiB per call on Linux).
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+class _Hasher:
+    """SHA-256 of a file's bytes, in file order, on a thread of its own.
+
+    Hashing costs about as much as writing; on its own thread it overlaps the writes (and
+    the next piece's merge) instead of adding to them. Work items are byte views (hashed from
+    memory; the queue keeps them alive) or byte ranges of the file already written (read back,
+    for bytes that were written ahead of the hashed prefix). The queue is bounded, so the
+    bytes waiting to be hashed stay bounded too.
+    """
+
+    def __init__(self, fd: int, initial: bytes) -> None:
+        self._fd = fd
+        self._sha = hashlib.sha256(initial)
+        self._queue: queue.Queue[memoryview | tuple[int, int] | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="tureen-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buffer: memoryview | None = None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._cancelled or self._error is not None:
+                continue
+            try:
+                if isinstance(item, memoryview):
+                    self._sha.update(item)
+                    continue
+                begin, end = item
+                if buffer is None:
+                    buffer = memoryview(bytearray(_HASH_CHUNK))
+                pos = begin
+                while pos < end:
+                    got = os.preadv(self._fd, [buffer[: min(len(buffer), end - pos)]], pos)
+                    if got == 0:
+                        raise OSError(f"the shard ended at byte {pos} while hashing it")
+                    self._sha.update(buffer[:got])
+                    pos += got
+            except BaseException as error:  # reported by digest()
+                self._error = error
+
+    def add(self, data: memoryview) -> None:
+        """Hash ``data`` next."""
+        self._queue.put(data)
+
+    def add_from_file(self, begin: int, end: int) -> None:
+        """Hash bytes ``[begin, end)`` of the file next (they must be written already)."""
+        self._queue.put((begin, end))
+
+    def digest(self) -> str:
+        """Wait for every queued item; the hex digest."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._sha.hexdigest()
+
+    def cancel(self) -> None:
+        """Stop without hashing what is queued."""
+        self._cancelled = True
+        self._queue.put(None)
+        self._thread.join()
 
 
 class ShardWriter:
@@ -70,12 +140,11 @@ class ShardWriter:
         self._tensors: dict[str, OutputTensor] = {t.name: t for t in spec.tensors}
         # Row ranges written so far for each tensor; complete tensors hold [(0, rows)].
         self._written: dict[str, list[tuple[int, int]]] = {t.name: [] for t in spec.tensors}
-        self._sha = hashlib.sha256()
         # The hash covers bytes [0, _hashed_to). Bytes written beyond that point wait in
         # _pending (start -> end, never overlapping) until the gap before them is filled.
         self._hashed_to = 0
         self._pending: dict[int, int] = {}
-        self._buffer: bytearray | None = None
+        self._hasher: _Hasher | None = None
         self._digest: str | None = None
         self._fd: int | None = os.open(
             self.path,
@@ -90,7 +159,7 @@ class ShardWriter:
         except BaseException:
             self._abandon()
             raise
-        self._sha.update(spec.header)
+        self._hasher = _Hasher(self._fd, spec.header)
         self._hashed_to = len(spec.header)
 
     def __enter__(self) -> ShardWriter:
@@ -106,6 +175,9 @@ class ShardWriter:
             self._abandon()
 
     def _abandon(self) -> None:
+        if self._hasher is not None:
+            self._hasher.cancel()
+            self._hasher = None
         if self._fd is not None:
             self._fd = None
             self._close_fd()
@@ -149,33 +221,19 @@ class ShardWriter:
         ranges.append((start, stop))
 
     def _put(self, offset: int, data: memoryview) -> None:
-        assert self._fd is not None
+        assert self._fd is not None and self._hasher is not None
         _pwrite_all(self._fd, data, offset)
         if not data:
             return
         if offset != self._hashed_to:
             self._pending[offset] = offset + len(data)
             return
-        self._sha.update(data)
+        self._hasher.add(data)
         self._hashed_to += len(data)
         while self._hashed_to in self._pending:
             end = self._pending.pop(self._hashed_to)
-            self._hash_back(self._hashed_to, end)
+            self._hasher.add_from_file(self._hashed_to, end)
             self._hashed_to = end
-
-    def _hash_back(self, begin: int, end: int) -> None:
-        """Feed bytes ``[begin, end)`` of the file, already written, to the hash."""
-        assert self._fd is not None
-        if self._buffer is None:
-            self._buffer = bytearray(_HASH_CHUNK)
-        view = memoryview(self._buffer)
-        pos = begin
-        while pos < end:
-            got = os.preadv(self._fd, [view[: min(len(view), end - pos)]], pos)
-            if got == 0:
-                raise OSError(f"{self.path} ended at byte {pos} while hashing it")
-            self._sha.update(view[:got])
-            pos += got
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor at its planned offset.
@@ -267,8 +325,9 @@ class ShardWriter:
                 f"internal error: {self.spec.filename} hashed up to byte {self._hashed_to} "
                 f"of {self.spec.size}"
             )
-        digest = self._sha.hexdigest()
-        self._buffer = None
+        assert self._hasher is not None
+        hasher, self._hasher = self._hasher, None
+        digest = hasher.digest()
         self._fd = None
         self._close_fd()
         fsync_dir(self.path.parent)
