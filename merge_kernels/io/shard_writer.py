@@ -6,28 +6,26 @@ tensor (or each block of rows of a tensor) at its offset with ``os.pwrite``. The
 assembled in memory, and tensors may arrive in any order.
 
 :meth:`ShardWriter.finish` refuses to complete a shard with any byte range left unwritten, then
-returns the file's sha256 for the resume manifest. The hash is computed as the file is written,
-on a thread of its own: bytes written in file order are hashed straight from memory; bytes
-written ahead of that point are hashed by reading them back from the file once the gap before
-them has been filled, so out-of-order writes cost one extra read of the out-of-order bytes
-only.
+returns the file's checksum (:mod:`merge_kernels.io.checksum`: SHA-256 of 16 MiB blocks,
+hashed in parallel threads) for the resume manifest. It is computed as the file is written:
+bytes written in file order are hashed straight from memory; bytes written ahead of that point
+are hashed by reading them back from the file once the gap before them has been filled, so
+out-of-order writes cost one extra read of the out-of-order bytes only.
 
 Only little-endian hosts are supported: tensor bytes are written as they lie in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import sys
-import threading
 import weakref
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
+from merge_kernels.io.checksum import BLOCK_BYTES, BlockHasher
 from merge_kernels.io.dtypes import dtype_code
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec
 from merge_kernels.io.staging import fsync_dir
@@ -46,73 +44,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while done < len(data):
         # pwrite may write less than asked (at most ~2 GiB per call on Linux).
         done += os.pwrite(fd, data[done:], offset + done)
-
-
-class _Hasher:
-    """SHA-256 of a file's bytes, in file order, on a thread of its own.
-
-    Hashing costs about as much as writing; on its own thread it overlaps the writes (and
-    the next piece's merge) instead of adding to them. Work items are byte views (hashed from
-    memory; the queue keeps them alive) or byte ranges of the file already written (read back,
-    for bytes that were written ahead of the hashed prefix). The queue is bounded, so the
-    bytes waiting to be hashed stay bounded too.
-    """
-
-    def __init__(self, fd: int, initial: bytes) -> None:
-        self._fd = fd
-        self._sha = hashlib.sha256(initial)
-        self._queue: queue.Queue[memoryview | tuple[int, int] | None] = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name="tureen-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        buffer: memoryview | None = None
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._cancelled or self._error is not None:
-                continue
-            try:
-                if isinstance(item, memoryview):
-                    self._sha.update(item)
-                    continue
-                begin, end = item
-                if buffer is None:
-                    buffer = memoryview(bytearray(_HASH_CHUNK))
-                pos = begin
-                while pos < end:
-                    got = os.preadv(self._fd, [buffer[: min(len(buffer), end - pos)]], pos)
-                    if got == 0:
-                        raise OSError(f"the shard ended at byte {pos} while hashing it")
-                    self._sha.update(buffer[:got])
-                    pos += got
-            except BaseException as error:  # reported by digest()
-                self._error = error
-
-    def add(self, data: memoryview) -> None:
-        """Hash ``data`` next."""
-        self._queue.put(data)
-
-    def add_from_file(self, begin: int, end: int) -> None:
-        """Hash bytes ``[begin, end)`` of the file next (they must be written already)."""
-        self._queue.put((begin, end))
-
-    def digest(self) -> str:
-        """Wait for every queued item; the hex digest."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._sha.hexdigest()
-
-    def cancel(self) -> None:
-        """Stop without hashing what is queued."""
-        self._cancelled = True
-        self._queue.put(None)
-        self._thread.join()
 
 
 class ShardWriter:
@@ -144,7 +75,7 @@ class ShardWriter:
         # _pending (start -> end, never overlapping) until the gap before them is filled.
         self._hashed_to = 0
         self._pending: dict[int, int] = {}
-        self._hasher: _Hasher | None = None
+        self._hasher: BlockHasher | None = BlockHasher()
         self._digest: str | None = None
         self._fd: int | None = os.open(
             self.path,
@@ -159,7 +90,8 @@ class ShardWriter:
         except BaseException:
             self._abandon()
             raise
-        self._hasher = _Hasher(self._fd, spec.header)
+        assert self._hasher is not None
+        self._hasher.update(spec.header)
         self._hashed_to = len(spec.header)
 
     def __enter__(self) -> ShardWriter:
@@ -228,12 +160,24 @@ class ShardWriter:
         if offset != self._hashed_to:
             self._pending[offset] = offset + len(data)
             return
-        self._hasher.add(data)
+        self._hasher.update(data)
         self._hashed_to += len(data)
         while self._hashed_to in self._pending:
             end = self._pending.pop(self._hashed_to)
-            self._hasher.add_from_file(self._hashed_to, end)
+            self._hash_back(self._hashed_to, end)
             self._hashed_to = end
+
+    def _hash_back(self, begin: int, end: int) -> None:
+        """Feed bytes ``[begin, end)`` of the file, already written, to the checksum."""
+        assert self._fd is not None and self._hasher is not None
+        pos = begin
+        while pos < end:
+            chunk = memoryview(bytearray(min(BLOCK_BYTES, end - pos)))  # held until hashed
+            got = os.preadv(self._fd, [chunk], pos)
+            if got == 0:
+                raise OSError(f"{self.path} ended at byte {pos} while hashing it")
+            self._hasher.update(chunk[:got])
+            pos += got
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor at its planned offset.
@@ -299,7 +243,7 @@ class ShardWriter:
         """Complete the shard: verify, fsync, close, and hash it.
 
         Returns:
-            The sha256 hex digest of the whole file.
+            The file's checksum (:func:`merge_kernels.io.checksum.file_checksum`).
 
         Raises:
             ValueError: some planned tensor (or some rows of one) was never written; the
@@ -327,7 +271,7 @@ class ShardWriter:
             )
         assert self._hasher is not None
         hasher, self._hasher = self._hasher, None
-        digest = hasher.digest()
+        digest = hasher.hexdigest()
         self._fd = None
         self._close_fd()
         fsync_dir(self.path.parent)

@@ -6,7 +6,7 @@ and renames it into place only when every file is complete. A crash, a kill or a
 therefore never leave a half-written ``OUT``.
 
 The staging folder holds a manifest, ``tureen-manifest.json``, recording the caller's
-fingerprint of the job (recipe, inputs, output options) and the sha256 of every shard finished
+fingerprint of the job (recipe, inputs, output options) and the checksum of every shard finished
 so far. Re-running the same job finds the staging folder, re-verifies the recorded shards
 against the bytes on disk and skips them; anything else in the folder is deleted. A different
 job's staging folder is wiped.
@@ -18,18 +18,18 @@ Also here: :func:`write_bytes_atomic` and :func:`write_json_atomic` for small fi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path
 
+from merge_kernels.io.checksum import file_checksum
+
 MANIFEST_NAME = "tureen-manifest.json"
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2  # 2: block checksums (1: whole-file sha256)
 _STAGING_SUFFIX = ".tureen-partial"
 _ASIDE_SUFFIX = ".tureen-old"
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 def fsync_dir(directory: Path) -> None:
@@ -96,16 +96,6 @@ def write_json_atomic(
     """
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as fh:
-        while got := fh.readinto(buf):
-            sha.update(view[:got])
-    return sha.hexdigest()
 
 
 def _remove(path: Path) -> None:
@@ -200,7 +190,7 @@ class StagingDir:
         """Create the staging folder, or resume the one a previous run of this job left.
 
         A staging folder whose manifest carries this fingerprint is kept: each recorded shard
-        is re-hashed, and kept only if its sha256 still matches; every other file in the folder
+        is re-hashed, and kept only if its checksum still matches; every other file in the folder
         (unrecorded, partial or corrupted) is deleted. A staging folder of another job, or one
         without a readable manifest, is wiped and recreated.
 
@@ -231,7 +221,7 @@ class StagingDir:
                 expected is not None
                 and entry.is_file()
                 and not entry.is_symlink()
-                and _sha256_file(entry) == expected
+                and file_checksum(entry) == expected
             ):
                 kept[entry.name] = expected
             else:
@@ -240,12 +230,13 @@ class StagingDir:
         self._write_manifest()
         return set(kept)
 
-    def mark_shard_done(self, filename: str, sha256: str) -> None:
+    def mark_shard_done(self, filename: str, checksum: str) -> None:
         """Record a finished file in the manifest, durably, so a resumed run can skip it.
 
         Args:
             filename: the file's name inside the staging folder.
-            sha256: its sha256 hex digest (as :meth:`ShardWriter.finish` returns it).
+            checksum: its checksum (:mod:`merge_kernels.io.checksum`, as
+                :meth:`ShardWriter.finish` returns it).
 
         Raises:
             ValueError: ``filename`` is not a plain file name in the staging folder, or is
@@ -257,11 +248,11 @@ class StagingDir:
             raise ValueError(f"{filename!r} is not a file name the staging folder can record")
         if not (self.path / filename).is_file():
             raise FileNotFoundError(f"{self.path / filename} does not exist; write it first")
-        self._done[filename] = sha256
+        self._done[filename] = checksum
         self._write_manifest()
 
     def completed(self) -> dict[str, str]:
-        """The files recorded complete so far: filename -> sha256 hex digest."""
+        """The files recorded complete so far: filename -> checksum."""
         return dict(self._done)
 
     def commit(self, *, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from merge_kernels.errors import CheckpointFileError
+from merge_kernels.io.checksum import BLOCK_BYTES, PREFIX
 from merge_kernels.io.dtypes import dtype_code
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, plan_shards
 from merge_kernels.io.shard_writer import ShardWriter
@@ -31,7 +32,13 @@ def _plan(tensors: dict[str, torch.Tensor], max_bytes: int = 1 << 30) -> list[Sh
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The checksum computed independently: SHA-256 of 16 MiB blocks, then of their digests."""
+    data = path.read_bytes()
+    top = hashlib.sha256(len(data).to_bytes(8, "little"))
+    blocks = [data[i : i + BLOCK_BYTES] for i in range(0, len(data), BLOCK_BYTES)] or [b""]
+    for block in blocks:
+        top.update(hashlib.sha256(block).digest())
+    return PREFIX + top.hexdigest()
 
 
 def _assert_loads(paths: list[Path], tensors: dict[str, torch.Tensor]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merge_kernels.io.checksum import file_checksum
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, index_json, plan_shards
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import (
@@ -162,7 +162,7 @@ def test_prepare_keeps_verified_shards_and_drops_corrupted(tmp_path: Path) -> No
     )
     assert resumed.completed() == {specs[0].filename: digests[specs[0].filename]}
     assert _manifest(resumed) == {
-        "version": 1,
+        "version": 2,
         "fingerprint": "fp",
         "shards": {specs[0].filename: digests[specs[0].filename]},
     }
@@ -262,7 +262,7 @@ def test_manifest_hash_matches_file(tmp_path: Path) -> None:
     staging.prepare()
     spec = _plan()[0]
     digest = _write_shard(staging, spec)
-    on_disk = hashlib.sha256((staging.path / spec.filename).read_bytes()).hexdigest()
+    on_disk = file_checksum(staging.path / spec.filename)
     assert digest == on_disk
     assert _manifest(staging)["shards"] == {spec.filename: on_disk}
     assert set(os.listdir(staging.path)) == {MANIFEST_NAME, spec.filename}
