@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from merge_kernels.model_card import TOKENIZER_FILES
 from service.evaluation.records import Record
 
 IGNORE = -100
+# Models built for evaluation, by (config, device), shared by every evaluator of the process.
+_SHARED_MODELS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,6 @@ class HeldOutEvaluator:
         self.higher_is_better = metric != "loss"
         self._tokenizers: dict[str, Any] = {}
         self._encoded: dict[str, list[_Encoded]] = {}
-        self._models: dict[str, Any] = {}
 
     # -- what a candidate needs ---------------------------------------------------------
 
@@ -118,25 +121,33 @@ class HeldOutEvaluator:
             self._encoded[key] = encoded
         return self._encoded[key]
 
-    def _model(self, config: Mapping[str, object]) -> Any:
-        ignored = {"torch_dtype", "dtype", "transformers_version", "_name_or_path"}
-        key = json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
-        if key not in self._models:
-            from transformers import AutoConfig, AutoModelForCausalLM
+    def _model(self, config: Mapping[str, object]) -> tuple[Any, threading.Lock]:
+        """The model for ``config`` on this device, shared by every evaluator in the process.
 
-            settings = {k: v for k, v in config.items() if k not in ignored}
-            model_type = settings.pop("model_type", None)
-            if not isinstance(model_type, str):
-                raise EvaluationError("the candidate's config.json has no model_type")
-            try:
-                model_config = AutoConfig.for_model(model_type, **settings)
-                model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
-            except (ValueError, KeyError) as error:
-                raise EvaluationError(
-                    f"cannot build a causal LM for model_type {model_type!r}: {error}"
-                ) from None
-            self._models[key] = model.to(device=self.device, dtype=torch.float32).eval()
-        return self._models[key]
+        Each evaluation loads the candidate's tensors into it first, so sharing changes no
+        score; it saves a model's worth of memory per extra evaluator (one per held-out
+        task, say). The lock keeps two evaluations from loading into it at once.
+        """
+        ignored = {"torch_dtype", "dtype", "transformers_version", "_name_or_path"}
+        settings = {k: v for k, v in config.items() if k not in ignored}
+        key = (json.dumps(settings, sort_keys=True), str(self.device))
+        with _SHARED_LOCK:
+            if key not in _SHARED_MODELS:
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                model_type = settings.pop("model_type", None)
+                if not isinstance(model_type, str):
+                    raise EvaluationError("the candidate's config.json has no model_type")
+                try:
+                    model_config = AutoConfig.for_model(model_type, **settings)
+                    model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
+                except (ValueError, KeyError) as error:
+                    raise EvaluationError(
+                        f"cannot build a causal LM for model_type {model_type!r}: {error}"
+                    ) from None
+                model = model.to(device=self.device, dtype=torch.float32).eval()
+                _SHARED_MODELS[key] = (model, threading.Lock())
+            return _SHARED_MODELS[key]
 
     def _load(self, model: Any, tensors: Mapping[str, torch.Tensor]) -> None:
         result = model.load_state_dict(dict(tensors), strict=False)
@@ -156,16 +167,17 @@ class HeldOutEvaluator:
         """Score ``candidate`` on the held-out records."""
         key, tokenizer = self._tokenizer(candidate.tokenizer_folder())
         encoded = self._encode(key, tokenizer)
-        model = self._model(candidate.config())
-        self._load(model, candidate.tensors())
+        model, lock = self._model(candidate.config())
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        with torch.inference_mode():
-            loss, accuracy = self._teacher_forced(model, encoded, pad)
-            metrics = {"loss": loss, "token_accuracy": accuracy}
-            if self.metric == "exact_match":
-                metrics["exact_match"] = self._exact_match(model, tokenizer, encoded, pad)
+        with lock:
+            self._load(model, candidate.tensors())
+            with torch.inference_mode():
+                loss, accuracy = self._teacher_forced(model, encoded, pad)
+                metrics = {"loss": loss, "token_accuracy": accuracy}
+                if self.metric == "exact_match":
+                    metrics["exact_match"] = self._exact_match(model, tokenizer, encoded, pad)
         return Score(metrics[self.metric], metrics)
 
     def _batches(self, encoded: list[_Encoded]) -> list[list[int]]:

@@ -140,3 +140,23 @@ def test_a_candidate_of_another_architecture_is_refused(
         broken = Candidate("broken", 0, [], tensors=tensors, companion=checkpoint)
         with pytest.raises(EvaluationError, match=r"missing \['model.norm.weight'\]"):
             evaluator.evaluate(broken)
+
+
+def test_evaluators_sharing_a_model_do_not_disturb_each_other(soup_world: SoupWorld) -> None:
+    by_loss = build_evaluator({"type": "held_out", "data": str(soup_world.held_out)})
+    by_exact = build_evaluator(
+        {
+            "type": "held_out",
+            "data": str(soup_world.exact),
+            "metric": "exact_match",
+            "max_new_tokens": 3,
+        }
+    )
+    target, harmful = soup_world.target, soup_world.root / HARMFUL
+    first = [by_loss.evaluate(folder_candidate(target)).value]
+    first.append(by_exact.evaluate(folder_candidate(harmful)).value)
+    # Interleaved the other way round: each evaluation loads its own candidate first.
+    second_exact = by_exact.evaluate(folder_candidate(harmful)).value
+    second_loss = by_loss.evaluate(folder_candidate(target)).value
+    assert first == [second_loss, second_exact]
+    assert by_exact.evaluate(folder_candidate(target)).value == 1.0
