@@ -118,6 +118,11 @@ class Candidate:
         """Whether the tensors are held in memory (no disk read needed to score it)."""
         return self._tensors is not None
 
+    @property
+    def written_folder(self) -> Path | None:
+        """The candidate's folder if it has one already (never writes one)."""
+        return self._folder
+
     def tensors(self) -> Mapping[str, torch.Tensor]:
         """The candidate's tensors (read from its folder if it lives on disk only)."""
         if self._tensors is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,17 @@ class _Search:
         self.check_cancel()
         score = self.evaluator.evaluate(candidate)
         self.evaluations += 1
+        # A candidate written for the evaluator is not needed again: keep the disk bounded.
+        self.discard(candidate.written_folder)
         return score
+
+    def discard(self, folder: Path | str | None) -> None:
+        """Remove a folder this search wrote (never anything outside its scratch folder)."""
+        if folder is None:
+            return
+        path = Path(folder)
+        if path.resolve().is_relative_to(self.scratch.resolve()) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
     def better(self, score: float, best: float) -> bool:
         return is_better(
@@ -429,9 +440,11 @@ class _OnDiskSearch(_Search):
             )
             kept = self.better(score.value, result.best)
             if kept:
+                previous = running
                 running = str(
                     self.merge([(running, 1.0), (self.entries[position], 1.0)], "float32")
                 )
+                self.discard(str(previous))
                 result.bytes_read += self.sum_bytes + result.model_bytes
                 result.kept.append(position)
                 result.best = score.value

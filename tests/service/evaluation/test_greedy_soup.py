@@ -24,7 +24,8 @@ from tests.service.evaluation.conftest import HARMFUL, HELPFUL, SoupWorld
 def soup(world: SoupWorld, out: Path, **kwargs: Any) -> tuple[dict[str, Any], Path]:
     recipe = parse_recipe(world.recipe(**kwargs.pop("extra", {})))
     evaluator = kwargs.pop("evaluator", None) or build_evaluator(recipe.evaluator)
-    scored = run_evaluated_merge(recipe, out, evaluator, MergeOptions(), **kwargs)
+    options = MergeOptions(overwrite=kwargs.pop("overwrite", False))
+    scored = run_evaluated_merge(recipe, out, evaluator, options, **kwargs)
     return scored.report, scored.result.out_dir
 
 
@@ -223,3 +224,29 @@ def test_on_disk_search_into_a_relative_output_folder(
     assert scored.report["in_memory"] is False
     assert scored.result.out_dir == tmp_path / "relative-out"
     assert (tmp_path / "relative-out" / "model.safetensors").is_file()
+
+
+def test_the_search_keeps_few_folders_on_disk(soup_world: SoupWorld, tmp_path: Path) -> None:
+    out = tmp_path / "bounded"
+    scratch = scratch_folder(out)
+    counts: list[int] = []
+
+    class Counting(Table):
+        def evaluate(self, candidate: Candidate) -> Score:
+            candidate.folder()  # an evaluator that needs a folder, like an HTTP one
+            counts.append(len(list(scratch.iterdir())))
+            return super().evaluate(candidate)
+
+    for limit in (0, 1 << 40):  # through the disk, then in memory
+        counts.clear()
+        report, _ = soup(
+            soup_world,
+            out,
+            evaluator=Counting(table_for_ties()),
+            memory_limit_bytes=limit,
+            extra={"out_dtype": "bfloat16"},
+            overwrite=True,
+        )
+        assert len(report["kept"]) == 3
+        # At most the running sum and the candidate being scored, whatever the steps.
+        assert max(counts) <= 2, counts
