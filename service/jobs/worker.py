@@ -72,9 +72,11 @@ def parse_job_recipe(document: Mapping[str, Any], *, base_dir: Path) -> Recipe:
 
 
 def discard_staging(output: Path) -> None:
-    """Remove the staging folder of ``output`` (partial work of a failed or cancelled job)."""
+    """Remove the partial work of a failed or cancelled job writing ``output``: its staging
+    folder and any greedy-soup candidates."""
     # Only the folder's path matters for discarding; the fingerprint is not consulted.
     StagingDir(output, "discard").discard()
+    shutil.rmtree(scratch_folder(output), ignore_errors=True)
 
 
 class ProgressWriter:
@@ -260,7 +262,6 @@ def run_job(
         return JobStatus.SUCCEEDED
     # No partial output is kept: nothing could resume it, and it may be large.
     discard_staging(output)
-    shutil.rmtree(scratch_folder(output), ignore_errors=True)
     fields: dict[str, object] = {"finished_at": utcnow(), "error": error}
     if error is None:
         status = JobStatus.CANCELLED

@@ -184,3 +184,18 @@ def test_workers_get_no_service_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     environment = worker_environment()
     assert "TUREEN_API_TOKENS" not in environment
     assert environment["HF_HOME"] == "/cache"
+
+
+def test_discarding_a_job_removes_its_staging_and_candidates(tmp_path: Path) -> None:
+    from merge_kernels.evaluated_merge import scratch_folder
+    from merge_kernels.io.staging import StagingDir
+    from service.jobs.worker import discard_staging
+
+    output = tmp_path / "out"
+    staging = StagingDir(output, "fingerprint")
+    staging.prepare()
+    candidates = scratch_folder(output) / "candidate-0001"
+    candidates.mkdir(parents=True)
+    (candidates / "model.safetensors").write_bytes(b"partial")
+    discard_staging(output)
+    assert list(tmp_path.iterdir()) == []
