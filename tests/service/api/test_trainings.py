@@ -95,6 +95,13 @@ def test_a_lora_training_end_to_end_then_merged_by_job_id(
     before, after = done["held_out"]["before"], done["held_out"]["after"]
     assert after["loss"] < before["loss"] and after["examples"] == 32
     assert done["adapter_reference"] == f"trainings/{job['id']}"
+    metrics = client.get("/metrics").text
+    succeeded = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('tureen_trainings{state="succeeded"}')
+    )
+    assert float(succeeded.split()[-1]) >= 1
     inputs = training_server.settings.inputs_dir
     adapter = inputs / done["adapter_reference"]
     assert Path(done["adapter_dir"]) == adapter.resolve()
