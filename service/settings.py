@@ -87,6 +87,9 @@ class ServiceSettings(BaseSettings):
             limit).
         device: where merge kernels run, ``cpu`` or ``cuda``.
         log_level: how much the service and its worker processes log.
+        public_url: the address at which evaluators reach this service (e.g.
+            ``http://10.0.0.5:8000``); given, HTTP evaluators receive a download URL for each
+            greedy-soup candidate besides its local path.
         standby_worker: keep one worker process started ahead of time (engine imported,
             about 250 MB) and reuse workers after small jobs, so that a small job starts in
             milliseconds rather than seconds. Off: one fresh process per job.
@@ -116,6 +119,7 @@ class ServiceSettings(BaseSettings):
     device: str = "cpu"
     standby_worker: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     evaluator_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"]
     )

@@ -28,7 +28,7 @@ from merge_kernels.io.checksum import file_checksum
 
 MANIFEST_NAME = "tureen-manifest.json"
 _MANIFEST_VERSION = 2  # 2: block checksums (1: whole-file sha256)
-_STAGING_SUFFIX = ".tureen-partial"
+STAGING_SUFFIX = ".tureen-partial"
 _ASIDE_SUFFIX = ".tureen-old"
 
 
@@ -145,7 +145,7 @@ class StagingDir:
             raise ValueError("fingerprint must not be empty")
         self.out_dir = out_dir
         self.fingerprint = fingerprint
-        self.path = out_dir.parent / f".{out_dir.name}{_STAGING_SUFFIX}"
+        self.path = out_dir.parent / f".{out_dir.name}{STAGING_SUFFIX}"
         self._aside = out_dir.parent / f".{out_dir.name}{_ASIDE_SUFFIX}"
         self._manifest = self.path / MANIFEST_NAME
         self._done: dict[str, str] = {}

@@ -12,7 +12,7 @@ operator allowed (loopback by default), so a recipe cannot make the service call
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -110,6 +110,7 @@ def build_evaluator(
     allowed_roots: Sequence[Path] | None = None,
     allowed_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
     device: str = "cpu",
+    candidate_url: Callable[[Path], str] | None = None,
 ) -> Evaluator:
     """The evaluator a recipe's ``evaluator`` section describes.
 
@@ -119,6 +120,7 @@ def build_evaluator(
         allowed_roots: data files must lie under one of these (None: anywhere).
         allowed_hosts: hosts HTTP evaluators may be on (``*``: any).
         device: default device of the held-out evaluator.
+        candidate_url: for HTTP evaluators, the download URL of a candidate folder.
 
     Raises:
         RecipeError: invalid section, a data file outside the roots or missing, or a host
@@ -134,6 +136,7 @@ def build_evaluator(
             timeout_s=config.timeout_s,
             retries=config.retries,
             higher_is_better=config.higher_is_better,
+            candidate_url=candidate_url,
         )
     from service.evaluation.held_out import HeldOutEvaluator
     from service.evaluation.records import load_records

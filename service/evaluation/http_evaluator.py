@@ -3,7 +3,10 @@
 tureen POSTs JSON ``{"candidate": {"path": ..., "label": ...}, "ingredients": [...],
 "step": n}`` and expects ``{"score": number}`` back (``"metrics": {name: number}``
 optional). The candidate is a checkpoint folder on this machine (written once per candidate
-when the soup is searched in memory), so the evaluator runs where it can read it.
+when the soup is searched in memory). When the service knows its public address, the
+candidate also carries ``"url"`` and ``"files"``: each file can be downloaded from
+``url + name`` on tureen's own API (with the API's bearer token) while the step runs, so the
+evaluator may run on another machine.
 
 Timeouts, refused connections and 5xx answers are retried with a growing pause; a 4xx
 answer or a body without a finite ``score`` fails at once, naming the URL and the problem.
@@ -17,6 +20,8 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from merge_kernels.candidates import Candidate, Score
@@ -36,12 +41,21 @@ class HttpEvaluator:
         timeout_s: seconds to wait for one answer.
         retries: further attempts after a timeout, refused connection or 5xx answer.
         higher_is_better: whether the server's larger scores are better.
+        candidate_url: where a candidate folder can be downloaded from tureen's API (the
+            service sets it when it knows its public address); None: local paths only.
     """
 
     def __init__(
-        self, url: str, *, timeout_s: float = 600.0, retries: int = 2, higher_is_better: bool = True
+        self,
+        url: str,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 2,
+        higher_is_better: bool = True,
+        candidate_url: Callable[[Path], str] | None = None,
     ) -> None:
         self.url = url
+        self.candidate_url = candidate_url
         self.timeout_s = timeout_s
         self.retries = retries
         self.higher_is_better = higher_is_better
@@ -49,8 +63,13 @@ class HttpEvaluator:
 
     def payload(self, candidate: Candidate) -> dict[str, Any]:
         """The JSON body sent for ``candidate``."""
+        folder = candidate.folder()
+        described: dict[str, Any] = {"path": str(folder), "label": candidate.label}
+        if self.candidate_url is not None:
+            described["url"] = self.candidate_url(folder)
+            described["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
         return {
-            "candidate": {"path": str(candidate.folder()), "label": candidate.label},
+            "candidate": described,
             "ingredients": list(candidate.ingredients),
             "step": candidate.step,
         }

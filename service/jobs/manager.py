@@ -459,6 +459,7 @@ class JobManager:
             allowed_roots=self.settings.input_roots,
             evaluator_hosts=self.settings.evaluator_hosts,
             log_level=self.settings.log_level,
+            public_url=self.settings.public_url,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:

@@ -29,14 +29,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from merge_kernels.errors import MergeCancelledError, TureenError
 from merge_kernels.evaluated_merge import run_evaluated_merge, scratch_folder
-from merge_kernels.io.staging import StagingDir
+from merge_kernels.io.staging import STAGING_SUFFIX, StagingDir
 from merge_kernels.recipe import Recipe, parse_recipe
 from merge_kernels.runner import MergeOptions, MergeResult, Progress, run_merge
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
@@ -69,6 +69,20 @@ def parse_job_recipe(document: Mapping[str, Any], *, base_dir: Path) -> Recipe:
         RecipeError: the recipe is invalid.
     """
     return parse_recipe(document, base_dir=base_dir)
+
+
+def candidate_url(public_url: str | None, job_id: str) -> Callable[[Path], str] | None:
+    """Where an evaluator downloads a candidate folder of ``job_id`` from tureen's API."""
+    if public_url is None:
+        return None
+    base = public_url.rstrip("/")
+
+    def url(folder: Path) -> str:
+        # The written soup is scored in the staging folder, before it is published: "final".
+        name = "final" if folder.name.endswith(STAGING_SUFFIX) else folder.name
+        return f"{base}/v1/merges/{job_id}/candidates/{name}/files/"
+
+    return url
 
 
 def discard_staging(output: Path) -> None:
@@ -197,6 +211,7 @@ def run_job(
     options: MergeOptions,
     *,
     evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
+    public_url: str | None = None,
 ) -> JobStatus:
     """Run one claimed job to its end and record the outcome in the store.
 
@@ -207,6 +222,7 @@ def run_job(
         options: engine options; ``max_shard_bytes`` and ``out_dtype`` are taken from the
             job's output options when it sets them.
         evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
+        public_url: the service's address for evaluators, to give them candidate URLs.
 
     Returns:
         The job's final status (unchanged if the job was not running).
@@ -231,6 +247,7 @@ def run_job(
                 allowed_roots=options.allowed_roots,
                 allowed_hosts=evaluator_hosts,
                 device=options.device,
+                candidate_url=candidate_url(public_url, job_id),
             )
             scored = run_evaluated_merge(
                 recipe,
@@ -286,6 +303,7 @@ def worker_command(
     parent_pid: int | None = None,
     evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
     log_level: str = "info",
+    public_url: str | None = None,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -303,6 +321,7 @@ def worker_command(
             stops when that process disappears.
         evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
         log_level: how much the worker logs.
+        public_url: the service's address for evaluators (candidate download URLs).
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -326,6 +345,8 @@ def worker_command(
         command += ["--allow-root", str(root)]
     for host in evaluator_hosts:
         command += ["--evaluator-host", host]
+    if public_url is not None:
+        command += ["--public-url", public_url]
     return [*command, "--log-level", log_level]
 
 
@@ -359,6 +380,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--evaluator-host", action="append", default=[])
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--public-url", default=None)
     return parser.parse_args(argv)
 
 
@@ -382,7 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("give JOB_ID and --output, or --standby")
         store = open_store(args.db)
         try:
-            run_job(store, args.job_id, args.output, options, evaluator_hosts=hosts)
+            run_job(
+                store,
+                args.job_id,
+                args.output,
+                options,
+                evaluator_hosts=hosts,
+                public_url=args.public_url,
+            )
         finally:
             store.close()
         return 0
@@ -402,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(assignment["output"]),
                 options,
                 evaluator_hosts=hosts,
+                public_url=args.public_url,
             )
             if _peak_rss_bytes() > RECYCLE_RSS_BYTES:
                 break  # give a large merge's memory back to the system

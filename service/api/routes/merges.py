@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from merge_kernels.evaluated_merge import scratch_folder
+from merge_kernels.io.staging import StagingDir
 from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
 from service.api.files import (
@@ -259,6 +262,67 @@ async def download_file(
         status_code=206,
         media_type="application/octet-stream",
         headers=headers,
+    )
+
+
+# -- greedy-soup candidates, for HTTP evaluators on other machines -------------------------
+
+_CANDIDATE = re.compile(r"^((candidate|merge|input)-\d{4}|final)$")
+
+
+def _candidate_folder(manager: JobManager, job_id: str, candidate: str) -> Path:
+    job = manager.get(job_id)
+    if job.status is not JobStatus.RUNNING:
+        raise ApiError(
+            409,
+            "job_not_running",
+            f"job {job_id} is {job.status.value}; its candidates exist only while it runs",
+            details={"job_id": job_id, "status": job.status.value},
+        )
+    output = manager.output_path(job)
+    if candidate == "final":  # the written soup, scored before it is published
+        folder = StagingDir(output, "read").path
+    else:
+        folder = scratch_folder(output) / candidate
+    if not _CANDIDATE.match(candidate) or not folder.is_dir():
+        raise ApiError(
+            404,
+            "not_found",
+            f"job {job_id} has no candidate {candidate!r} now (candidates are removed once scored)",
+            details={"candidate": candidate},
+        )
+    return folder
+
+
+@router.get(
+    "/{job_id}/candidates/{candidate}/files/{path:path}",
+    response_class=StreamingResponse,
+    summary="Download a file of a candidate being scored",
+    responses=_DOWNLOAD_RESPONSES,
+)
+async def download_candidate_file(
+    job_id: JobId,
+    candidate: str,
+    path: str,
+    manager: ManagerDep,
+) -> StreamingResponse:
+    """One file of a greedy-soup candidate, while the evaluator scores it (its `url`)."""
+    folder = await run_in_threadpool(_candidate_folder, manager, job_id, candidate)
+    file = await run_in_threadpool(resolve_output_file, folder, path)
+    if file is None:
+        raise ApiError(
+            404,
+            "not_found",
+            f"candidate {candidate!r} has no file {path!r}",
+            details={"path": path},
+        )
+    size = file.stat().st_size
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="{file.name}"',
+    }
+    return StreamingResponse(
+        read_chunks(file, 0, size), media_type="application/octet-stream", headers=headers
     )
 
 

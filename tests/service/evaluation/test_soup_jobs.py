@@ -136,3 +136,67 @@ def test_without_reuse_every_job_has_a_fresh_worker(tmp_path: Path, soup_world: 
         assert jobs[0]["worker_pid"] != jobs[1]["worker_pid"]
     finally:
         live.stop()
+
+
+def test_an_http_evaluator_on_another_machine_downloads_candidates(
+    tmp_path: Path, soup_world: SoupWorld
+) -> None:
+    """The evaluator never reads the candidate's path: it downloads it from tureen's API."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import torch
+    from safetensors.torch import load, load_file
+
+    from tests.service.api.conftest import TOKEN
+
+    target = load_file(soup_world.target / "model.safetensors")
+    downloads: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            candidate = body["candidate"]
+            assert "model.safetensors" in candidate["files"]
+            url = candidate["url"] + "model.safetensors"
+            downloads.append(url)
+            got = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+            got.raise_for_status()
+            tensors = load(got.content)
+            distance = sum(float((tensors[n].float() - t).pow(2).sum()) for n, t in target.items())
+            data = json.dumps({"score": -(distance**0.5)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    evaluator = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=evaluator.serve_forever, daemon=True).start()
+    live = LiveServer(make_settings(tmp_path / "data", [soup_world.root]))
+    live.settings.public_url = live.url  # known once the server's socket is bound
+    live.start()
+    try:
+        with live.client() as http:
+            document = soup_world.recipe(
+                evaluator={"type": "http", "url": f"http://127.0.0.1:{evaluator.server_port}/"}
+            )
+            job = wait_for(http, http.post("/v1/merges", json=document).json()["id"], timeout=120)
+            assert job["status"] == "succeeded", job["error"]
+            assert len(downloads) == job["evaluation"]["evaluations"]
+            prefix = f"{live.url}/v1/merges/{job['id']}/candidates/"
+            assert all(u.startswith(prefix) for u in downloads)
+            assert downloads[-1] == prefix + "final/files/model.safetensors"
+            assert all(Path(r).name != HARMFUL for r in job["evaluation"]["kept"])
+            # Candidates are gone once scored, and never served to anyone without the token.
+            with live.client(token=None) as anonymous:
+                assert anonymous.get(downloads[0]).status_code == 401
+            gone = http.get(downloads[0])
+            assert gone.status_code == 409 and gone.json()["error"]["code"] == "job_not_running"
+    finally:
+        live.stop()
+        evaluator.shutdown()
+    assert torch.is_tensor(next(iter(target.values())))
