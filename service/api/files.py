@@ -6,8 +6,12 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fastapi.responses import StreamingResponse
 
 from service.api.schemas import OutputFile
+from service.errors import ApiError, error_responses
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -122,3 +126,63 @@ def read_chunks(path: Path, start: int, length: int) -> Iterator[bytes]:
                 return
             remaining -= len(chunk)
             yield chunk
+
+
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The whole file.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    206: {
+        "description": "The requested byte range (`Content-Range` says which).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **error_responses(401, 404, 409, 416, 422),
+}
+
+
+def file_response(
+    root: Path, path: str, range_header: str | None, missing: str
+) -> StreamingResponse:
+    """Stream file ``path`` under ``root``, whole or one byte range.
+
+    Args:
+        root: the folder the file must lie in.
+        path: the file's name relative to ``root``.
+        range_header: the request's ``Range`` header, if any.
+        missing: the message of the 404 when there is no such file.
+
+    Raises:
+        ApiError: 404 (no such file under ``root``) or 416 (range outside the file).
+    """
+    file = resolve_output_file(root, path)
+    if file is None:
+        raise ApiError(404, "not_found", missing, details={"path": path})
+    size = file.stat().st_size
+    try:
+        byte_range = parse_range(range_header, size)
+    except RangeNotSatisfiableError:
+        raise ApiError(
+            416,
+            "range_not_satisfiable",
+            f"the range {range_header!r} lies outside the file ({size} bytes)",
+            details={"size": size},
+            headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
+        ) from None
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{file.name}"',
+    }
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(
+            read_chunks(file, 0, size), media_type="application/octet-stream", headers=headers
+        )
+    headers["Content-Length"] = str(byte_range.length)
+    headers["Content-Range"] = byte_range.content_range()
+    return StreamingResponse(
+        read_chunks(file, byte_range.start, byte_range.length),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers=headers,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -17,11 +17,9 @@ from merge_kernels.errors import TureenError
 from service.api.deps import Authenticated, IdempotencyKey, _decode
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, format_event
 from service.api.files import (
-    RangeNotSatisfiableError,
+    DOWNLOAD_RESPONSES,
+    file_response,
     list_output_files,
-    parse_range,
-    read_chunks,
-    resolve_output_file,
 )
 from service.api.schemas import FileList, ProgressEvent
 from service.api.training_schemas import TrainingJob, TrainingList, training_body_openapi
@@ -221,24 +219,11 @@ async def list_training_files(
     return await run_in_threadpool(listing)
 
 
-_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The whole file.",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    },
-    206: {
-        "description": "The requested byte range (`Content-Range` says which).",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    },
-    **error_responses(401, 404, 409, 416, 422),
-}
-
-
 @router.get(
     "/{job_id}/files/{path:path}",
     response_class=StreamingResponse,
     summary="Download an adapter file",
-    responses=_DOWNLOAD_RESPONSES,
+    responses=DOWNLOAD_RESPONSES,
 )
 async def download_training_file(
     job_id: JobId,
@@ -252,36 +237,5 @@ async def download_training_file(
     """Download one adapter file, whole or one byte range."""
     manager = get_training_manager(request)
     root = await run_in_threadpool(_adapter_folder, manager, job_id)
-    file = await run_in_threadpool(resolve_output_file, root, path)
-    if file is None:
-        raise ApiError(
-            404, "not_found", f"training {job_id} has no file {path!r}", details={"path": path}
-        )
-    size = file.stat().st_size
-    try:
-        byte_range = parse_range(range_header, size)
-    except RangeNotSatisfiableError:
-        raise ApiError(
-            416,
-            "range_not_satisfiable",
-            f"the range {range_header!r} lies outside the file ({size} bytes)",
-            details={"size": size},
-            headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
-        ) from None
-    headers = {
-        "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{file.name}"',
-    }
-    if byte_range is None:
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(
-            read_chunks(file, 0, size), media_type="application/octet-stream", headers=headers
-        )
-    headers["Content-Length"] = str(byte_range.length)
-    headers["Content-Range"] = byte_range.content_range()
-    return StreamingResponse(
-        read_chunks(file, byte_range.start, byte_range.length),
-        status_code=206,
-        media_type="application/octet-stream",
-        headers=headers,
-    )
+    missing = f"training {job_id} has no file {path!r}"
+    return await run_in_threadpool(file_response, root, path, range_header, missing)
