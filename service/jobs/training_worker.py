@@ -23,14 +23,12 @@ from merge_kernels.errors import TureenError
 from service.jobs.models import JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
-from service.jobs.worker import CancelPoll, discard_staging
+from service.jobs.worker import CancelPoll, discard_staging, watch_parent
 from training.progress import TrainingProgress
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25
-PARENT_POLL_INTERVAL_S = 0.5
-EXIT_PARENT_GONE = 75
 
 
 class TrainingProgressWriter:
@@ -136,14 +134,6 @@ def run_training_job(store: JobStore, job_id: str, output: Path) -> JobStatus:
     return status
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while True:
-        if os.getppid() != parent_pid:
-            log.error("the service process %d is gone; stopping the training", parent_pid)
-            os._exit(EXIT_PARENT_GONE)
-        time.sleep(PARENT_POLL_INTERVAL_S)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the training job named on the command line; 0 once its outcome is recorded."""
     parser = argparse.ArgumentParser(prog="python -m service.jobs.training_worker")
@@ -159,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.parent_pid is not None:
         threading.Thread(
-            target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
+            target=watch_parent,
+            args=(args.parent_pid, "training"),
+            name="tureen-parent",
+            daemon=True,
         ).start()
     import warnings
 

@@ -175,11 +175,15 @@ class CancelPoll:
         return self._cancelled
 
 
-def _watch_parent(parent_pid: int) -> None:
-    # Reparenting means the API process died: stop at once, leaving the job for a restart.
+def watch_parent(parent_pid: int, work: str = "merge") -> None:
+    """Exit at once (``EXIT_PARENT_GONE``) when ``parent_pid`` is no longer the parent.
+
+    Reparenting means the API process died: the job is left ``running`` for a restart.
+    Meant for a daemon thread; ``work`` names what stops, for the log.
+    """
     while True:
         if os.getppid() != parent_pid:
-            log.error("the service process %d is gone; stopping the merge", parent_pid)
+            log.error("the service process %d is gone; stopping the %s", parent_pid, work)
             os._exit(EXIT_PARENT_GONE)
         time.sleep(PARENT_POLL_INTERVAL_S)
 
@@ -393,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.parent_pid is not None:
         threading.Thread(
-            target=_watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
+            target=watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
         ).start()
     options = MergeOptions(
         device=args.device, allowed_roots=tuple(args.allow_root), base_dir=args.base_dir
