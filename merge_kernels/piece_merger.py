@@ -1,8 +1,10 @@
 """Merging one piece of work: a tensor or a row chunk of it, read from every input.
 
-Converts the inputs to float32 (into buffers reused from piece to piece), gives the kernel
-its context (tensor name, seed, model indices, chunk offset, trim thresholds) and casts the
-result once to the output dtype.
+A method that is one weighted sum per entry runs, on the CPU, as one fused loop over the
+inputs in their stored dtype (:mod:`merge_kernels.fused`). Otherwise the inputs are
+converted to float32 (into buffers reused from piece to piece), the kernel gets its context
+(tensor name, seed, model indices, chunk offset, trim thresholds) and the result is cast
+once to the output dtype.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from collections.abc import Callable
 import torch
 
 from merge_kernels.errors import RecipeError
+from merge_kernels.fused import ties_into, trim_threshold, weighted_sum_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
-from merge_kernels.methods.magnitude_select import TieRule, magnitude_threshold_with_ties
+from merge_kernels.methods.magnitude_select import (
+    MagnitudeThreshold,
+    TieRule,
+    magnitude_threshold_with_ties,
+)
+from merge_kernels.methods.steps import trim_count
 from merge_kernels.methods.task_arithmetic import TiesParams
 from merge_kernels.pieces import Piece, PieceKey, pieces_of
 from merge_kernels.plan import MergePlan, TensorPlan
@@ -34,6 +42,10 @@ class PieceMerger:
         self.check_cancel = check_cancel
         self.trims: dict[PieceKey, tuple[TrimState, ...]] = {}
         self._buffers: list[torch.Tensor] = []
+        # Output buffers of the fused loop, used in turn: a piece's result is still being
+        # written while the next one is computed, never longer (see compute).
+        self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        self._turn = 0
         self.indices = tuple(
             item.recipe_index if item.recipe_index is not None else position
             for position, item in enumerate(plan.inputs)
@@ -57,11 +69,23 @@ class PieceMerger:
         return stream_trim_states(self.plan, pieces, densities, ties, self.check_cancel)
 
     def compute(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
-        """The merged piece, in the output dtype, on the CPU."""
+        """The merged piece, in the output dtype, on the CPU.
+
+        The result may live in a buffer that the piece after next reuses: write it (or copy
+        it) before computing two more pieces.
+        """
         tensor = unit.tensor
         if tensor.params is None:
             return raw[0]
         spec = self.plan.recipe.method
+        if self.device.type == "cpu" and spec.weighted_form is not None:
+            fused = self._compute_fused(unit, raw)
+            if fused is not None:
+                return fused
+        if self.device.type == "cpu" and spec.consensus_form is not None:
+            fused = self._compute_fused_ties(unit, raw)
+            if fused is not None:
+                return fused
         if (
             self.device.type == "cpu"
             and spec.cache_blocking
@@ -69,6 +93,57 @@ class PieceMerger:
         ):
             return self._compute_in_blocks(unit, raw)
         return self._compute_whole(unit, raw)
+
+    def _compute_fused(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor | None:
+        tensor = unit.tensor
+        spec = self.plan.recipe.method
+        assert tensor.params is not None and spec.weighted_form is not None
+        form = spec.weighted_form(tensor.params.method, tensor.params.models)
+        out = self._output(unit.numel * torch_dtype(tensor.dtype).itemsize)
+        out = out.view(torch_dtype(tensor.dtype)).view(raw[0].shape)
+        base = raw[0] if self.plan.has_base else None
+        models = raw[1:] if self.plan.has_base else raw
+        return out if weighted_sum_into(out, models, form, base) else None
+
+    def _compute_fused_ties(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor | None:
+        tensor = unit.tensor
+        spec = self.plan.recipe.method
+        assert tensor.params is not None and spec.consensus_form is not None
+        form = spec.consensus_form(tensor.params.method)
+        if form is None or not self.plan.has_base:
+            return None
+        base, models = raw[0], raw[1:]
+        trims = self._trims_for(unit)
+        if trims is None and tensor.trim == "kernel":
+            trims = tuple(
+                TrimState(self._tensor_threshold(model, base, params), 0)
+                for model, params in zip(models, tensor.params.models, strict=True)
+            )
+        if trims is None:
+            return None
+        weights = [float(getattr(p, "weight", 1.0)) for p in tensor.params.models]
+        out = self._output(unit.numel * torch_dtype(tensor.dtype).itemsize)
+        out = out.view(torch_dtype(tensor.dtype)).view(raw[0].shape)
+        return out if ties_into(out, base, models, form, weights, trims) is not None else None
+
+    @staticmethod
+    def _tensor_threshold(
+        model: torch.Tensor, base: torch.Tensor, params: object
+    ) -> MagnitudeThreshold:
+        """One model's trim threshold over a whole tensor: fused where it can be."""
+        density = getattr(params, "density", None) or 1.0
+        k = trim_count(density, model.numel())
+        found = trim_threshold(model, base, k)
+        if found is None:
+            found = magnitude_threshold_with_ties(torch.sub(model.float(), base.float()), k)
+        return found[0]
+
+    def _output(self, nbytes: int) -> torch.Tensor:
+        """The next output buffer in turn, ``nbytes`` long (grown as pieces need)."""
+        self._turn = 1 - self._turn
+        if self._outputs[self._turn].numel() < nbytes:
+            self._outputs[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._outputs[self._turn][:nbytes]
 
     def _kernel(
         self,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from merge_kernels.errors import RecipeError
+from merge_kernels.fused import ConsensusForm, WeightedSum
 from merge_kernels.methods.kernel import (
     MergeInputs,
     MethodParams,
@@ -24,6 +25,8 @@ from merge_kernels.methods.kernel import (
 
 Kernel = Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
 Check = Callable[[Any, tuple[Any, ...]], None]
+WeightedForm = Callable[[Any, tuple[Any, ...]], WeightedSum]
+ConsensusFormOf = Callable[[Any], ConsensusForm | None]
 
 
 def _no_check(params: Any, model_params: tuple[Any, ...]) -> None:
@@ -60,6 +63,10 @@ class MethodSpec:
         cache_blocking: the kernel makes many passes over each element (masks, votes,
             counts), so the runner feeds it cache-sized blocks; one- or two-pass kernels
             run faster on whole pieces.
+        weighted_form: for a method that is one weighted sum per entry, its parameters as a
+            :class:`~merge_kernels.fused.WeightedSum`, so CPU merges can run the fused loop.
+        consensus_form: for TIES, its parameters as a :class:`~merge_kernels.fused.ConsensusForm`
+            (None for options the fused loop does not cover), for the fused CPU loop.
         description: one paragraph for ``GET /v1/methods`` and ``tureen methods``.
     """
 
@@ -79,6 +86,8 @@ class MethodSpec:
     check: Check = _no_check
     needs_evaluation: bool = False
     cache_blocking: bool = False
+    weighted_form: WeightedForm | None = None
+    consensus_form: ConsensusFormOf | None = None
 
     def defaults(self, reference: Reference) -> dict[str, Any]:
         """The parameter defaults under ``reference``: the field defaults, then its preset."""

@@ -1,109 +1,127 @@
-"""The checksum of an output shard: SHA-256 over fixed-size blocks, hashed in parallel.
+"""The checksum of an output shard: CRC-32 of the file, gathered from its pieces in any order.
 
-One SHA-256 over a whole file runs on one core at about 1–2 GB/s, which bounds how fast a
-merge can finish a shard on a machine whose other stages are fast. This checksum hashes each
-16 MiB block of the file separately (blocks in parallel threads; hashlib releases the GIL)
-and then hashes the blocks' digests in order, with the file's length:
+A shard is recorded with its checksum when it is finished, and a resumed merge keeps the
+shard only if the file still has that checksum. What it must catch is accidental damage to
+the merge's own staging files (a torn or truncated write, a file changed on disk), not an
+adversary, so a CRC is enough; and it is cheap where a cryptographic hash is not: zlib's
+CRC-32 runs at about 3.7 GB/s on one core here, SHA-256 at 1.4 GB/s, and on a small machine
+the output's hash competed with the merge itself for the cores.
 
-    checksum = "sha256-blocks:" + sha256(len(file) as 8 bytes || sha256(block_0) || ...)
+Each piece's CRC is computed when the piece is written, while its bytes are still in the
+CPU cache, and the pieces' CRCs are joined in file order at the end (``crc32_combine``, as
+zlib's), so pieces may be written in any order and no bytes are held for hashing:
 
-It detects the same changes a whole-file SHA-256 does (it is a Merkle tree of SHA-256), and
+    checksum = "crc32:" + 8 hex digits of the CRC-32 of the whole file + ":" + its length
+
 :func:`file_checksum` recomputes it from a file on disk, to verify shards kept for a resume.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import zlib
 from pathlib import Path
 
-BLOCK_BYTES = 16 * 1024 * 1024
-PREFIX = "sha256-blocks:"
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+PREFIX = "crc32:"
+_READ_BYTES = 16 * 1024 * 1024
+
+# CRC-32 (zlib's reflected polynomial) arithmetic modulo P, to join the CRCs of two pieces.
+_POLY = 0xEDB88320
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(
-                max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="tureen-sha"
-            )
-        return _POOL
+def _multmodp(a: int, b: int) -> int:
+    """a·b modulo P, in zlib's reflected bit order."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
 
 
-def _hash_parts(parts: list[memoryview]) -> bytes:
-    sha = hashlib.sha256()
-    for part in parts:
-        sha.update(part)
-    return sha.digest()
+_X2N = [1 << 30]  # x^(2^n) modulo P, for n = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
-class BlockHasher:
-    """Feed a file's bytes in order; get :data:`PREFIX` + the hex checksum.
+def _x2nmodp(n: int, k: int) -> int:
+    """x^(n·2^k) modulo P."""
+    p = 1 << 31
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
 
-    Full blocks are hashed on a shared thread pool while more bytes arrive. At most
-    ``2 × threads`` blocks wait or run at a time (:meth:`update` blocks beyond that), so the
-    bytes held for hashing stay bounded. Callers must not modify the bytes they pass in
-    until :meth:`hexdigest` returns.
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B, from CRC(A), CRC(B) and len(B) (zlib's ``crc32_combine``)."""
+    return _multmodp(_x2nmodp(length2, 3), crc1) ^ crc2
+
+
+def format_checksum(crc: int, length: int) -> str:
+    """The checksum string of a file with CRC-32 ``crc`` and ``length`` bytes."""
+    return f"{PREFIX}{crc:08x}:{length}"
+
+
+class RangeChecksum:
+    """The checksum of a file written in pieces, in any order, from any thread.
+
+    Call :meth:`add` with each piece's offset and bytes (the CRC is computed right away and
+    nothing is kept), then :meth:`hexdigest` with the file's length once every byte is in.
     """
 
     def __init__(self) -> None:
-        pool = _pool()
-        self._slots = threading.BoundedSemaphore(2 * pool._max_workers)
-        self._blocks: list[Future[bytes]] = []
-        self._parts: list[memoryview] = []
-        self._filled = 0
-        self._length = 0
+        self._pieces: list[tuple[int, int, int]] = []  # (offset, length, crc)
+        self._lock = threading.Lock()
 
-    def update(self, data: memoryview | bytes) -> None:
-        """Hash ``data`` next."""
+    def add(self, offset: int, data: memoryview | bytes) -> None:
+        """Account for ``data`` written at ``offset``."""
         view = memoryview(data).cast("B")
-        self._length += len(view)
-        while len(view):
-            take = min(len(view), BLOCK_BYTES - self._filled)
-            self._parts.append(view[:take])
-            self._filled += take
-            view = view[take:]
-            if self._filled == BLOCK_BYTES:
-                self._submit()
+        if not len(view):
+            return
+        crc = zlib.crc32(view)
+        with self._lock:
+            self._pieces.append((offset, len(view), crc))
 
-    def _submit(self) -> None:
-        parts, self._parts, self._filled = self._parts, [], 0
-        self._slots.acquire()
-        release: Callable[[Future[bytes]], None] = lambda _: self._slots.release()  # noqa: E731
-        future = _pool().submit(_hash_parts, parts)
-        future.add_done_callback(release)
-        self._blocks.append(future)
+    def hexdigest(self, length: int) -> str:
+        """The checksum of the file, whose pieces must cover ``[0, length)`` exactly once.
 
-    def hexdigest(self) -> str:
-        """Wait for every block; the checksum."""
-        if self._parts or not self._blocks:
-            self._submit()
-        top = hashlib.sha256(self._length.to_bytes(8, "little"))
-        for block in self._blocks:
-            top.update(block.result())
-        return PREFIX + top.hexdigest()
-
-    def cancel(self) -> None:
-        """Drop what is queued (the running blocks end on their own)."""
-        for block in self._blocks:
-            block.cancel()
-        self._parts = []
+        Raises:
+            ValueError: the pieces overlap or leave a gap.
+        """
+        crc = 0
+        position = 0
+        with self._lock:
+            pieces = sorted(self._pieces)
+        for offset, size, piece_crc in pieces:
+            if offset != position:
+                raise ValueError(
+                    f"checksum pieces do not tile the file: expected one at byte {position}, "
+                    f"got one at byte {offset}"
+                )
+            crc = crc32_combine(crc, piece_crc, size)
+            position += size
+        if position != length:
+            raise ValueError(f"checksum pieces cover {position} bytes of a {length}-byte file")
+        return format_checksum(crc, length)
 
 
 def file_checksum(path: Path) -> str:
-    """The checksum of a file on disk, as :class:`BlockHasher` computes it while writing."""
-    hasher = BlockHasher()
+    """The checksum of a file on disk, as :class:`RangeChecksum` computes it while writing."""
+    crc = 0
+    length = 0
+    buffer = bytearray(_READ_BYTES)
+    view = memoryview(buffer)
     with path.open("rb", buffering=0) as handle:
         while True:
-            block = bytearray(BLOCK_BYTES)
-            got = handle.readinto(block)
+            got = handle.readinto(buffer)
             if not got:
                 break
-            hasher.update(memoryview(block)[:got])
-    return hasher.hexdigest()
+            crc = zlib.crc32(view[:got], crc)
+            length += got
+    return format_checksum(crc, length)

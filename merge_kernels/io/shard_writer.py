@@ -6,11 +6,9 @@ tensor (or each block of rows of a tensor) at its offset with ``os.pwrite``. The
 assembled in memory, and tensors may arrive in any order.
 
 :meth:`ShardWriter.finish` refuses to complete a shard with any byte range left unwritten, then
-returns the file's checksum (:mod:`merge_kernels.io.checksum`: SHA-256 of 16 MiB blocks,
-hashed in parallel threads) for the resume manifest. It is computed as the file is written:
-bytes written in file order are hashed straight from memory; bytes written ahead of that point
-are hashed by reading them back from the file once the gap before them has been filled, so
-out-of-order writes cost one extra read of the out-of-order bytes only.
+returns the file's checksum (:mod:`merge_kernels.io.checksum`: a CRC-32 gathered from the
+pieces as they are written, in whatever order they come) for the resume manifest. No bytes are
+kept for hashing, so a caller may reuse its buffer as soon as a write returns.
 
 Only little-endian hosts are supported: tensor bytes are written as they lie in memory.
 """
@@ -19,13 +17,15 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
-from merge_kernels.io.checksum import BLOCK_BYTES, BlockHasher
+from merge_kernels.io.checksum import RangeChecksum
 from merge_kernels.io.dtypes import dtype_code
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec
 from merge_kernels.io.staging import fsync_dir
@@ -37,6 +37,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (a copy only if it is not contiguous)."""
     flat = tensor.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data
+
+
+_PARALLEL_CHECKSUM_BYTES = 1 << 20
+_CHECKSUM_THREAD: ThreadPoolExecutor | None = None
+_CHECKSUM_LOCK = threading.Lock()
+
+
+def _checksum_thread() -> ThreadPoolExecutor:
+    global _CHECKSUM_THREAD
+    with _CHECKSUM_LOCK:
+        if _CHECKSUM_THREAD is None:
+            _CHECKSUM_THREAD = ThreadPoolExecutor(1, thread_name_prefix="tureen-checksum")
+        return _CHECKSUM_THREAD
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -71,11 +84,7 @@ class ShardWriter:
         self._tensors: dict[str, OutputTensor] = {t.name: t for t in spec.tensors}
         # Row ranges written so far for each tensor; complete tensors hold [(0, rows)].
         self._written: dict[str, list[tuple[int, int]]] = {t.name: [] for t in spec.tensors}
-        # The hash covers bytes [0, _hashed_to). Bytes written beyond that point wait in
-        # _pending (start -> end, never overlapping) until the gap before them is filled.
-        self._hashed_to = 0
-        self._pending: dict[int, int] = {}
-        self._hasher: BlockHasher | None = BlockHasher()
+        self._checksum: RangeChecksum | None = RangeChecksum()
         self._digest: str | None = None
         self._fd: int | None = os.open(
             self.path,
@@ -90,9 +99,7 @@ class ShardWriter:
         except BaseException:
             self._abandon()
             raise
-        assert self._hasher is not None
-        self._hasher.update(spec.header)
-        self._hashed_to = len(spec.header)
+        self._checksum.add(0, spec.header)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -107,9 +114,7 @@ class ShardWriter:
             self._abandon()
 
     def _abandon(self) -> None:
-        if self._hasher is not None:
-            self._hasher.cancel()
-            self._hasher = None
+        self._checksum = None
         if self._fd is not None:
             self._fd = None
             self._close_fd()
@@ -153,31 +158,18 @@ class ShardWriter:
         ranges.append((start, stop))
 
     def _put(self, offset: int, data: memoryview) -> None:
-        assert self._fd is not None and self._hasher is not None
-        _pwrite_all(self._fd, data, offset)
-        if not data:
+        assert self._fd is not None and self._checksum is not None
+        # The checksum of a large piece runs on another thread, beside the write: both read
+        # the same bytes (still in the CPU cache) and both release the GIL.
+        if len(data) < _PARALLEL_CHECKSUM_BYTES:
+            self._checksum.add(offset, data)
+            _pwrite_all(self._fd, data, offset)
             return
-        if offset != self._hashed_to:
-            self._pending[offset] = offset + len(data)
-            return
-        self._hasher.update(data)
-        self._hashed_to += len(data)
-        while self._hashed_to in self._pending:
-            end = self._pending.pop(self._hashed_to)
-            self._hash_back(self._hashed_to, end)
-            self._hashed_to = end
-
-    def _hash_back(self, begin: int, end: int) -> None:
-        """Feed bytes ``[begin, end)`` of the file, already written, to the checksum."""
-        assert self._fd is not None and self._hasher is not None
-        pos = begin
-        while pos < end:
-            chunk = memoryview(bytearray(min(BLOCK_BYTES, end - pos)))  # held until hashed
-            got = os.preadv(self._fd, [chunk], pos)
-            if got == 0:
-                raise OSError(f"{self.path} ended at byte {pos} while hashing it")
-            self._hasher.update(chunk[:got])
-            pos += got
+        summed = _checksum_thread().submit(self._checksum.add, offset, data)
+        try:
+            _pwrite_all(self._fd, data, offset)
+        finally:
+            summed.result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor at its planned offset.
@@ -263,15 +255,10 @@ class ShardWriter:
                 "fully written"
             )
         os.fsync(self._fd)
-        if self._hashed_to != self.spec.size:
-            # Every planned byte was written exactly once, so the hash must have caught up.
-            raise RuntimeError(
-                f"internal error: {self.spec.filename} hashed up to byte {self._hashed_to} "
-                f"of {self.spec.size}"
-            )
-        assert self._hasher is not None
-        hasher, self._hasher = self._hasher, None
-        digest = hasher.hexdigest()
+        assert self._checksum is not None
+        # Every planned byte was written exactly once, so the pieces tile the file.
+        digest = self._checksum.hexdigest(self.spec.size)
+        self._checksum = None
         self._fd = None
         self._close_fd()
         fsync_dir(self.path.parent)

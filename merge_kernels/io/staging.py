@@ -27,7 +27,7 @@ from pathlib import Path
 from merge_kernels.io.checksum import file_checksum
 
 MANIFEST_NAME = "tureen-manifest.json"
-_MANIFEST_VERSION = 2  # 2: block checksums (1: whole-file sha256)
+_MANIFEST_VERSION = 3  # 3: CRC-32 (2: SHA-256 of blocks, 1: whole-file SHA-256)
 STAGING_SUFFIX = ".tureen-partial"
 _ASIDE_SUFFIX = ".tureen-old"
 

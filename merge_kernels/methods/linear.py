@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merge_kernels.fused import WeightedSum
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.steps import weighted_sum
 from merge_kernels.methods.task_arithmetic import WeightParams, check_normalized_weights
@@ -30,6 +31,11 @@ def linear(inputs: MergeInputs, params: LinearParams, ctx: TensorContext) -> tor
     return merged
 
 
+def _weighted_form(params: LinearParams, models: tuple[WeightParams, ...]) -> WeightedSum:
+    weights = tuple(p.weight for p in models)
+    return WeightedSum(weights, sum(weights) if params.normalize else None)
+
+
 register(
     MethodSpec(
         name="linear",
@@ -42,5 +48,6 @@ register(
         description="The (weighted) average of the models' weights.",
         chunkable=lambda params: True,
         check=check_normalized_weights,
+        weighted_form=_weighted_form,
     )
 )

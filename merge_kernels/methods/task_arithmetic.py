@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merge_kernels.fused import ConsensusForm, WeightedSum
 from merge_kernels.methods.kernel import (
     MergeInputs,
     MethodParams,
@@ -255,6 +256,28 @@ def dare_ties(inputs: MergeInputs, params: DareTiesParams, ctx: TensorContext) -
     return torch.add(base, merged, alpha=params.lambda_)
 
 
+def _task_arithmetic_form(
+    params: TaskArithmeticParams, models: tuple[WeightParams, ...]
+) -> WeightedSum:
+    weights = tuple(float(p.weight) for p in models)
+    return WeightedSum(weights, sum(weights) if params.normalize else None, params.lambda_)
+
+
+_DIVISOR_CODES = {"count": 0, "weight_sum": 1, "none": 2}
+
+
+def _ties_form(params: TiesParams) -> ConsensusForm | None:
+    if params.zero_sign != "positive":  # needs the whole tensor's elected signs
+        return None
+    return ConsensusForm(
+        threshold_rule=params.trim_ties == "threshold",
+        weighted_election=params.weighted_election,
+        frequency=params.majority_sign_method == "frequency",
+        divisor=_DIVISOR_CODES[params.effective_divisor()],
+        scale=params.lambda_,
+    )
+
+
 def check_normalized_weights(params: MethodParams, model_params: tuple[WeightParams, ...]) -> None:
     """Refuse weights that sum to 0 when the method divides by their sum."""
     if getattr(params, "normalize", False) and sum(p.weight for p in model_params) == 0:
@@ -288,6 +311,7 @@ register(
         description="Adds the weighted sum of task vectors (fine-tune minus base) to the base.",
         chunkable=lambda params: True,
         check=check_normalized_weights,
+        weighted_form=_task_arithmetic_form,
     )
 )
 
@@ -311,6 +335,7 @@ register(
         chunkable=lambda params: params.zero_sign == "positive",
         needs_trim_threshold=lambda params: True,
         check=_check_density,
+        consensus_form=_ties_form,
     )
 )
 

@@ -162,7 +162,7 @@ def test_prepare_keeps_verified_shards_and_drops_corrupted(tmp_path: Path) -> No
     )
     assert resumed.completed() == {specs[0].filename: digests[specs[0].filename]}
     assert _manifest(resumed) == {
-        "version": 2,
+        "version": 3,
         "fingerprint": "fp",
         "shards": {specs[0].filename: digests[specs[0].filename]},
     }

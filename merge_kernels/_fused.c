@@ -1,0 +1,669 @@
+/* Fused CPU merge loops: every input read once, in its stored dtype, straight from memory.
+ *
+ * The torch path of a merge converts each input to float32 in a buffer, runs the kernel's
+ * steps as separate passes and casts the result. These loops do the same arithmetic per
+ * entry in one pass (widen to float32, the same float32 operations in the same order, one
+ * rounding to the output dtype), so their output is bit-identical to the torch path's;
+ * tests/test_fused_kernels.py checks that against the torch kernels.
+ *
+ * dtype codes: 0 float32, 1 bfloat16, 2 float16 (the last only where the compiler has
+ * _Float16). Pointers arrive as integers from torch's data_ptr(); the GIL is released while
+ * a loop runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+#if defined(__FLT16_MAX__)
+#define HAS_F16 1
+typedef _Float16 half_t;
+#else
+#define HAS_F16 0
+#endif
+
+#define MAX_INPUTS 8
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch's vectorised float32 -> bfloat16 cast (NaN -> 0xFFFF). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0xFFFFu : (uint16_t)rounded;
+}
+
+static inline float load(const void *p, int64_t j, int dtype) {
+    if (dtype == BF16) return from_bf16(((const uint16_t *)p)[j]);
+#if HAS_F16
+    if (dtype == F16) return (float)((const half_t *)p)[j];
+#endif
+    return ((const float *)p)[j];
+}
+
+static inline void store(void *p, int64_t j, int dtype, float v) {
+    if (dtype == BF16) {
+        ((uint16_t *)p)[j] = to_bf16(v);
+#if HAS_F16
+    } else if (dtype == F16) {
+        ((half_t *)p)[j] = (half_t)v;
+#endif
+    } else {
+        ((float *)p)[j] = v;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Weighted sums: linear (no base) and task arithmetic (with a base).
+ *
+ *   linear:           m = x0*w0; m = fma(xi, wi, m) ...; m = m / divisor (if divide); out = m
+ *   task arithmetic:  ti = xi - b; m = t0*w0; m = fma(ti, wi, m) ...; m /= divisor;
+ *                     out = fma(m, lambda, b)
+ * which is torch.mul, add_(alpha=w), div_ and torch.add(base, m, alpha=lambda) per entry.
+ */
+typedef struct {
+    const void *x[MAX_INPUTS];
+    const void *base;
+    float w[MAX_INPUTS];
+    float divisor;
+    int divide;
+    float lambda;
+    void *out;
+    int64_t n;
+    int k, in_dtype, out_dtype;
+} weighted_args;
+
+static inline __attribute__((always_inline)) void weighted_loop(
+    const weighted_args *a, const int k, const int in_dtype, const int out_dtype) {
+    const void *x[MAX_INPUTS];
+    float w[MAX_INPUTS];
+    for (int i = 0; i < k; i++) {
+        x[i] = a->x[i];
+        w[i] = a->w[i];
+    }
+    const void *base = a->base;
+    const float divisor = a->divisor, lambda = a->lambda;
+    const int divide = a->divide;
+    void *out = a->out;
+    const int64_t n = a->n;
+    if (base == NULL) {
+        for (int64_t j = 0; j < n; j++) {
+            float m = load(x[0], j, in_dtype) * w[0];
+            for (int i = 1; i < k; i++) m = fmaf(load(x[i], j, in_dtype), w[i], m);
+            if (divide) m = m / divisor;
+            store(out, j, out_dtype, m);
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) {
+            const float b = load(base, j, in_dtype);
+            float m = (load(x[0], j, in_dtype) - b) * w[0];
+            for (int i = 1; i < k; i++) m = fmaf(load(x[i], j, in_dtype) - b, w[i], m);
+            if (divide) m = m / divisor;
+            store(out, j, out_dtype, fmaf(m, lambda, b));
+        }
+    }
+}
+
+/* One specialisation per (input dtype, output dtype) with k a compile-time constant, so the
+ * loop over inputs unrolls and the loop over entries vectorises. */
+#define WEIGHTED_K(IN, OUT)                                                   \
+    CLONES static void weighted_##IN##_##OUT(const weighted_args *a) {        \
+        switch (a->k) {                                                       \
+            case 1: weighted_loop(a, 1, IN, OUT); break;                      \
+            case 2: weighted_loop(a, 2, IN, OUT); break;                      \
+            case 3: weighted_loop(a, 3, IN, OUT); break;                      \
+            case 4: weighted_loop(a, 4, IN, OUT); break;                      \
+            case 5: weighted_loop(a, 5, IN, OUT); break;                      \
+            case 6: weighted_loop(a, 6, IN, OUT); break;                      \
+            case 7: weighted_loop(a, 7, IN, OUT); break;                      \
+            default: weighted_loop(a, 8, IN, OUT); break;                     \
+        }                                                                     \
+    }
+
+WEIGHTED_K(BF16, BF16)
+WEIGHTED_K(BF16, F32)
+WEIGHTED_K(F32, F32)
+WEIGHTED_K(F32, BF16)
+#if HAS_F16
+WEIGHTED_K(F16, F16)
+WEIGHTED_K(F16, F32)
+WEIGHTED_K(BF16, F16)
+WEIGHTED_K(F32, F16)
+WEIGHTED_K(F16, BF16)
+#endif
+
+typedef void (*weighted_fn)(const weighted_args *);
+
+static weighted_fn pick_weighted(int in_dtype, int out_dtype) {
+#define PICK(IN, OUT) \
+    if (in_dtype == IN && out_dtype == OUT) return weighted_##IN##_##OUT;
+    PICK(BF16, BF16)
+    PICK(BF16, F32)
+    PICK(F32, F32)
+    PICK(F32, BF16)
+#if HAS_F16
+    PICK(F16, F16)
+    PICK(F16, F32)
+    PICK(BF16, F16)
+    PICK(F32, F16)
+    PICK(F16, BF16)
+#endif
+#undef PICK
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Argument parsing shared by the entry points.
+ */
+static int valid_dtype(int dtype) { return dtype == F32 || dtype == BF16 || (HAS_F16 && dtype == F16); }
+
+static int parse_pointers(PyObject *seq, const void **out, int *count, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (fast == NULL) return -1;
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(fast);
+    if (size < 1 || size > MAX_INPUTS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: between 1 and %d inputs, got %zd", what, MAX_INPUTS, size);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) {
+        void *p = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(fast, i));
+        if (p == NULL) {
+            Py_DECREF(fast);
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: null pointer", what);
+            return -1;
+        }
+        out[i] = p;
+    }
+    *count = (int)size;
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int parse_floats(PyObject *seq, float *out, int expected, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (fast == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != expected) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, expected);
+        return -1;
+    }
+    for (int i = 0; i < expected; i++) {
+        double v = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (float)v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+PyDoc_STRVAR(weighted_doc,
+             "weighted(out, out_dtype, inputs, in_dtype, weights, divide, divisor, base, lam, n)"
+             "\n\nΣ wᵢ·xᵢ (÷ divisor if divide) into out; with a base pointer (not 0, in the "
+             "inputs' dtype), base + lam·Σ wᵢ·(xᵢ − base). Pointers are integers; n entries.");
+
+static PyObject *py_weighted(PyObject *self, PyObject *args) {
+    weighted_args a;
+    memset(&a, 0, sizeof(a));
+    PyObject *out_obj, *inputs, *weights, *base_obj;
+    double divisor, lambda;
+    long long n;
+    if (!PyArg_ParseTuple(args, "OiOiOpdOdL", &out_obj, &a.out_dtype, &inputs, &a.in_dtype,
+                          &weights, &a.divide, &divisor, &base_obj, &lambda, &n))
+        return NULL;
+    if (!valid_dtype(a.in_dtype) || !valid_dtype(a.out_dtype)) {
+        PyErr_SetString(PyExc_ValueError, "weighted: unsupported dtype code");
+        return NULL;
+    }
+    a.out = PyLong_AsVoidPtr(out_obj);
+    if (a.out == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "weighted: null output");
+        return NULL;
+    }
+    if (parse_pointers(inputs, a.x, &a.k, "weighted inputs") < 0) return NULL;
+    if (parse_floats(weights, a.w, a.k, "weighted weights") < 0) return NULL;
+    a.base = PyLong_AsVoidPtr(base_obj); /* 0 -> NULL: no base */
+    if (a.base == NULL && PyErr_Occurred()) return NULL;
+    a.divisor = (float)divisor;
+    a.lambda = (float)lambda;
+    a.n = (int64_t)n;
+    weighted_fn fn = pick_weighted(a.in_dtype, a.out_dtype);
+    if (fn == NULL) {
+        PyErr_SetString(PyExc_ValueError, "weighted: unsupported dtype pair");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+
+/* ---------------------------------------------------------------------------------------
+ * TIES: the magnitude trim with given thresholds, the sign election and the disjoint mean.
+ *
+ * Per entry, as merge_kernels/methods/steps.py does it with torch:
+ *   ti = xi - b;  keep_i = |ti| > thr_i, or |ti| == thr_i and (rule "threshold", or under
+ *   exact_k one of the first keep_at_i such entries in flat order);  tt_i = ti * keep_i
+ *   e_i = tt_i (or tt_i * wi, weighted election);  vote = e_0 + e_1 + ... (or the sum of
+ *   sign(e_i));  gamma = vote >= 0 ? 1 : -1;  agree_i = e_i * gamma > 0
+ *   total = fma(tt_i * agree_i, wi, total) from +0;  divided by max(count of agreeing, 1),
+ *   or by the sum of agreeing weights (1 where it is 0), or not at all;
+ *   out = fma(total, lambda, b).
+ * Magnitudes are compared as bit patterns with the sign cleared, as the torch path does.
+ */
+enum { DIV_COUNT = 0, DIV_WEIGHT_SUM = 1, DIV_NONE = 2 };
+#define TIE_BLOCK 64
+
+typedef struct {
+    const void *x[MAX_INPUTS];
+    const void *base;
+    void *out;
+    float w[MAX_INPUTS];
+    uint32_t thr[MAX_INPUTS];
+    int64_t keep_at[MAX_INPUTS]; /* exact_k: tied entries kept in all */
+    int64_t seen[MAX_INPUTS];    /* tied entries met so far (in: before this piece) */
+    float lambda;
+    int64_t n;
+    int k, in_dtype, out_dtype;
+    int threshold_rule, weighted_election, frequency, divisor;
+    int nan_seen;
+} ties_args;
+
+static inline uint32_t magnitude_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u & 0x7FFFFFFFu;
+}
+
+static inline float sign_of(float v) { return (float)(v > 0.0f) - (float)(v < 0.0f); }
+
+/* The loop's invariants in locals, so that nothing in the loop reads through the args. */
+typedef struct {
+    float w[MAX_INPUTS];
+    float elect[MAX_INPUTS]; /* wi for a weighted election, else 1 (tt * 1 is exact) */
+    float lambda;
+    int frequency;
+    uint32_t by_count, by_weight, by_one; /* all ones for the divisor in use, else 0 */
+} ties_consts;
+
+/* One entry, given which models keep it; branch-free so the loop vectorises. */
+static inline __attribute__((always_inline)) float ties_combine(
+    const ties_consts *c, const int k, const float *t, const float *keepf, const float b) {
+    float tt[MAX_INPUTS], e[MAX_INPUTS];
+    for (int i = 0; i < k; i++) {
+        tt[i] = t[i] * keepf[i];
+        e[i] = tt[i] * c->elect[i];
+    }
+    float total_vote = e[0], sign_vote = sign_of(e[0]);
+    for (int i = 1; i < k; i++) {
+        total_vote = total_vote + e[i];
+        sign_vote = sign_vote + sign_of(e[i]);
+    }
+    const float vote = c->frequency ? sign_vote : total_vote;
+    const float gamma = vote >= 0.0f ? 1.0f : -1.0f;
+    float total = 0.0f, count = 0.0f, weights = 0.0f;
+    for (int i = 0; i < k; i++) {
+        const float agree = (e[i] * gamma > 0.0f) ? 1.0f : 0.0f;
+        total = fmaf(tt[i] * agree, c->w[i], total);
+        count = count + agree;
+        weights = fmaf(agree, c->w[i], weights);
+    }
+    /* x / 1 is exactly x, so "no divisor" divides by 1. The choice is made with bit masks:
+     * a conditional here keeps the loop from vectorising. */
+    const float by_count = count < 1.0f ? 1.0f : count;
+    const float by_weight = weights == 0.0f ? 1.0f : weights;
+    uint32_t count_bits, weight_bits, one_bits, divisor_bits;
+    const float one = 1.0f;
+    memcpy(&count_bits, &by_count, 4);
+    memcpy(&weight_bits, &by_weight, 4);
+    memcpy(&one_bits, &one, 4);
+    divisor_bits = (count_bits & c->by_count) | (weight_bits & c->by_weight) | (one_bits & c->by_one);
+    float divisor;
+    memcpy(&divisor, &divisor_bits, 4);
+    return fmaf(total / divisor, c->lambda, b);
+}
+
+static inline __attribute__((always_inline)) void ties_loop(
+    ties_args *a, const int k, const int in_dtype, const int out_dtype) {
+    const int64_t n = a->n;
+    const void *x[MAX_INPUTS];
+    uint32_t thr[MAX_INPUTS];
+    ties_consts c;
+    for (int i = 0; i < k; i++) {
+        x[i] = a->x[i];
+        thr[i] = a->thr[i];
+        c.w[i] = a->w[i];
+        c.elect[i] = a->weighted_election ? a->w[i] : 1.0f;
+    }
+    c.lambda = a->lambda;
+    c.frequency = a->frequency;
+    c.by_count = a->divisor == DIV_COUNT ? 0xFFFFFFFFu : 0u;
+    c.by_weight = a->divisor == DIV_WEIGHT_SUM ? 0xFFFFFFFFu : 0u;
+    c.by_one = a->divisor == DIV_NONE ? 0xFFFFFFFFu : 0u;
+    const void *base = a->base;
+    void *out = a->out;
+    for (int64_t start = 0; start < n; start += TIE_BLOCK) {
+        const int64_t stop = n - start < TIE_BLOCK ? n : start + TIE_BLOCK;
+        /* How many entries of this block sit exactly at each model's threshold (and any NaN)? */
+        uint32_t nan = 0;
+        uint32_t ties[MAX_INPUTS] = {0};
+        for (int64_t j = start; j < stop; j++) {
+            const float b = load(base, j, in_dtype);
+            for (int i = 0; i < k; i++) {
+                const uint32_t m = magnitude_bits(load(x[i], j, in_dtype) - b);
+                ties[i] += (m == thr[i]);
+                nan |= (m > 0x7F800000u);
+            }
+        }
+        if (nan) {
+            a->nan_seen = 1;
+            return;
+        }
+        /* Under exact_k a block keeps all its tied entries while the budget lasts and none
+         * after; only the block where it runs out keeps some, and goes entry by entry. */
+        uint32_t all[MAX_INPUTS];
+        int partial = 0;
+        for (int i = 0; i < k; i++) {
+            if (a->threshold_rule || a->seen[i] + ties[i] <= a->keep_at[i]) all[i] = 1;
+            else if (a->seen[i] >= a->keep_at[i]) all[i] = 0;
+            else partial = 1;
+        }
+        if (!partial) { /* the common case: a comparison per model, vectorised */
+            for (int64_t j = start; j < stop; j++) {
+                const float b = load(base, j, in_dtype);
+                float t[MAX_INPUTS], keepf[MAX_INPUTS];
+                for (int i = 0; i < k; i++) {
+                    t[i] = load(x[i], j, in_dtype) - b;
+                    const uint32_t m = magnitude_bits(t[i]);
+                    keepf[i] = ((m > thr[i]) | (all[i] & (m == thr[i]))) ? 1.0f : 0.0f;
+                }
+                store(out, j, out_dtype, ties_combine(&c, k, t, keepf, b));
+            }
+            for (int i = 0; i < k; i++) a->seen[i] += ties[i];
+            continue;
+        }
+        for (int64_t j = start; j < stop; j++) { /* entries at a threshold, in flat order */
+            const float b = load(base, j, in_dtype);
+            float t[MAX_INPUTS], keepf[MAX_INPUTS];
+            for (int i = 0; i < k; i++) {
+                t[i] = load(x[i], j, in_dtype) - b;
+                const uint32_t m = magnitude_bits(t[i]);
+                int keep = m > thr[i];
+                if (m == thr[i]) {
+                    keep = a->threshold_rule || a->seen[i] < a->keep_at[i];
+                    a->seen[i]++;
+                }
+                keepf[i] = keep ? 1.0f : 0.0f;
+            }
+            store(out, j, out_dtype, ties_combine(&c, k, t, keepf, b));
+        }
+    }
+}
+
+#define TIES_K(IN, OUT)                                               \
+    CLONES static void ties_##IN##_##OUT(ties_args *a) {              \
+        switch (a->k) {                                               \
+            case 1: ties_loop(a, 1, IN, OUT); break;                  \
+            case 2: ties_loop(a, 2, IN, OUT); break;                  \
+            case 3: ties_loop(a, 3, IN, OUT); break;                  \
+            case 4: ties_loop(a, 4, IN, OUT); break;                  \
+            case 5: ties_loop(a, 5, IN, OUT); break;                  \
+            case 6: ties_loop(a, 6, IN, OUT); break;                  \
+            case 7: ties_loop(a, 7, IN, OUT); break;                  \
+            default: ties_loop(a, 8, IN, OUT); break;                 \
+        }                                                             \
+    }
+
+TIES_K(BF16, BF16)
+TIES_K(BF16, F32)
+TIES_K(F32, F32)
+TIES_K(F32, BF16)
+#if HAS_F16
+TIES_K(F16, F16)
+TIES_K(F16, F32)
+#endif
+
+typedef void (*ties_fn)(ties_args *);
+
+static ties_fn pick_ties(int in_dtype, int out_dtype) {
+#define PICK(IN, OUT) \
+    if (in_dtype == IN && out_dtype == OUT) return ties_##IN##_##OUT;
+    PICK(BF16, BF16)
+    PICK(BF16, F32)
+    PICK(F32, F32)
+    PICK(F32, BF16)
+#if HAS_F16
+    PICK(F16, F16)
+    PICK(F16, F32)
+#endif
+#undef PICK
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The trim threshold's bracket pass over one model: |x - b| against a bracket (lo, hi).
+ * Counts the entries above hi, at hi and at lo, and collects those strictly inside into
+ * cand (up to cap of them; the returned inside count may be larger).
+ */
+typedef struct {
+    const void *x, *base;
+    float *cand;
+    int64_t n, cap;
+    uint32_t lo, hi; /* magnitude bit patterns, lo < hi */
+    int in_dtype;
+    int64_t above, at_hi, at_lo, inside;
+    int nan_seen;
+} bracket_args;
+
+static inline __attribute__((always_inline)) void bracket_loop(bracket_args *a, const int in_dtype) {
+    const uint32_t lo = a->lo, hi = a->hi;
+    const void *x = a->x, *base = a->base;
+    float *cand = a->cand;
+    int64_t above = 0, at_hi = 0, at_lo = 0, inside = 0;
+    uint32_t nan = 0;
+    const int64_t n = a->n, cap = a->cap;
+    /* Counts over a chunk in vector registers, then, only where the chunk has entries
+     * inside the bracket, a look at each group of 16 for the ones to collect. */
+    enum { CHUNK = 2048, GROUP = 16 };
+    uint32_t mags[CHUNK];
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t len = n - start < CHUNK ? n - start : CHUNK;
+        uint32_t c_above = 0, c_hi = 0, c_lo = 0, c_in = 0, c_nan = 0;
+        for (int64_t j = 0; j < len; j++) {
+            const uint32_t m =
+                magnitude_bits(load(x, start + j, in_dtype) - load(base, start + j, in_dtype));
+            mags[j] = m;
+            c_above += m > hi;
+            c_hi += m == hi;
+            c_lo += m == lo;
+            c_in += (m > lo) & (m < hi);
+            c_nan |= m > 0x7F800000u;
+        }
+        above += c_above;
+        at_hi += c_hi;
+        at_lo += c_lo;
+        nan |= c_nan;
+        if (!c_in) continue;
+        int64_t j = 0;
+        for (; j + GROUP <= len; j += GROUP) {
+            uint32_t any = 0;
+            for (int q = 0; q < GROUP; q++) any |= (mags[j + q] > lo) & (mags[j + q] < hi);
+            if (!any) continue;
+            for (int q = 0; q < GROUP; q++) { /* branch-free: slot cap takes the overflow */
+                const uint32_t m = mags[j + q];
+                memcpy(&cand[inside < cap ? inside : cap], &m, 4);
+                inside += (m > lo) & (m < hi);
+            }
+        }
+        for (; j < len; j++) {
+            const uint32_t m = mags[j];
+            if (m > lo && m < hi) {
+                if (inside < cap) memcpy(&cand[inside], &m, 4);
+                inside++;
+            }
+        }
+    }
+    a->above = above;
+    a->at_hi = at_hi;
+    a->at_lo = at_lo;
+    a->inside = inside;
+    a->nan_seen = nan != 0;
+}
+
+CLONES static void bracket_bf16(bracket_args *a) { bracket_loop(a, BF16); }
+CLONES static void bracket_f32(bracket_args *a) { bracket_loop(a, F32); }
+#if HAS_F16
+CLONES static void bracket_f16(bracket_args *a) { bracket_loop(a, F16); }
+#endif
+
+PyDoc_STRVAR(bracket_doc,
+             "bracket(x, base, dtype, n, lo_bits, hi_bits, cand, cap)\n\n"
+             "Over |x - base|: (above hi, at hi, at lo, inside, nan_seen); the magnitudes "
+             "strictly inside (lo, hi) go to cand (float32, up to cap of them; cand has "
+             "room for cap + 1).");
+
+static PyObject *py_bracket(PyObject *self, PyObject *args) {
+    bracket_args a;
+    memset(&a, 0, sizeof(a));
+    PyObject *x_obj, *base_obj, *cand_obj;
+    long long n, cap;
+    unsigned long lo, hi;
+    if (!PyArg_ParseTuple(args, "OOiLkkOL", &x_obj, &base_obj, &a.in_dtype, &n, &lo, &hi,
+                          &cand_obj, &cap))
+        return NULL;
+    a.x = PyLong_AsVoidPtr(x_obj);
+    a.base = PyLong_AsVoidPtr(base_obj);
+    a.cand = (float *)PyLong_AsVoidPtr(cand_obj);
+    if (PyErr_Occurred()) return NULL;
+    if (a.x == NULL || a.base == NULL || (a.cand == NULL && cap > 0) || lo >= hi) {
+        PyErr_SetString(PyExc_ValueError, "bracket: null pointer or empty bracket");
+        return NULL;
+    }
+    a.n = (int64_t)n;
+    a.cap = (int64_t)cap;
+    a.lo = (uint32_t)lo;
+    a.hi = (uint32_t)hi;
+    void (*fn)(bracket_args *) = NULL;
+    if (a.in_dtype == BF16) fn = bracket_bf16;
+    else if (a.in_dtype == F32) fn = bracket_f32;
+#if HAS_F16
+    else if (a.in_dtype == F16) fn = bracket_f16;
+#endif
+    if (fn == NULL) {
+        PyErr_SetString(PyExc_ValueError, "bracket: unsupported dtype code");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_END_ALLOW_THREADS return Py_BuildValue("LLLLi", (long long)a.above, (long long)a.at_hi,
+                                               (long long)a.at_lo, (long long)a.inside,
+                                               a.nan_seen);
+}
+
+PyDoc_STRVAR(ties_doc,
+             "ties(out, out_dtype, inputs, base, in_dtype, weights, thresholds, keep_at, seen, "
+             "threshold_rule, weighted_election, frequency, divisor, lam, n)\n\n"
+             "The TIES merge of n entries into out, given each model's trim threshold (bit "
+             "pattern), tie budget and ties met before; returns (seen after, nan_seen).");
+
+static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (fast == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != expected) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, expected);
+        return -1;
+    }
+    for (int i = 0; i < expected; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (int64_t)v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static PyObject *py_ties(PyObject *self, PyObject *args) {
+    ties_args a;
+    memset(&a, 0, sizeof(a));
+    PyObject *out_obj, *inputs, *base_obj, *weights, *thresholds, *keep_at, *seen;
+    double lambda;
+    long long n;
+    if (!PyArg_ParseTuple(args, "OiOOiOOOOppiidL", &out_obj, &a.out_dtype, &inputs, &base_obj,
+                          &a.in_dtype, &weights, &thresholds, &keep_at, &seen,
+                          &a.threshold_rule, &a.weighted_election, &a.frequency, &a.divisor,
+                          &lambda, &n))
+        return NULL;
+    a.out = PyLong_AsVoidPtr(out_obj);
+    a.base = PyLong_AsVoidPtr(base_obj);
+    if (PyErr_Occurred()) return NULL;
+    if (a.out == NULL || a.base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ties: null pointer");
+        return NULL;
+    }
+    if (parse_pointers(inputs, a.x, &a.k, "ties inputs") < 0) return NULL;
+    if (parse_floats(weights, a.w, a.k, "ties weights") < 0) return NULL;
+    int64_t thr[MAX_INPUTS];
+    if (parse_int64s(thresholds, thr, a.k, "ties thresholds") < 0) return NULL;
+    for (int i = 0; i < a.k; i++) a.thr[i] = (uint32_t)thr[i];
+    if (parse_int64s(keep_at, a.keep_at, a.k, "ties keep_at") < 0) return NULL;
+    if (parse_int64s(seen, a.seen, a.k, "ties seen") < 0) return NULL;
+    if (a.divisor < DIV_COUNT || a.divisor > DIV_NONE) {
+        PyErr_SetString(PyExc_ValueError, "ties: unknown divisor");
+        return NULL;
+    }
+    a.lambda = (float)lambda;
+    a.n = (int64_t)n;
+    ties_fn fn = pick_ties(a.in_dtype, a.out_dtype);
+    if (fn == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ties: unsupported dtype pair");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_END_ALLOW_THREADS PyObject *after = PyTuple_New(a.k);
+    if (after == NULL) return NULL;
+    for (int i = 0; i < a.k; i++) PyTuple_SET_ITEM(after, i, PyLong_FromLongLong(a.seen[i]));
+    return Py_BuildValue("Ni", after, a.nan_seen);
+}
+
+static PyMethodDef methods[] = {
+    {"weighted", py_weighted, METH_VARARGS, weighted_doc},
+    {"ties", py_ties, METH_VARARGS, ties_doc},
+    {"bracket", py_bracket, METH_VARARGS, bracket_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "merge_kernels._fused",
+    "Fused CPU merge loops (see merge_kernels/fused.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fused(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "HAS_F16", HAS_F16) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_INPUTS", MAX_INPUTS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,265 @@
+"""Fused CPU loops for the merges that are one weighted sum per entry.
+
+Linear soups and task arithmetic compute, for every entry, the same few float32 operations
+over their inputs. Through torch that is one pass per step: each input widened to float32
+in a buffer, a multiply, an add per model, a divide, the cast to the output dtype. On a
+machine with few cores those passes, not the file IO, bound the merge. The C extension
+``merge_kernels._fused`` (built from ``_fused.c`` at install time, when a C compiler is
+there) runs them as one loop that reads every input once in its stored dtype, does the same
+float32 operations in the same order (fused multiply-adds where torch uses them) and rounds
+once, so its output is bit-identical to the torch path's; without the extension, or for
+inputs it does not handle, the merge takes the torch path.
+
+A method opts in by giving its :class:`~merge_kernels.registry.MethodSpec` a
+``weighted_form``: its parameters as a :class:`WeightedSum`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from merge_kernels.methods.kernel import TrimState
+from merge_kernels.methods.magnitude_select import MagnitudeThreshold
+
+
+def _load_extension() -> ModuleType | None:
+    try:
+        return importlib.import_module("merge_kernels._fused")
+    except ImportError:  # built without a C compiler: the torch path does the work
+        return None
+
+
+_fused = _load_extension()
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """A merge that is one weighted sum per entry.
+
+    Without a base: Σ wᵢ·xᵢ, divided by ``divisor`` when it is set (the linear soup).
+    With a base θ₀: θ₀ + ``scale`` · Σ wᵢ·(xᵢ − θ₀), the sum divided by ``divisor`` when set
+    (task arithmetic).
+    """
+
+    weights: tuple[float, ...]
+    divisor: float | None = None
+    scale: float = 1.0
+
+
+def available() -> bool:
+    """Whether the fused loops were built."""
+    return _fused is not None
+
+
+def _code(dtype: torch.dtype) -> int | None:
+    assert _fused is not None
+    code = _CODES.get(dtype)
+    if code == 2 and not _fused.HAS_F16:
+        return None
+    return code
+
+
+def weighted_sum_into(
+    out: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    form: WeightedSum,
+    base: torch.Tensor | None = None,
+) -> bool:
+    """Compute ``form`` over ``models`` (and ``base``) into ``out``, if the loop handles them.
+
+    Handled: CPU tensors, contiguous, of one shape; every input in one dtype and the output
+    in any, among float32, bfloat16 and float16; 1 to 8 models.
+
+    Returns:
+        True when ``out`` holds the result; False when the inputs are not handled (``out``
+        is untouched and the caller takes the torch path).
+    """
+    if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS:
+        return False
+    inputs = [*models, *([base] if base is not None else [])]
+    dtype = inputs[0].dtype
+    in_code, out_code = _code(dtype), _code(out.dtype)
+    if in_code is None or out_code is None:
+        return False
+    numel = out.numel()
+    for tensor in (out, *inputs):
+        if (
+            tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+            or tensor.numel() != numel
+            or (tensor is not out and tensor.dtype != dtype)
+        ):
+            return False
+    if len(form.weights) != len(models):
+        raise ValueError(f"{len(form.weights)} weights for {len(models)} models")
+    if numel:
+        _fused.weighted(
+            out.data_ptr(),
+            out_code,
+            [m.data_ptr() for m in models],
+            in_code,
+            list(form.weights),
+            form.divisor is not None,
+            form.divisor if form.divisor is not None else 1.0,
+            base.data_ptr() if base is not None else 0,
+            form.scale,
+            numel,
+        )
+    return True
+
+
+# --- TIES ----------------------------------------------------------------------------------
+
+_SMALL_TRIM = 1 << 16  # at or below this many entries the torch selection is as fast
+_SAMPLE_EVERY = 256  # the threshold's sample takes one entry in this many...
+_SAMPLE_MIN = 1 << 12  # ...but at least this many
+_SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sample rank
+_INF_BITS = 0x7F800000
+_KEEP_NONE = 0xFFFFFFFF  # above every magnitude's bit pattern: nothing is kept
+
+
+@dataclass(frozen=True)
+class ConsensusForm:
+    """TIES' options as the fused loop takes them (see ``_fused.c``)."""
+
+    threshold_rule: bool  # keep every |τ| equal to the threshold (else exactly k)
+    weighted_election: bool
+    frequency: bool  # elect on the count of signs (else on the sum)
+    divisor: int  # 0 count of agreeing models, 1 sum of their weights, 2 none
+    scale: float
+
+
+def _bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item()) & 0x7FFFFFFF
+
+
+def _float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item())
+
+
+def trim_threshold(
+    model: torch.Tensor, base: torch.Tensor, k: int
+) -> tuple[MagnitudeThreshold, int] | None:
+    """The k-th largest |model − base| and its tie count, as
+    :func:`~merge_kernels.methods.magnitude_select.magnitude_threshold_with_ties` finds it
+    on the float32 task vector, without materialising the task vector.
+
+    A strided sample brackets the k-th largest magnitude; one fused pass counts the entries
+    above the bracket and at its ends and collects those inside, and the k-th is selected
+    among those. Returns None when the loop cannot answer (no extension, unsupported
+    inputs, a small tensor, NaN, or the sample's bracket missed): the caller then selects
+    on the torch path, which is exact too.
+    """
+    n = model.numel()
+    code = _code(model.dtype) if _fused is not None else None
+    if (
+        code is None
+        or n <= _SMALL_TRIM
+        or not 0 < k < n
+        or base.dtype != model.dtype
+        or base.numel() != n
+        or not (model.is_contiguous() and base.is_contiguous())
+        or model.device.type != "cpu"
+    ):
+        return None
+    assert _fused is not None
+    flat_model, flat_base = model.reshape(-1), base.reshape(-1)
+    stride = max(1, n // max(_SAMPLE_MIN, n // _SAMPLE_EVERY)) | 1
+    first = stride // 2
+    sample = torch.sub(flat_model[first::stride].float(), flat_base[first::stride].float()).abs_()
+    if torch.isnan(sample).any():
+        return None
+    ordered = sample.sort(descending=True).values
+    s = ordered.numel()
+    rank = k * s / n  # the k-th largest of the tensor sits near this sample rank
+    half = _SIGMAS * math.sqrt(rank * (1.0 - rank / s)) + 2.0
+    top, bottom = math.floor(rank - half), math.ceil(rank + half)
+    hi = _bits(float(ordered[top - 1])) if top >= 1 else _INF_BITS
+    lo = _bits(float(ordered[bottom - 1])) if bottom <= s else 0
+    if hi == 0:
+        return None  # most magnitudes are 0: the torch path counts them faster
+    lo = min(lo, hi - 1)
+    cap = max(n // 8, 1)
+    candidates = torch.empty(cap + 1, dtype=torch.float32)  # the loop may write slot cap
+    above, at_hi, at_lo, inside, nan = _fused.bracket(
+        model.data_ptr(), base.data_ptr(), code, n, lo, hi, candidates.data_ptr(), cap
+    )
+    if nan or inside > cap:
+        return None
+    if k <= above:
+        return None  # the bracket is too low
+    if k <= above + at_hi:
+        return MagnitudeThreshold(_float(hi), k - above, k), at_hi
+    if k <= above + at_hi + inside:
+        pool = candidates[:inside]
+        rank_in_pool = k - above - at_hi  # 1 = the largest in the pool
+        value = pool.kthvalue(inside - rank_in_pool + 1).values
+        greater = above + at_hi + int((pool > value).sum())
+        return MagnitudeThreshold(float(value), k - greater, k), int((pool == value).sum())
+    if k <= above + at_hi + inside + at_lo:
+        return MagnitudeThreshold(_float(lo), k - above - at_hi - inside, k), at_lo
+    return None  # the bracket is too high
+
+
+def ties_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    form: ConsensusForm,
+    weights: Sequence[float],
+    trims: Sequence[TrimState],
+) -> list[int] | None:
+    """The TIES merge of ``models`` over ``base`` into ``out``, given each model's trim.
+
+    Returns:
+        Each model's count of entries at its threshold up to the end of this piece (the
+        ``ties_before`` of the next piece), or None when the loop does not handle the
+        inputs or met a NaN (``out`` may be partly written; the caller takes the torch
+        path, which reports the NaN).
+    """
+    if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS:
+        return None
+    dtype = base.dtype
+    in_code, out_code = _code(dtype), _code(out.dtype)
+    if in_code is None or out_code is None:
+        return None
+    numel = out.numel()
+    for tensor in (out, base, *models):
+        if (
+            tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+            or tensor.numel() != numel
+            or (tensor is not out and tensor.dtype != dtype)
+        ):
+            return None
+    thresholds = [
+        _KEEP_NONE if state.threshold.k == 0 else _bits(state.threshold.value) for state in trims
+    ]
+    if not numel:
+        return [state.ties_before for state in trims]
+    seen, nan = _fused.ties(
+        out.data_ptr(),
+        out_code,
+        [m.data_ptr() for m in models],
+        base.data_ptr(),
+        in_code,
+        [float(w) for w in weights],
+        thresholds,
+        [state.threshold.keep_at_value for state in trims],
+        [state.ties_before for state in trims],
+        form.threshold_rule,
+        form.weighted_election,
+        form.frequency,
+        form.divisor,
+        form.scale,
+        numel,
+    )
+    return None if nan else list(seen)
