@@ -13,7 +13,15 @@ from safetensors.torch import load_file, save_file
 
 import merge_kernels.piece_merger as piece_merger
 from merge_kernels import fused
-from merge_kernels.fused import WeightedSum, weighted_sum_into
+from merge_kernels.fused import (
+    ConsensusForm,
+    WeightedSum,
+    ties_into,
+    trim_threshold,
+    weighted_sum_into,
+)
+from merge_kernels.methods.kernel import TrimState
+from merge_kernels.methods.magnitude_select import magnitude_threshold_with_ties
 from merge_kernels.recipe import parse_recipe
 from merge_kernels.registry import get_method
 from merge_kernels.runner import MergeOptions, run_merge
@@ -193,6 +201,196 @@ def test_a_merge_writes_the_same_bytes_with_and_without_the_loop(
     assert fused_out.keys() == torch_out.keys()
     for name, tensor in torch_out.items():
         assert torch.equal(_bits(fused_out[name]), _bits(tensor)), name
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
+
+
+# --- TIES ----------------------------------------------------------------------------------
+
+
+def _task_pair(seed: int, n: int, dtype: torch.dtype, step: float) -> tuple[torch.Tensor, ...]:
+    """A base and a fine-tune; ``step`` > 0 rounds the change to multiples of it (ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator)
+    change = 0.01 * torch.randn(n, generator=generator)
+    if step:
+        change = torch.round(change / step) * step
+    return base.to(dtype), (base + change).to(dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(65_537, 300_000),
+    density=st.sampled_from([0.01, 0.1, 0.2, 0.5, 0.9]),
+    step=st.sampled_from([0.0, 0.001, 0.004]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]),
+)
+def test_trim_threshold_is_the_exact_selection(
+    seed: int, n: int, density: float, step: float, dtype: torch.dtype
+) -> None:
+    base, model = _task_pair(seed, n, dtype, step)
+    k = int(density * n)
+    found = trim_threshold(model, base, k)
+    expected = magnitude_threshold_with_ties(model.float() - base.float(), k)
+    # None hands the selection to the torch path; an answer must be the exact one.
+    assert found is None or found == expected
+
+
+def test_trim_threshold_answers_typical_task_vectors() -> None:
+    """The sampled bracket is not a fallback in disguise: it answers the usual case."""
+    for seed, dtype in enumerate([torch.bfloat16, torch.float32]):
+        base, model = _task_pair(seed, 500_000, dtype, 0.0)
+        for density in (0.1, 0.2, 0.5):
+            k = int(density * 500_000)
+            found = trim_threshold(model, base, k)
+            assert found == magnitude_threshold_with_ties(model.float() - base.float(), k)
+
+
+def test_trim_threshold_declines_what_torch_does_better() -> None:
+    base, model = _task_pair(0, 1000, torch.bfloat16, 0.0)
+    assert trim_threshold(model, base, 200) is None  # small
+    base, model = _task_pair(0, 100_000, torch.bfloat16, 0.0)
+    assert trim_threshold(model, base, 0) is None
+    assert trim_threshold(model, base, 100_000) is None
+    assert trim_threshold(model, base.float(), 20_000) is None  # dtypes differ
+    poisoned = model.clone()
+    poisoned[5000] = float("nan")
+    assert trim_threshold(poisoned, base, 20_000) is None
+
+
+TIES_OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"weighted_election": True, "divisor": "weight_sum"},
+    {"majority_sign_method": "frequency"},
+    {"trim_ties": "threshold"},
+    {"normalize": False, "lambda": 0.5},
+]
+
+
+def _form(params: dict[str, Any]) -> ConsensusForm:
+    spec = get_method("ties")
+    assert spec.consensus_form is not None
+    form = spec.consensus_form(spec.params.model_validate(params))
+    assert form is not None
+    return form
+
+
+@pytest.mark.parametrize("params", TIES_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_matches_the_torch_kernel(params: dict[str, Any], dtype: torch.dtype) -> None:
+    n, weights, densities = 100_003, [0.5, 1.0, 1.5], [0.2, 0.1, 0.3]
+    base, first = _task_pair(1, n, dtype, 0.002)  # many ties at the thresholds
+    models = [first] + [_task_pair(seed, n, dtype, 0.002)[1] for seed in (2, 3)]
+    models[1] = (base.float() + (models[1].float() - models[1].float().mean()) * 0.1).to(dtype)
+    trims = []
+    for model, density in zip(models, densities, strict=True):
+        tau = model.float() - base.float()
+        trims.append(TrimState(magnitude_threshold_with_ties(tau, int(density * n))[0], 0))
+    expected = (
+        get_method("ties")
+        .merge_tensors(
+            [m.float() for m in models],
+            base=base.float(),
+            params=params,
+            model_params=[
+                {"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)
+            ],
+        )
+        .to(dtype)
+    )
+    out = torch.empty(n, dtype=dtype)
+    seen = ties_into(out, base, models, _form(params), weights, trims)
+    assert torch.equal(_bits(out), _bits(expected))
+    tau_bits = [(m.float() - base.float()).abs() for m in models]
+    assert seen == [
+        int((t == s.threshold.value).sum()) for t, s in zip(tau_bits, trims, strict=True)
+    ]
+    # In pieces, each starting from the ties the previous one met, the bits are the same.
+    pieces = torch.empty(n, dtype=dtype)
+    before = [0, 0, 0]
+    for start in range(0, n, 7919):
+        stop = min(n, start + 7919)
+        states = [TrimState(s.threshold, b) for s, b in zip(trims, before, strict=True)]
+        after = ties_into(
+            pieces[start:stop],
+            base[start:stop],
+            [m[start:stop] for m in models],
+            _form(params),
+            weights,
+            states,
+        )
+        assert after is not None
+        before = after
+    assert torch.equal(_bits(pieces), _bits(expected))
+
+
+def test_ties_reports_nan_instead_of_merging_it() -> None:
+    base, model = _task_pair(0, 1000, torch.bfloat16, 0.0)
+    model[10] = float("nan")
+    trim = TrimState(magnitude_threshold_with_ties(torch.ones(4), 2)[0], 0)
+    out = torch.empty(1000, dtype=torch.bfloat16)
+    assert ties_into(out, base, [model], _form({}), [1.0], [trim]) is None
+
+
+@pytest.mark.parametrize(
+    ("chunk_elements", "whole_trim_elements"), [(1 << 22, 1 << 26), (2048, 4096)]
+)
+def test_a_ties_merge_writes_the_same_bytes_with_and_without_the_loops(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_elements: int,
+    whole_trim_elements: int,
+) -> None:
+    """Whole tensors (thresholds found by the fused pass) and row chunks (thresholds from
+    the streaming pre-pass, ties carried from chunk to chunk)."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"embed.weight": (520, 256), "mlp.weight": (300, 256), "norm.weight": (256,)}
+    base = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    for index in range(4):
+        folder = tmp_path / f"m{index}"
+        folder.mkdir()
+        tensors = {
+            name: (
+                t + torch.round(0.01 * torch.randn(t.shape, generator=generator) / 0.002) * 0.002
+                if index
+                else t
+            ).bfloat16()
+            for name, t in base.items()
+        }
+        save_file(tensors, folder / "model.safetensors")
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+    document: dict[str, Any] = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "m0"),
+        "models": [
+            {"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 0.5 * i, "density": 0.2}}
+            for i in (1, 2, 3)
+        ],
+        "dtype": "bfloat16",
+    }
+    options = MergeOptions(chunk_elements=chunk_elements, whole_trim_elements=whole_trim_elements)
+    results: list[Any] = []
+    thresholds: list[Any] = []
+
+    def counted_ties(*args: Any) -> Any:
+        results.append(ties_into(*args))
+        return results[-1]
+
+    def counted_threshold(*args: Any) -> Any:
+        thresholds.append(trim_threshold(*args))
+        return thresholds[-1]
+
+    monkeypatch.setattr(piece_merger, "ties_into", counted_ties)
+    monkeypatch.setattr(piece_merger, "trim_threshold", counted_threshold)
+    run_merge(parse_recipe(document), tmp_path / "fused", options)
+    assert results and all(r is not None for r in results)
+    if whole_trim_elements > 1 << 20:  # embed and mlp of 3 models; norm is too small
+        assert sum(t is not None for t in thresholds) == 6
+    monkeypatch.setattr(piece_merger, "ties_into", lambda *args: None)
+    monkeypatch.setattr(piece_merger, "trim_threshold", lambda *args: None)
+    run_merge(parse_recipe(document), tmp_path / "torch", options)
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
         tmp_path / "torch" / "model.safetensors"
     ).read_bytes()
