@@ -576,6 +576,74 @@ static PyObject *py_bracket(PyObject *self, PyObject *args) {
                                                a.nan_seen);
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * How many entries have |x - b| exactly at a threshold (bit pattern): the ties a piece
+ * meets before a given entry, so that a TIES merge can be split between threads.
+ */
+typedef struct {
+    const void *x, *base;
+    int64_t n;
+    uint32_t thr;
+    int64_t count;
+} count_args;
+
+static inline __attribute__((always_inline)) void count_loop(count_args *a, const int in_dtype) {
+    const void *x = a->x, *base = a->base;
+    const uint32_t thr = a->thr;
+    int64_t count = 0;
+    enum { CHUNK = 4096 };
+    for (int64_t start = 0; start < a->n; start += CHUNK) {
+        const int64_t stop = a->n - start < CHUNK ? a->n : start + CHUNK;
+        uint32_t c = 0;
+        for (int64_t j = start; j < stop; j++)
+            c += magnitude_bits(load(x, j, in_dtype) - load(base, j, in_dtype)) == thr;
+        count += c;
+    }
+    a->count = count;
+}
+
+CLONES static void count_bf16(count_args *a) { count_loop(a, BF16); }
+CLONES static void count_f32(count_args *a) { count_loop(a, F32); }
+#if HAS_F16
+CLONES static void count_f16(count_args *a) { count_loop(a, F16); }
+#endif
+
+PyDoc_STRVAR(count_doc,
+             "count_at(x, base, dtype, n, thr_bits)\n\n"
+             "How many of n entries have |x - base| with the magnitude bit pattern thr_bits.");
+
+static PyObject *py_count_at(PyObject *self, PyObject *args) {
+    count_args a;
+    memset(&a, 0, sizeof(a));
+    PyObject *x_obj, *base_obj;
+    int dtype;
+    long long n;
+    unsigned long thr;
+    if (!PyArg_ParseTuple(args, "OOiLk", &x_obj, &base_obj, &dtype, &n, &thr)) return NULL;
+    a.x = PyLong_AsVoidPtr(x_obj);
+    a.base = PyLong_AsVoidPtr(base_obj);
+    if (PyErr_Occurred()) return NULL;
+    if (a.x == NULL || a.base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "count_at: null pointer");
+        return NULL;
+    }
+    a.n = (int64_t)n;
+    a.thr = (uint32_t)thr;
+    void (*fn)(count_args *) = NULL;
+    if (dtype == BF16) fn = count_bf16;
+    else if (dtype == F32) fn = count_f32;
+#if HAS_F16
+    else if (dtype == F16) fn = count_f16;
+#endif
+    if (fn == NULL) {
+        PyErr_SetString(PyExc_ValueError, "count_at: unsupported dtype code");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_END_ALLOW_THREADS return PyLong_FromLongLong((long long)a.count);
+}
+
 PyDoc_STRVAR(ties_doc,
              "ties(out, out_dtype, inputs, base, in_dtype, weights, thresholds, keep_at, seen, "
              "threshold_rule, weighted_election, frequency, divisor, lam, n)\n\n"
@@ -649,6 +717,7 @@ static PyMethodDef methods[] = {
     {"weighted", py_weighted, METH_VARARGS, weighted_doc},
     {"ties", py_ties, METH_VARARGS, ties_doc},
     {"bracket", py_bracket, METH_VARARGS, bracket_doc},
+    {"count_at", py_count_at, METH_VARARGS, count_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -38,6 +41,28 @@ def _load_extension() -> ModuleType | None:
 _fused = _load_extension()
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# A piece of at least this many entries is split between threads, one part per core (the
+# loops release the GIL), up to _MAX_PARTS.
+_SPLIT_FROM = 1 << 20
+_MAX_PARTS = 8
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_MAX_PARTS, thread_name_prefix="tureen-fused")
+        return _POOL
+
+
+def _parts(numel: int) -> list[tuple[int, int]]:
+    """Ranges ``[start, stop)`` that split ``numel`` entries between the cores."""
+    count = min(_MAX_PARTS, os.cpu_count() or 1) if numel >= _SPLIT_FROM else 1
+    step = -(-numel // count)
+    return [(start, min(numel, start + step)) for start in range(0, numel, step)]
 
 
 @dataclass(frozen=True)
@@ -100,19 +125,29 @@ def weighted_sum_into(
             return False
     if len(form.weights) != len(models):
         raise ValueError(f"{len(form.weights)} weights for {len(models)} models")
-    if numel:
-        _fused.weighted(
-            out.data_ptr(),
+    extension = _fused
+    in_size, out_size = dtype.itemsize, out.dtype.itemsize
+
+    def run(start: int, stop: int) -> None:
+        extension.weighted(
+            out.data_ptr() + start * out_size,
             out_code,
-            [m.data_ptr() for m in models],
+            [m.data_ptr() + start * in_size for m in models],
             in_code,
             list(form.weights),
             form.divisor is not None,
             form.divisor if form.divisor is not None else 1.0,
-            base.data_ptr() if base is not None else 0,
+            base.data_ptr() + start * in_size if base is not None else 0,
             form.scale,
-            numel,
+            stop - start,
         )
+
+    parts = _parts(numel)
+    if len(parts) == 1:
+        run(*parts[0])
+    else:
+        for future in [_pool().submit(run, *part) for part in parts]:
+            future.result()
     return True
 
 
@@ -209,6 +244,16 @@ def trim_threshold(
     return None  # the bracket is too high
 
 
+def trim_thresholds(
+    models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
+) -> list[tuple[MagnitudeThreshold, int] | None]:
+    """:func:`trim_threshold` for each model, the models in parallel threads."""
+    if len(models) == 1 or (os.cpu_count() or 1) == 1 or base.numel() < _SPLIT_FROM:
+        return [trim_threshold(m, base, k) for m, k in zip(models, ks, strict=True)]
+    futures = [_pool().submit(trim_threshold, m, base, k) for m, k in zip(models, ks, strict=True)]
+    return [future.result() for future in futures]
+
+
 def ties_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -245,21 +290,65 @@ def ties_into(
     ]
     if not numel:
         return [state.ties_before for state in trims]
-    seen, nan = _fused.ties(
-        out.data_ptr(),
-        out_code,
-        [m.data_ptr() for m in models],
-        base.data_ptr(),
-        in_code,
-        [float(w) for w in weights],
-        thresholds,
-        [state.threshold.keep_at_value for state in trims],
-        [state.ties_before for state in trims],
-        form.threshold_rule,
-        form.weighted_election,
-        form.frequency,
-        form.divisor,
-        form.scale,
-        numel,
-    )
-    return None if nan else list(seen)
+    extension = _fused
+    size = dtype.itemsize
+    parts = _parts(numel)
+    # Under exact_k each part must know how many tied entries came before it.
+    before = [[state.ties_before for state in trims]]
+    if len(parts) > 1 and not form.threshold_rule:
+
+        def count(model: torch.Tensor, threshold: int, start: int, stop: int) -> int:
+            return int(
+                extension.count_at(
+                    model.data_ptr() + start * size,
+                    base.data_ptr() + start * size,
+                    in_code,
+                    stop - start,
+                    threshold,
+                )
+            )
+
+        counted = [
+            [_pool().submit(count, m, t, *part) for m, t in zip(models, thresholds, strict=True)]
+            for part in parts[:-1]
+        ]
+        for part_counts in counted:
+            before.append([b + f.result() for b, f in zip(before[-1], part_counts, strict=True)])
+    else:
+        before += [before[0]] * (len(parts) - 1)
+
+    def run(start: int, stop: int, seen: list[int]) -> tuple[list[int], int]:
+        after, nan = extension.ties(
+            out.data_ptr() + start * out.dtype.itemsize,
+            out_code,
+            [m.data_ptr() + start * size for m in models],
+            base.data_ptr() + start * size,
+            in_code,
+            [float(w) for w in weights],
+            thresholds,
+            [state.threshold.keep_at_value for state in trims],
+            seen,
+            form.threshold_rule,
+            form.weighted_election,
+            form.frequency,
+            form.divisor,
+            form.scale,
+            stop - start,
+        )
+        return list(after), nan
+
+    if len(parts) == 1:
+        results = [run(*parts[0], before[0])]
+    else:
+        futures = [
+            _pool().submit(run, *part, seen) for part, seen in zip(parts, before, strict=True)
+        ]
+        results = [future.result() for future in futures]
+    if any(nan for _, nan in results):
+        return None
+    if form.threshold_rule:  # the parts counted from the same start: add up what they met
+        return [
+            state.ties_before + sum(after[i] - state.ties_before for after, _ in results)
+            for i, state in enumerate(trims)
+        ]
+    return results[-1][0]

@@ -14,12 +14,11 @@ from collections.abc import Callable
 import torch
 
 from merge_kernels.errors import RecipeError
-from merge_kernels.fused import ties_into, trim_threshold, weighted_sum_into
+from merge_kernels.fused import ties_into, trim_thresholds, weighted_sum_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
 from merge_kernels.methods.magnitude_select import (
-    MagnitudeThreshold,
     TieRule,
     magnitude_threshold_with_ties,
 )
@@ -115,10 +114,7 @@ class PieceMerger:
         base, models = raw[0], raw[1:]
         trims = self._trims_for(unit)
         if trims is None and tensor.trim == "kernel":
-            trims = tuple(
-                TrimState(self._tensor_threshold(model, base, params), 0)
-                for model, params in zip(models, tensor.params.models, strict=True)
-            )
+            trims = self._tensor_thresholds(models, base, tensor.params.models)
         if trims is None:
             return None
         weights = [float(getattr(p, "weight", 1.0)) for p in tensor.params.models]
@@ -127,16 +123,17 @@ class PieceMerger:
         return out if ties_into(out, base, models, form, weights, trims) is not None else None
 
     @staticmethod
-    def _tensor_threshold(
-        model: torch.Tensor, base: torch.Tensor, params: object
-    ) -> MagnitudeThreshold:
-        """One model's trim threshold over a whole tensor: fused where it can be."""
-        density = getattr(params, "density", None) or 1.0
-        k = trim_count(density, model.numel())
-        found = trim_threshold(model, base, k)
-        if found is None:
-            found = magnitude_threshold_with_ties(torch.sub(model.float(), base.float()), k)
-        return found[0]
+    def _tensor_thresholds(
+        models: list[torch.Tensor], base: torch.Tensor, params: tuple[object, ...]
+    ) -> tuple[TrimState, ...]:
+        """Each model's trim threshold over a whole tensor: fused where it can be."""
+        ks = [trim_count(getattr(p, "density", None) or 1.0, base.numel()) for p in params]
+        states = []
+        for model, k, found in zip(models, ks, trim_thresholds(models, base, ks), strict=True):
+            if found is None:
+                found = magnitude_threshold_with_ties(torch.sub(model.float(), base.float()), k)
+            states.append(TrimState(found[0], 0))
+        return tuple(states)
 
     def _output(self, nbytes: int) -> torch.Tensor:
         """The next output buffer in turn, ``nbytes`` long (grown as pieces need)."""

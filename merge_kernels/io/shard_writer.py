@@ -52,6 +52,21 @@ def _checksum_thread() -> ThreadPoolExecutor:
         return _CHECKSUM_THREAD
 
 
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a large piece to disk now, not at the shard's fsync.
+
+    On Linux, ``POSIX_FADV_DONTNEED`` on dirty pages queues their writeback without waiting
+    for it, so the disk works while the merge goes on and the fsync that finishes the shard
+    has little left to do (it was a second or two of every 3 GB shard). Pages still dirty or
+    under writeback stay cached.
+    """
+    if _FADV_DONTNEED is not None:
+        os.posix_fadvise(fd, offset, length, _FADV_DONTNEED)
+
+
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform == "linux" else None
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
@@ -170,6 +185,7 @@ class ShardWriter:
             _pwrite_all(self._fd, data, offset)
         finally:
             summed.result()
+        _start_writeback(self._fd, offset, len(data))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor at its planned offset.

@@ -33,6 +33,15 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 
 
+@pytest.fixture(params=["whole", "split"])
+def parts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each loop in one call, or split between five threads (as on a 5-core machine)."""
+    if request.param == "split":
+        monkeypatch.setattr(fused, "_SPLIT_FROM", 1000)
+        monkeypatch.setattr(fused.os, "cpu_count", lambda: 5)
+    return str(request.param)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
@@ -75,6 +84,7 @@ def _fused_path(
 @pytest.mark.parametrize("in_dtype", DTYPES)
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+@pytest.mark.usefixtures("parts")
 def test_linear_matches_the_torch_kernel(
     in_dtype: torch.dtype, out_dtype: torch.dtype, count: int
 ) -> None:
@@ -90,6 +100,7 @@ def test_linear_matches_the_torch_kernel(
 
 @pytest.mark.parametrize("in_dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 3, 7])
+@pytest.mark.usefixtures("parts")
 def test_task_arithmetic_matches_the_torch_kernel(in_dtype: torch.dtype, count: int) -> None:
     generator = torch.Generator().manual_seed(10 + count)
     base = torch.randn(33, 65, generator=generator).to(in_dtype)
@@ -279,6 +290,7 @@ def _form(params: dict[str, Any]) -> ConsensusForm:
 
 @pytest.mark.parametrize("params", TIES_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("parts")
 def test_ties_matches_the_torch_kernel(params: dict[str, Any], dtype: torch.dtype) -> None:
     n, weights, densities = 100_003, [0.5, 1.0, 1.5], [0.2, 0.1, 0.3]
     base, first = _task_pair(1, n, dtype, 0.002)  # many ties at the thresholds
@@ -337,6 +349,7 @@ def test_ties_reports_nan_instead_of_merging_it() -> None:
 @pytest.mark.parametrize(
     ("chunk_elements", "whole_trim_elements"), [(1 << 22, 1 << 26), (2048, 4096)]
 )
+@pytest.mark.usefixtures("parts")
 def test_a_ties_merge_writes_the_same_bytes_with_and_without_the_loops(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -383,13 +396,13 @@ def test_a_ties_merge_writes_the_same_bytes_with_and_without_the_loops(
         return thresholds[-1]
 
     monkeypatch.setattr(piece_merger, "ties_into", counted_ties)
-    monkeypatch.setattr(piece_merger, "trim_threshold", counted_threshold)
+    monkeypatch.setattr(fused, "trim_threshold", counted_threshold)
     run_merge(parse_recipe(document), tmp_path / "fused", options)
     assert results and all(r is not None for r in results)
     if whole_trim_elements > 1 << 20:  # embed and mlp of 3 models; norm is too small
         assert sum(t is not None for t in thresholds) == 6
     monkeypatch.setattr(piece_merger, "ties_into", lambda *args: None)
-    monkeypatch.setattr(piece_merger, "trim_threshold", lambda *args: None)
+    monkeypatch.setattr(fused, "trim_threshold", lambda *args: None)
     run_merge(parse_recipe(document), tmp_path / "torch", options)
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
         tmp_path / "torch" / "model.safetensors"
