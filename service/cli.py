@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import sys
@@ -264,5 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``tureen`` program: :func:`main`, then exit with its status."""
+    status = main()
+    # The command is done and the process ends here: spare the interpreter's last garbage
+    # collections over every object torch created (about 0.3 s of every command's exit).
+    gc.freeze()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,11 +11,10 @@ import argparse
 import ipaddress
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from service.settings import ConfigFileError, ServiceSettings, load_settings
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,12 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     Raises:
         ConfigFileError: the config file is unreadable, or a setting is invalid.
     """
+    # Imported here: every other command builds this parser, and none of them needs the
+    # settings machinery (about 0.2 s of imports).
+    from pydantic import ValidationError
+
+    from service.settings import ConfigFileError, load_settings
+
     overrides = {
         "host": args.host,
         "port": args.port,
