@@ -7,6 +7,10 @@ adversary, so a CRC is enough; and it is cheap where a cryptographic hash is not
 CRC-32 runs at about 3.7 GB/s on one core here, SHA-256 at 1.4 GB/s, and on a small machine
 the output's hash competed with the merge itself for the cores.
 
+The CRC is zlib's, computed by the C extension (``merge_kernels._fused.crc32``: folded with
+carry-less multiplies, about 6 GB/s) where it was built, else by :func:`zlib.crc32`: the
+same function either way, so a shard checksummed by one verifies with the other.
+
 Each piece's CRC is computed when the piece is written, while its bytes are still in the
 CPU cache, and the pieces' CRCs are joined in file order at the end (``crc32_combine``, as
 zlib's), so pieces may be written in any order and no bytes are held for hashing:
@@ -18,9 +22,23 @@ zlib's), so pieces may be written in any order and no bytes are held for hashing
 
 from __future__ import annotations
 
+import importlib
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+
+
+def _crc_function() -> Callable[..., int]:
+    try:
+        extension = importlib.import_module("merge_kernels._fused")
+    except ImportError:
+        return zlib.crc32
+    crc: Callable[..., int] = extension.crc32
+    return crc
+
+
+crc32 = _crc_function()  # crc32(data, value=0), as zlib.crc32
 
 PREFIX = "crc32:"
 _READ_BYTES = 16 * 1024 * 1024
@@ -84,7 +102,7 @@ class RangeChecksum:
         view = memoryview(data).cast("B")
         if not len(view):
             return
-        crc = zlib.crc32(view)
+        crc = crc32(view)
         with self._lock:
             self._pieces.append((offset, len(view), crc))
 
@@ -122,6 +140,6 @@ def file_checksum(path: Path) -> str:
             got = handle.readinto(buffer)
             if not got:
                 break
-            crc = zlib.crc32(view[:got], crc)
+            crc = crc32(view[:got], crc)
             length += got
     return format_checksum(crc, length)

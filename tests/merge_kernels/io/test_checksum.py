@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_kernels.io.checksum import RangeChecksum, crc32_combine, file_checksum
+from merge_kernels.io.checksum import crc32 as checksum_crc32
 
 
 def definition(data: bytes) -> str:
@@ -91,3 +92,16 @@ def test_every_byte_and_the_length_count(tmp_path: Path) -> None:
         assert file_checksum(path) != original
     path.write_bytes(data + b"\0")  # appended zeros change it too
     assert file_checksum(path) != original
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2000), value=st.integers(0, 2**32 - 1))
+def test_the_checksums_crc_is_zlibs(data: bytes, value: int) -> None:
+    """The extension's folded CRC (or zlib itself, without the extension) is zlib.crc32."""
+    assert checksum_crc32(data, value) == zlib.crc32(data, value)
+
+
+def test_the_checksums_crc_is_zlibs_on_long_unaligned_views() -> None:
+    data = memoryview(os.urandom((1 << 20) + 333))
+    for start in (0, 1, 7, 15, 16, 64):
+        assert checksum_crc32(data[start:]) == zlib.crc32(data[start:])
