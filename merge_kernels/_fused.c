@@ -4,7 +4,7 @@
  * steps as separate passes and casts the result. These loops do the same arithmetic per
  * entry in one pass (widen to float32, the same float32 operations in the same order, one
  * rounding to the output dtype), so their output is bit-identical to the torch path's;
- * tests/test_fused_kernels.py checks that against the torch kernels.
+ * tests/merge_kernels/test_fused.py checks that against the torch kernels.
  *
  * dtype codes: 0 float32, 1 bfloat16, 2 float16 (the last only where the compiler has
  * _Float16). Pointers arrive as integers from torch's data_ptr(); the GIL is released while
@@ -378,7 +378,7 @@ static inline __attribute__((always_inline)) void ties_loop(
         }
         /* Under exact_k a block keeps all its tied entries while the budget lasts and none
          * after; only the block where it runs out keeps some, and goes entry by entry. */
-        uint32_t all[MAX_INPUTS];
+        uint32_t all[MAX_INPUTS] = {0};
         int partial = 0;
         for (int i = 0; i < k; i++) {
             if (a->threshold_rule || a->seen[i] + ties[i] <= a->keep_at[i]) all[i] = 1;
@@ -835,7 +835,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "merge_kernels._fused",
-    "Fused CPU merge loops (see merge_kernels/fused.py).", -1, methods,
+    "Fused CPU merge loops (see merge_kernels/fused.py).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fused(void) {

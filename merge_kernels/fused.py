@@ -92,6 +92,31 @@ def _code(dtype: torch.dtype) -> int | None:
     return code
 
 
+def handles(
+    out: torch.Tensor | torch.dtype,
+    models: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+) -> bool:
+    """Whether the loops take these tensors: the extension is built, 1 to 8 models, every
+    input a contiguous CPU tensor of one shape and one dtype, the output too (or, given as
+    a dtype, about to be made so), each dtype float32, bfloat16 or float16."""
+    if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS or not inputs:
+        return False
+    dtype = inputs[0].dtype
+    out_dtype = out if isinstance(out, torch.dtype) else out.dtype
+    if _code(dtype) is None or _code(out_dtype) is None:
+        return False
+    numel = inputs[0].numel()
+    tensors = [*inputs] if isinstance(out, torch.dtype) else [out, *inputs]
+    return all(
+        t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.numel() == numel
+        and (t is out or t.dtype == dtype)
+        for t in tensors
+    )
+
+
 def weighted_sum_into(
     out: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -107,24 +132,15 @@ def weighted_sum_into(
         True when ``out`` holds the result; False when the inputs are not handled (``out``
         is untouched and the caller takes the torch path).
     """
-    if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS:
-        return False
     inputs = [*models, *([base] if base is not None else [])]
-    dtype = inputs[0].dtype
-    in_code, out_code = _code(dtype), _code(out.dtype)
-    if in_code is None or out_code is None:
+    if _fused is None or not handles(out, models, inputs):
         return False
-    numel = out.numel()
-    for tensor in (out, *inputs):
-        if (
-            tensor.device.type != "cpu"
-            or not tensor.is_contiguous()
-            or tensor.numel() != numel
-            or (tensor is not out and tensor.dtype != dtype)
-        ):
-            return False
     if len(form.weights) != len(models):
         raise ValueError(f"{len(form.weights)} weights for {len(models)} models")
+    dtype = inputs[0].dtype
+    in_code, out_code = _code(dtype), _code(out.dtype)
+    assert in_code is not None and out_code is not None
+    numel = out.numel()
     extension = _fused
     in_size, out_size = dtype.itemsize, out.dtype.itemsize
 
@@ -270,21 +286,12 @@ def ties_into(
         inputs or met a NaN (``out`` may be partly written; the caller takes the torch
         path, which reports the NaN).
     """
-    if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS:
+    if _fused is None or not handles(out, models, [base, *models]):
         return None
     dtype = base.dtype
     in_code, out_code = _code(dtype), _code(out.dtype)
-    if in_code is None or out_code is None:
-        return None
+    assert in_code is not None and out_code is not None
     numel = out.numel()
-    for tensor in (out, base, *models):
-        if (
-            tensor.device.type != "cpu"
-            or not tensor.is_contiguous()
-            or tensor.numel() != numel
-            or (tensor is not out and tensor.dtype != dtype)
-        ):
-            return None
     thresholds = [
         _KEEP_NONE if state.threshold.k == 0 else _bits(state.threshold.value) for state in trims
     ]

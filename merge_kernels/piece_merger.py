@@ -1,7 +1,7 @@
 """Merging one piece of work: a tensor or a row chunk of it, read from every input.
 
-A method that is one weighted sum per entry runs, on the CPU, as one fused loop over the
-inputs in their stored dtype (:mod:`merge_kernels.fused`). Otherwise the inputs are
+Soups, task arithmetic and TIES run, on the CPU, as fused loops over the inputs in their
+stored dtype (:mod:`merge_kernels.fused`). Otherwise the inputs are
 converted to float32 (into buffers reused from piece to piece), the kernel gets its context
 (tensor name, seed, model indices, chunk offset, trim thresholds) and the result is cast
 once to the output dtype.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from merge_kernels.errors import RecipeError
-from merge_kernels.fused import ties_into, trim_thresholds, weighted_sum_into
+from merge_kernels.fused import handles, ties_into, trim_thresholds, weighted_sum_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
@@ -112,6 +112,8 @@ class PieceMerger:
         if form is None or not self.plan.has_base:
             return None
         base, models = raw[0], raw[1:]
+        if not handles(torch_dtype(tensor.dtype), models, raw):
+            return None  # before finding thresholds that the torch path would find again
         trims = self._trims_for(unit)
         if trims is None and tensor.trim == "kernel":
             trims = self._tensor_thresholds(models, base, tensor.params.models)

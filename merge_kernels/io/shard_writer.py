@@ -52,6 +52,9 @@ def _checksum_thread() -> ThreadPoolExecutor:
         return _CHECKSUM_THREAD
 
 
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform == "linux" else None
+
+
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a large piece to disk now, not at the shard's fsync.
 
@@ -62,9 +65,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _FADV_DONTNEED is not None:
         os.posix_fadvise(fd, offset, length, _FADV_DONTNEED)
-
-
-_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform == "linux" else None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
