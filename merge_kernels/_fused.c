@@ -68,6 +68,30 @@ static inline void store(void *p, int64_t j, int dtype, float v) {
     }
 }
 
+/* The (input dtype, output dtype) pairs each loop is built for; TIES, whose loop is large,
+ * for the usual ones only (each pair is 8 specialisations of k, times the CPU clones). */
+#if HAS_F16
+#define TIES_PAIRS(X) X(BF16, BF16) X(BF16, F32) X(F32, F32) X(F32, BF16) X(F16, F16) X(F16, F32)
+#define WEIGHTED_PAIRS(X) TIES_PAIRS(X) X(BF16, F16) X(F32, F16) X(F16, BF16)
+#else
+#define TIES_PAIRS(X) X(BF16, BF16) X(BF16, F32) X(F32, F32) X(F32, BF16)
+#define WEIGHTED_PAIRS(X) TIES_PAIRS(X)
+#endif
+
+/* The loop with k (the number of models) a compile-time constant, so that the loop over
+ * models unrolls and the loop over entries vectorises. */
+#define SWITCH_K(LOOP, a, IN, OUT)                \
+    switch ((a)->k) {                             \
+        case 1: LOOP(a, 1, IN, OUT); break;       \
+        case 2: LOOP(a, 2, IN, OUT); break;       \
+        case 3: LOOP(a, 3, IN, OUT); break;       \
+        case 4: LOOP(a, 4, IN, OUT); break;       \
+        case 5: LOOP(a, 5, IN, OUT); break;       \
+        case 6: LOOP(a, 6, IN, OUT); break;       \
+        case 7: LOOP(a, 7, IN, OUT); break;       \
+        default: LOOP(a, 8, IN, OUT); break;      \
+    }
+
 /* ---------------------------------------------------------------------------------------
  * Weighted sums: linear (no base) and task arithmetic (with a base).
  *
@@ -119,50 +143,16 @@ static inline __attribute__((always_inline)) void weighted_loop(
     }
 }
 
-/* One specialisation per (input dtype, output dtype) with k a compile-time constant, so the
- * loop over inputs unrolls and the loop over entries vectorises. */
-#define WEIGHTED_K(IN, OUT)                                                   \
-    CLONES static void weighted_##IN##_##OUT(const weighted_args *a) {        \
-        switch (a->k) {                                                       \
-            case 1: weighted_loop(a, 1, IN, OUT); break;                      \
-            case 2: weighted_loop(a, 2, IN, OUT); break;                      \
-            case 3: weighted_loop(a, 3, IN, OUT); break;                      \
-            case 4: weighted_loop(a, 4, IN, OUT); break;                      \
-            case 5: weighted_loop(a, 5, IN, OUT); break;                      \
-            case 6: weighted_loop(a, 6, IN, OUT); break;                      \
-            case 7: weighted_loop(a, 7, IN, OUT); break;                      \
-            default: weighted_loop(a, 8, IN, OUT); break;                     \
-        }                                                                     \
-    }
-
-WEIGHTED_K(BF16, BF16)
-WEIGHTED_K(BF16, F32)
-WEIGHTED_K(F32, F32)
-WEIGHTED_K(F32, BF16)
-#if HAS_F16
-WEIGHTED_K(F16, F16)
-WEIGHTED_K(F16, F32)
-WEIGHTED_K(BF16, F16)
-WEIGHTED_K(F32, F16)
-WEIGHTED_K(F16, BF16)
-#endif
+#define DEFINE_WEIGHTED(IN, OUT) \
+    CLONES static void weighted_##IN##_##OUT(const weighted_args *a) { SWITCH_K(weighted_loop, a, IN, OUT) }
+WEIGHTED_PAIRS(DEFINE_WEIGHTED)
 
 typedef void (*weighted_fn)(const weighted_args *);
 
 static weighted_fn pick_weighted(int in_dtype, int out_dtype) {
 #define PICK(IN, OUT) \
     if (in_dtype == IN && out_dtype == OUT) return weighted_##IN##_##OUT;
-    PICK(BF16, BF16)
-    PICK(BF16, F32)
-    PICK(F32, F32)
-    PICK(F32, BF16)
-#if HAS_F16
-    PICK(F16, F16)
-    PICK(F16, F32)
-    PICK(BF16, F16)
-    PICK(F32, F16)
-    PICK(F16, BF16)
-#endif
+    WEIGHTED_PAIRS(PICK)
 #undef PICK
     return NULL;
 }
@@ -417,42 +407,16 @@ static inline __attribute__((always_inline)) void ties_loop(
     }
 }
 
-#define TIES_K(IN, OUT)                                               \
-    CLONES static void ties_##IN##_##OUT(ties_args *a) {              \
-        switch (a->k) {                                               \
-            case 1: ties_loop(a, 1, IN, OUT); break;                  \
-            case 2: ties_loop(a, 2, IN, OUT); break;                  \
-            case 3: ties_loop(a, 3, IN, OUT); break;                  \
-            case 4: ties_loop(a, 4, IN, OUT); break;                  \
-            case 5: ties_loop(a, 5, IN, OUT); break;                  \
-            case 6: ties_loop(a, 6, IN, OUT); break;                  \
-            case 7: ties_loop(a, 7, IN, OUT); break;                  \
-            default: ties_loop(a, 8, IN, OUT); break;                 \
-        }                                                             \
-    }
-
-TIES_K(BF16, BF16)
-TIES_K(BF16, F32)
-TIES_K(F32, F32)
-TIES_K(F32, BF16)
-#if HAS_F16
-TIES_K(F16, F16)
-TIES_K(F16, F32)
-#endif
+#define DEFINE_TIES(IN, OUT) \
+    CLONES static void ties_##IN##_##OUT(ties_args *a) { SWITCH_K(ties_loop, a, IN, OUT) }
+TIES_PAIRS(DEFINE_TIES)
 
 typedef void (*ties_fn)(ties_args *);
 
 static ties_fn pick_ties(int in_dtype, int out_dtype) {
 #define PICK(IN, OUT) \
     if (in_dtype == IN && out_dtype == OUT) return ties_##IN##_##OUT;
-    PICK(BF16, BF16)
-    PICK(BF16, F32)
-    PICK(F32, F32)
-    PICK(F32, BF16)
-#if HAS_F16
-    PICK(F16, F16)
-    PICK(F16, F32)
-#endif
+    TIES_PAIRS(PICK)
 #undef PICK
     return NULL;
 }
@@ -838,6 +802,25 @@ static struct PyModuleDef module = {
     "Fused CPU merge loops (see merge_kernels/fused.py).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
+/* A set of the (input, output) dtype code pairs that LIST names. */
+#define PAIR_ITEM(IN, OUT)                                                  \
+    if (ok) {                                                              \
+        PyObject *item = Py_BuildValue("(ii)", IN, OUT);                   \
+        ok = item != NULL && PySet_Add(set, item) == 0;                    \
+        Py_XDECREF(item);                                                  \
+    }
+#define PAIR_SET(LIST, name)                                                \
+    {                                                                      \
+        PyObject *set = PyFrozenSet_New(NULL);                             \
+        int ok = set != NULL;                                              \
+        LIST(PAIR_ITEM)                                                    \
+        if (!ok || PyModule_AddObject(m, name, set) < 0) {                 \
+            Py_XDECREF(set);                                               \
+            Py_DECREF(m);                                                  \
+            return NULL;                                                   \
+        }                                                                  \
+    }
+
 PyMODINIT_FUNC PyInit__fused(void) {
     crc_table_init();
     clmul_ok = has_clmul();
@@ -849,5 +832,7 @@ PyMODINIT_FUNC PyInit__fused(void) {
         Py_DECREF(m);
         return NULL;
     }
+    PAIR_SET(WEIGHTED_PAIRS, "WEIGHTED_PAIRS")
+    PAIR_SET(TIES_PAIRS, "TIES_PAIRS")
     return m;
 }

@@ -1,17 +1,17 @@
-"""Fused CPU loops for the merges that are one weighted sum per entry.
+"""Fused CPU loops for soups, task arithmetic and TIES.
 
-Linear soups and task arithmetic compute, for every entry, the same few float32 operations
-over their inputs. Through torch that is one pass per step: each input widened to float32
-in a buffer, a multiply, an add per model, a divide, the cast to the output dtype. On a
-machine with few cores those passes, not the file IO, bound the merge. The C extension
-``merge_kernels._fused`` (built from ``_fused.c`` at install time, when a C compiler is
-there) runs them as one loop that reads every input once in its stored dtype, does the same
-float32 operations in the same order (fused multiply-adds where torch uses them) and rounds
-once, so its output is bit-identical to the torch path's; without the extension, or for
-inputs it does not handle, the merge takes the torch path.
+Through torch a merge is one pass per step over each piece: every input widened to float32
+in a buffer, a multiply, an add per model, masks, votes and counts for TIES, a divide, the
+cast to the output dtype. On a machine with few cores those passes, not the file IO, bound
+the merge. The C extension ``merge_kernels._fused`` (built from ``_fused.c`` at install
+time, when a C compiler is there) runs them as one loop that reads every input once in its
+stored dtype, does the same float32 operations in the same order (fused multiply-adds where
+torch uses them) and rounds once, so its output is bit-identical to the torch path's;
+without the extension, or for inputs it does not handle, the merge takes the torch path.
 
-A method opts in by giving its :class:`~merge_kernels.registry.MethodSpec` a
-``weighted_form``: its parameters as a :class:`WeightedSum`.
+A method opts in through its :class:`~merge_kernels.registry.MethodSpec`: a
+``weighted_form`` (its parameters as a :class:`WeightedSum`) or a ``consensus_form`` (as a
+:class:`ConsensusForm`, for TIES). Large pieces are split between threads, one per core.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Literal
 
 import torch
 
 from merge_kernels.methods.kernel import TrimState
 from merge_kernels.methods.magnitude_select import MagnitudeThreshold
+from merge_kernels.thread_pools import shared_pool
 
 
 def _load_extension() -> ModuleType | None:
@@ -46,16 +47,10 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # loops release the GIL), up to _MAX_PARTS.
 _SPLIT_FROM = 1 << 20
 _MAX_PARTS = 8
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(_MAX_PARTS, thread_name_prefix="tureen-fused")
-        return _POOL
+    return shared_pool("fused", _MAX_PARTS)
 
 
 def _parts(numel: int) -> list[tuple[int, int]]:
@@ -85,26 +80,27 @@ def available() -> bool:
 
 
 def _code(dtype: torch.dtype) -> int | None:
-    assert _fused is not None
-    code = _CODES.get(dtype)
-    if code == 2 and not _fused.HAS_F16:
-        return None
-    return code
+    return _CODES.get(dtype)
+
+
+Loop = Literal["weighted", "ties"]
 
 
 def handles(
+    loop: Loop,
     out: torch.Tensor | torch.dtype,
     models: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor],
 ) -> bool:
-    """Whether the loops take these tensors: the extension is built, 1 to 8 models, every
+    """Whether ``loop`` takes these tensors: the extension is built, 1 to 8 models, every
     input a contiguous CPU tensor of one shape and one dtype, the output too (or, given as
-    a dtype, about to be made so), each dtype float32, bfloat16 or float16."""
+    a dtype, about to be made so), and the loop built for that pair of dtypes."""
     if _fused is None or not 1 <= len(models) <= _fused.MAX_INPUTS or not inputs:
         return False
     dtype = inputs[0].dtype
     out_dtype = out if isinstance(out, torch.dtype) else out.dtype
-    if _code(dtype) is None or _code(out_dtype) is None:
+    pairs = _fused.WEIGHTED_PAIRS if loop == "weighted" else _fused.TIES_PAIRS
+    if (_code(dtype), _code(out_dtype)) not in pairs:
         return False
     numel = inputs[0].numel()
     tensors = [*inputs] if isinstance(out, torch.dtype) else [out, *inputs]
@@ -133,7 +129,7 @@ def weighted_sum_into(
         is untouched and the caller takes the torch path).
     """
     inputs = [*models, *([base] if base is not None else [])]
-    if _fused is None or not handles(out, models, inputs):
+    if _fused is None or not handles("weighted", out, models, inputs):
         return False
     if len(form.weights) != len(models):
         raise ValueError(f"{len(form.weights)} weights for {len(models)} models")
@@ -210,18 +206,14 @@ def trim_threshold(
     on the torch path, which is exact too.
     """
     n = model.numel()
-    code = _code(model.dtype) if _fused is not None else None
     if (
-        code is None
-        or n <= _SMALL_TRIM
+        n <= _SMALL_TRIM
         or not 0 < k < n
-        or base.dtype != model.dtype
-        or base.numel() != n
-        or not (model.is_contiguous() and base.is_contiguous())
-        or model.device.type != "cpu"
+        or not handles("ties", model.dtype, [model], [base, model])
     ):
         return None
     assert _fused is not None
+    code = _code(model.dtype)
     flat_model, flat_base = model.reshape(-1), base.reshape(-1)
     stride = max(1, n // max(_SAMPLE_MIN, n // _SAMPLE_EVERY)) | 1
     first = stride // 2
@@ -286,7 +278,7 @@ def ties_into(
         inputs or met a NaN (``out`` may be partly written; the caller takes the torch
         path, which reports the NaN).
     """
-    if _fused is None or not handles(out, models, [base, *models]):
+    if _fused is None or not handles("ties", out, models, [base, *models]):
         return None
     dtype = base.dtype
     in_code, out_code = _code(dtype), _code(out.dtype)

@@ -112,7 +112,7 @@ class PieceMerger:
         if form is None or not self.plan.has_base:
             return None
         base, models = raw[0], raw[1:]
-        if not handles(torch_dtype(tensor.dtype), models, raw):
+        if not handles("ties", torch_dtype(tensor.dtype), models, raw):
             return None  # before finding thresholds that the torch path would find again
         trims = self._trims_for(unit)
         if trims is None and tensor.trim == "kernel":

@@ -7,7 +7,6 @@ in the same order, so they share this one definition.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,13 +14,12 @@ import torch
 
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.plan import MergePlan, TensorPlan
+from merge_kernels.thread_pools import shared_pool
 
 READ_THREADS = 8  # most inputs read at once; fewer on a machine with fewer cores
 # Below this many cores the merge itself keeps them busy, and parallel reads would only add
 # memory in flight (about 0.1 GB measured on two cores, for no speed).
 PARALLEL_READS_FROM_CORES = 4
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
 
 PieceKey = tuple[str, int | None]
 
@@ -71,14 +69,7 @@ def _read_one(checkpoint: Checkpoint, source: str, unit: Piece) -> torch.Tensor:
 
 
 def _readers() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(
-                max_workers=min(READ_THREADS, os.cpu_count() or 1),
-                thread_name_prefix="tureen-input",
-            )
-        return _POOL
+    return shared_pool("input", min(READ_THREADS, os.cpu_count() or 1))
 
 
 def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:

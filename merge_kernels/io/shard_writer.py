@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +27,7 @@ from merge_kernels.io.checksum import RangeChecksum
 from merge_kernels.io.dtypes import dtype_code
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec
 from merge_kernels.io.staging import fsync_dir
+from merge_kernels.thread_pools import shared_pool
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -40,16 +39,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 _PARALLEL_CHECKSUM_BYTES = 1 << 20
-_CHECKSUM_THREAD: ThreadPoolExecutor | None = None
-_CHECKSUM_LOCK = threading.Lock()
-
-
-def _checksum_thread() -> ThreadPoolExecutor:
-    global _CHECKSUM_THREAD
-    with _CHECKSUM_LOCK:
-        if _CHECKSUM_THREAD is None:
-            _CHECKSUM_THREAD = ThreadPoolExecutor(1, thread_name_prefix="tureen-checksum")
-        return _CHECKSUM_THREAD
 
 
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform == "linux" else None
@@ -180,7 +169,7 @@ class ShardWriter:
             self._checksum.add(offset, data)
             _pwrite_all(self._fd, data, offset)
             return
-        summed = _checksum_thread().submit(self._checksum.add, offset, data)
+        summed = shared_pool("checksum", 1).submit(self._checksum.add, offset, data)
         try:
             _pwrite_all(self._fd, data, offset)
         finally:

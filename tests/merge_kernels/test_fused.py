@@ -407,3 +407,13 @@ def test_a_ties_merge_writes_the_same_bytes_with_and_without_the_loops(
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
         tmp_path / "torch" / "model.safetensors"
     ).read_bytes()
+
+
+def test_ties_declines_dtype_pairs_its_loop_was_not_built_for() -> None:
+    """bf16 inputs to a float16 output: the TIES loop is not built for it (the torch path
+    merges it); asking must not raise."""
+    base, model = _task_pair(0, 1000, torch.bfloat16, 0.0)
+    out = torch.empty(1000, dtype=torch.float16)
+    trim = TrimState(magnitude_threshold_with_ties(torch.ones(4), 2)[0], 0)
+    assert not fused.handles("ties", out, [model], [base, model])
+    assert ties_into(out, base, [model], _form({}), [1.0], [trim]) is None
