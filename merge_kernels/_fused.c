@@ -351,31 +351,39 @@ static inline __attribute__((always_inline)) void ties_loop(
     void *out = a->out;
     for (int64_t start = 0; start < n; start += TIE_BLOCK) {
         const int64_t stop = n - start < TIE_BLOCK ? n : start + TIE_BLOCK;
-        /* How many entries of this block sit exactly at each model's threshold (and any NaN)? */
-        uint32_t nan = 0;
-        uint32_t ties[MAX_INPUTS] = {0};
-        for (int64_t j = start; j < stop; j++) {
-            const float b = load(base, j, in_dtype);
-            for (int i = 0; i < k; i++) {
-                const uint32_t m = magnitude_bits(load(x[i], j, in_dtype) - b);
-                ties[i] += (m == thr[i]);
-                nan |= (m > 0x7F800000u);
-            }
-        }
-        if (nan) {
-            a->nan_seen = 1;
-            return;
-        }
         /* Under exact_k a block keeps all its tied entries while the budget lasts and none
-         * after; only the block where it runs out keeps some, and goes entry by entry. */
+         * after; only the block where it runs out keeps some, and goes entry by entry. To
+         * know which, a block first counts its ties, but only while some budget is left:
+         * ties are kept lowest index first, so most of a tensor comes after that. */
         uint32_t all[MAX_INPUTS] = {0};
-        int partial = 0;
-        for (int i = 0; i < k; i++) {
-            if (a->threshold_rule || a->seen[i] + ties[i] <= a->keep_at[i]) all[i] = 1;
-            else if (a->seen[i] >= a->keep_at[i]) all[i] = 0;
-            else partial = 1;
+        int partial = 0, open = 0;
+        for (int i = 0; i < k; i++) open |= !a->threshold_rule && a->seen[i] < a->keep_at[i];
+        if (open) {
+            uint32_t nan = 0;
+            uint32_t ties[MAX_INPUTS] = {0};
+            for (int64_t j = start; j < stop; j++) {
+                const float b = load(base, j, in_dtype);
+                for (int i = 0; i < k; i++) {
+                    const uint32_t m = magnitude_bits(load(x[i], j, in_dtype) - b);
+                    ties[i] += (m == thr[i]);
+                    nan |= (m > 0x7F800000u);
+                }
+            }
+            if (nan) {
+                a->nan_seen = 1;
+                return;
+            }
+            for (int i = 0; i < k; i++) {
+                if (a->threshold_rule || a->seen[i] + ties[i] <= a->keep_at[i]) all[i] = 1;
+                else if (a->seen[i] >= a->keep_at[i]) all[i] = 0;
+                else partial = 1;
+            }
+        } else {
+            for (int i = 0; i < k; i++) all[i] = (uint32_t)a->threshold_rule;
         }
         if (!partial) { /* the common case: a comparison per model, vectorised */
+            uint32_t nan = 0;
+            uint32_t ties[MAX_INPUTS] = {0};
             for (int64_t j = start; j < stop; j++) {
                 const float b = load(base, j, in_dtype);
                 float t[MAX_INPUTS], keepf[MAX_INPUTS];
@@ -383,8 +391,14 @@ static inline __attribute__((always_inline)) void ties_loop(
                     t[i] = load(x[i], j, in_dtype) - b;
                     const uint32_t m = magnitude_bits(t[i]);
                     keepf[i] = ((m > thr[i]) | (all[i] & (m == thr[i]))) ? 1.0f : 0.0f;
+                    ties[i] += (m == thr[i]);
+                    nan |= (m > 0x7F800000u);
                 }
                 store(out, j, out_dtype, ties_combine(&c, k, t, keepf, b));
+            }
+            if (nan) {
+                a->nan_seen = 1;
+                return;
             }
             for (int i = 0; i < k; i++) a->seen[i] += ties[i];
             continue;

@@ -338,12 +338,15 @@ def test_ties_matches_the_torch_kernel(params: dict[str, Any], dtype: torch.dtyp
     assert torch.equal(_bits(pieces), _bits(expected))
 
 
-def test_ties_reports_nan_instead_of_merging_it() -> None:
+@pytest.mark.parametrize("params", [{}, {"trim_ties": "threshold"}])
+def test_ties_reports_nan_instead_of_merging_it(params: dict[str, Any]) -> None:
+    """Whether or not the loop counts ties first (it stops once the tie budget is spent,
+    and never does under the threshold rule), a NaN is reported."""
     base, model = _task_pair(0, 1000, torch.bfloat16, 0.0)
-    model[10] = float("nan")
+    model[900] = float("nan")
     trim = TrimState(magnitude_threshold_with_ties(torch.ones(4), 2)[0], 0)
     out = torch.empty(1000, dtype=torch.bfloat16)
-    assert ties_into(out, base, [model], _form({}), [1.0], [trim]) is None
+    assert ties_into(out, base, [model], _form(params), [1.0], [trim]) is None
 
 
 @pytest.mark.parametrize(
