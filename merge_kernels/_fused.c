@@ -78,6 +78,13 @@ static inline void store(void *p, int64_t j, int dtype, float v) {
 #define WEIGHTED_PAIRS(X) TIES_PAIRS(X)
 #endif
 
+/* The input dtypes of the one-input passes (the trim's bracket, the tie count). */
+#if HAS_F16
+#define INPUT_DTYPES(X) X(BF16) X(F32) X(F16)
+#else
+#define INPUT_DTYPES(X) X(BF16) X(F32)
+#endif
+
 /* The loop with k (the number of models) a compile-time constant, so that the loop over
  * models unrolls and the loop over entries vectorises. */
 #define SWITCH_K(LOOP, a, IN, OUT)                \
@@ -185,14 +192,20 @@ static int parse_pointers(PyObject *seq, const void **out, int *count, const cha
     return 0;
 }
 
-static int parse_floats(PyObject *seq, float *out, int expected, const char *what) {
+/* seq as a fast sequence of exactly ``expected`` items, or NULL with an error set. */
+static PyObject *sequence_of(PyObject *seq, int expected, const char *what) {
     PyObject *fast = PySequence_Fast(seq, what);
-    if (fast == NULL) return -1;
-    if (PySequence_Fast_GET_SIZE(fast) != expected) {
+    if (fast != NULL && PySequence_Fast_GET_SIZE(fast) != expected) {
         Py_DECREF(fast);
         PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, expected);
-        return -1;
+        return NULL;
     }
+    return fast;
+}
+
+static int parse_floats(PyObject *seq, float *out, int expected, const char *what) {
+    PyObject *fast = sequence_of(seq, expected, what);
+    if (fast == NULL) return -1;
     for (int i = 0; i < expected; i++) {
         double v = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
         if (v == -1.0 && PyErr_Occurred()) {
@@ -505,11 +518,17 @@ static inline __attribute__((always_inline)) void bracket_loop(bracket_args *a, 
     a->nan_seen = nan != 0;
 }
 
-CLONES static void bracket_bf16(bracket_args *a) { bracket_loop(a, BF16); }
-CLONES static void bracket_f32(bracket_args *a) { bracket_loop(a, F32); }
-#if HAS_F16
-CLONES static void bracket_f16(bracket_args *a) { bracket_loop(a, F16); }
-#endif
+#define DEFINE_BRACKET(IN) \
+    CLONES static void bracket_##IN(bracket_args *a) { bracket_loop(a, IN); }
+INPUT_DTYPES(DEFINE_BRACKET)
+
+static void (*pick_bracket(int in_dtype))(bracket_args *) {
+#define PICK(IN) \
+    if (in_dtype == IN) return bracket_##IN;
+    INPUT_DTYPES(PICK)
+#undef PICK
+    return NULL;
+}
 
 PyDoc_STRVAR(bracket_doc,
              "bracket(x, base, dtype, n, lo_bits, hi_bits, cand, cap)\n\n"
@@ -538,12 +557,7 @@ static PyObject *py_bracket(PyObject *self, PyObject *args) {
     a.cap = (int64_t)cap;
     a.lo = (uint32_t)lo;
     a.hi = (uint32_t)hi;
-    void (*fn)(bracket_args *) = NULL;
-    if (a.in_dtype == BF16) fn = bracket_bf16;
-    else if (a.in_dtype == F32) fn = bracket_f32;
-#if HAS_F16
-    else if (a.in_dtype == F16) fn = bracket_f16;
-#endif
+    void (*fn)(bracket_args *) = pick_bracket(a.in_dtype);
     if (fn == NULL) {
         PyErr_SetString(PyExc_ValueError, "bracket: unsupported dtype code");
         return NULL;
@@ -581,11 +595,17 @@ static inline __attribute__((always_inline)) void count_loop(count_args *a, cons
     a->count = count;
 }
 
-CLONES static void count_bf16(count_args *a) { count_loop(a, BF16); }
-CLONES static void count_f32(count_args *a) { count_loop(a, F32); }
-#if HAS_F16
-CLONES static void count_f16(count_args *a) { count_loop(a, F16); }
-#endif
+#define DEFINE_COUNT(IN) \
+    CLONES static void count_##IN(count_args *a) { count_loop(a, IN); }
+INPUT_DTYPES(DEFINE_COUNT)
+
+static void (*pick_count(int in_dtype))(count_args *) {
+#define PICK(IN) \
+    if (in_dtype == IN) return count_##IN;
+    INPUT_DTYPES(PICK)
+#undef PICK
+    return NULL;
+}
 
 PyDoc_STRVAR(count_doc,
              "count_at(x, base, dtype, n, thr_bits)\n\n"
@@ -608,12 +628,7 @@ static PyObject *py_count_at(PyObject *self, PyObject *args) {
     }
     a.n = (int64_t)n;
     a.thr = (uint32_t)thr;
-    void (*fn)(count_args *) = NULL;
-    if (dtype == BF16) fn = count_bf16;
-    else if (dtype == F32) fn = count_f32;
-#if HAS_F16
-    else if (dtype == F16) fn = count_f16;
-#endif
+    void (*fn)(count_args *) = pick_count(dtype);
     if (fn == NULL) {
         PyErr_SetString(PyExc_ValueError, "count_at: unsupported dtype code");
         return NULL;
@@ -629,13 +644,8 @@ PyDoc_STRVAR(ties_doc,
              "pattern), tie budget and ties met before; returns (seen after, nan_seen).");
 
 static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *what) {
-    PyObject *fast = PySequence_Fast(seq, what);
+    PyObject *fast = sequence_of(seq, expected, what);
     if (fast == NULL) return -1;
-    if (PySequence_Fast_GET_SIZE(fast) != expected) {
-        Py_DECREF(fast);
-        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, expected);
-        return -1;
-    }
     for (int i = 0; i < expected; i++) {
         long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
         if (v == -1 && PyErr_Occurred()) {
