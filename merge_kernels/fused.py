@@ -16,14 +16,15 @@ A method opts in through its :class:`~merge_kernels.registry.MethodSpec`: a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -41,6 +42,8 @@ def _load_extension() -> ModuleType | None:
 
 _fused = _load_extension()
 
+T = TypeVar("T")
+
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # A piece of at least this many entries is split between threads, one part per core (the
@@ -51,6 +54,14 @@ _MAX_PARTS = 8
 
 def _pool() -> ThreadPoolExecutor:
     return shared_pool("fused", _MAX_PARTS)
+
+
+def _run_all(calls: Sequence[Callable[[], T]], *, parallel: bool = True) -> list[T]:
+    """Each call's result, in order: on the pool when there are several (and ``parallel``)."""
+    if len(calls) == 1 or not parallel:
+        return [call() for call in calls]
+    futures = [_pool().submit(call) for call in calls]
+    return [future.result() for future in futures]
 
 
 def _parts(numel: int) -> list[tuple[int, int]]:
@@ -154,12 +165,7 @@ def weighted_sum_into(
             stop - start,
         )
 
-    parts = _parts(numel)
-    if len(parts) == 1:
-        run(*parts[0])
-    else:
-        for future in [_pool().submit(run, *part) for part in parts]:
-            future.result()
+    _run_all([functools.partial(run, *part) for part in _parts(numel)])
     return True
 
 
@@ -256,10 +262,9 @@ def trim_thresholds(
     models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
 ) -> list[tuple[MagnitudeThreshold, int] | None]:
     """:func:`trim_threshold` for each model, the models in parallel threads."""
-    if len(models) == 1 or (os.cpu_count() or 1) == 1 or base.numel() < _SPLIT_FROM:
-        return [trim_threshold(m, base, k) for m, k in zip(models, ks, strict=True)]
-    futures = [_pool().submit(trim_threshold, m, base, k) for m, k in zip(models, ks, strict=True)]
-    return [future.result() for future in futures]
+    parallel = (os.cpu_count() or 1) > 1 and base.numel() >= _SPLIT_FROM
+    calls = [functools.partial(trim_threshold, m, base, k) for m, k in zip(models, ks, strict=True)]
+    return _run_all(calls, parallel=parallel)
 
 
 def ties_into(
@@ -336,13 +341,9 @@ def ties_into(
         )
         return list(after), nan
 
-    if len(parts) == 1:
-        results = [run(*parts[0], before[0])]
-    else:
-        futures = [
-            _pool().submit(run, *part, seen) for part, seen in zip(parts, before, strict=True)
-        ]
-        results = [future.result() for future in futures]
+    results = _run_all(
+        [functools.partial(run, *part, seen) for part, seen in zip(parts, before, strict=True)]
+    )
     if any(nan for _, nan in results):
         return None
     if form.threshold_rule:  # the parts counted from the same start: add up what they met
