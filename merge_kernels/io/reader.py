@@ -165,24 +165,22 @@ class SafetensorsReader:
                     details={"file": str(self._path), "tensor": name},
                 ) from None
             if got == 0:
-                raise CheckpointFileError(
-                    f"{self._path}: file ended at byte {offset + done} while reading tensor "
-                    f"{name!r}, which needs bytes up to {offset + nbytes}; the file is "
-                    f"truncated; {_FIX}",
-                    details={"file": str(self._path), "tensor": name},
-                )
+                raise self._truncated(name, offset + done, offset + nbytes)
             done += got
         return out
+
+    def _truncated(self, name: str, ended_at: int, needed: int) -> CheckpointFileError:
+        return CheckpointFileError(
+            f"{self._path}: file ended at byte {ended_at} while reading tensor {name!r}, which "
+            f"needs bytes up to {needed}; the file is truncated; {_FIX}",
+            details={"file": str(self._path), "tensor": name},
+        )
 
     def _map(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
         """Map bytes ``[offset, offset + nbytes)`` privately and fault them in."""
         assert self._fd is not None
-        if offset + nbytes > self.header.file_size:
-            raise CheckpointFileError(
-                f"{self._path}: tensor {name!r} needs bytes up to {offset + nbytes} but the "
-                f"file has {self.header.file_size}; the file is truncated; {_FIX}",
-                details={"file": str(self._path), "tensor": name},
-            )
+        # The header was checked against the file's size: only a file that shrank since
+        # then can be too short, and mmap refuses the range.
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             mapping = mmap.mmap(
@@ -194,12 +192,8 @@ class SafetensorsReader:
             )
         except (OSError, ValueError) as exc:
             size = os.fstat(self._fd).st_size
-            if size < offset + nbytes:  # mmap refuses a range past the end of the file
-                raise CheckpointFileError(
-                    f"{self._path}: file ended at byte {size} while reading tensor {name!r}, "
-                    f"which needs bytes up to {offset + nbytes}; the file is truncated; {_FIX}",
-                    details={"file": str(self._path), "tensor": name},
-                ) from None
+            if size < offset + nbytes:
+                raise self._truncated(name, size, offset + nbytes) from None
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise CheckpointFileError(
                 f"{self._path}: mapping tensor {name!r} failed ({reason})",
