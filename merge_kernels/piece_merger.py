@@ -98,8 +98,7 @@ class PieceMerger:
         spec = self.plan.recipe.method
         assert tensor.params is not None and spec.weighted_form is not None
         form = spec.weighted_form(tensor.params.method, tensor.params.models)
-        out = self._output(unit.numel * torch_dtype(tensor.dtype).itemsize)
-        out = out.view(torch_dtype(tensor.dtype)).view(raw[0].shape)
+        out = self._output(unit, raw[0].shape)
         base = raw[0] if self.plan.has_base else None
         models = raw[1:] if self.plan.has_base else raw
         return out if weighted_sum_into(out, models, form, base) else None
@@ -120,8 +119,7 @@ class PieceMerger:
         if trims is None:
             return None
         weights = [float(getattr(p, "weight", 1.0)) for p in tensor.params.models]
-        out = self._output(unit.numel * torch_dtype(tensor.dtype).itemsize)
-        out = out.view(torch_dtype(tensor.dtype)).view(raw[0].shape)
+        out = self._output(unit, raw[0].shape)
         return out if ties_into(out, base, models, form, weights, trims) is not None else None
 
     @staticmethod
@@ -137,12 +135,15 @@ class PieceMerger:
             states.append(TrimState(found[0], 0))
         return tuple(states)
 
-    def _output(self, nbytes: int) -> torch.Tensor:
-        """The next output buffer in turn, ``nbytes`` long (grown as pieces need)."""
+    def _output(self, unit: Piece, shape: torch.Size) -> torch.Tensor:
+        """The next output buffer in turn, as ``unit``'s output dtype and ``shape`` (grown as
+        pieces need)."""
+        dtype = torch_dtype(unit.tensor.dtype)
+        nbytes = unit.numel * dtype.itemsize
         self._turn = 1 - self._turn
         if self._outputs[self._turn].numel() < nbytes:
             self._outputs[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._outputs[self._turn][:nbytes]
+        return self._outputs[self._turn][:nbytes].view(dtype).view(shape)
 
     def _kernel(
         self,
