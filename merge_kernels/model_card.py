@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +82,8 @@ def copy_tokenizer(source: Checkpoint, out_dir: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         path = source.folder / name
-        if path.is_file():
-            shutil.copyfile(path, out_dir / name)
+        if source.confinement.is_file(path):
+            source.confinement.copy_file(path, out_dir / name)
             copied.append(name)
     return copied
 

@@ -45,6 +45,7 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
+from merge_kernels.tokenizer_source import check_tokenizer_source, tokenizer_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
             whole_trim_elements=options.whole_trim_elements,
             out_dtype=options.out_dtype,
         )
+        check_tokenizer_source(recipe, inputs, options)
     except BaseException:
         close_inputs(inputs)
         raise
@@ -285,7 +287,7 @@ def _execute(
                 digest = writer.finish()
             staging.mark_shard_done(shard.filename, digest)
     check_cancel()
-    _write_companions(plan, staging.path)
+    _write_companions(plan, staging.path, options)
     provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
     evaluation = None
     if card.evaluate is not None:
@@ -351,21 +353,15 @@ def _write(writer: ShardWriter, unit: Piece, merged: torch.Tensor) -> None:
         writer.write_rows(unit.tensor.name, unit.start, merged)
 
 
-def _write_companions(plan: MergePlan, folder: Path) -> None:
+def _write_companions(plan: MergePlan, folder: Path, options: MergeOptions) -> None:
     if len(plan.shards) > 1:
         write_json_atomic(folder / "model.safetensors.index.json", plan.index())
     source = plan.inputs[0].checkpoint
     dtype = next((t.dtype for t in plan.tensors if t.params is not None), None)
     write_config(source, folder, dtype)
-    tokenizer_source = plan.recipe.tokenizer_source
-    if tokenizer_source is None or str(tokenizer_source) == "base":
-        copy_tokenizer(source, folder)
-        return
-    match = next(
-        (i for i in plan.inputs if i.checkpoint.display_name == str(tokenizer_source)), None
-    )
-    if match is not None:
-        copy_tokenizer(match.checkpoint, folder)
-        return
-    with open_checkpoint(tokenizer_source) as other:
-        copy_tokenizer(other, folder)
+    tokenizer, opened_here = tokenizer_checkpoint(plan.recipe, plan.inputs, options)
+    try:
+        copy_tokenizer(tokenizer, folder)
+    finally:
+        if opened_here:
+            tokenizer.close()

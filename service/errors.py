@@ -24,6 +24,7 @@ from merge_kernels.errors import (
     RecipeError,
     TureenError,
 )
+from service.client_paths import ClientPaths
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 async def _tureen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TureenError)
-    return error_response(status_for(exc), exc.code, exc.message, exc.details)
+    settings = getattr(request.app.state, "settings", None)
+    if settings is None:
+        return error_response(status_for(exc), exc.code, exc.message, exc.details)
+    message, details = ClientPaths.for_data_dir(settings.data_dir).error(exc)
+    return error_response(status_for(exc), exc.code, message, details)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

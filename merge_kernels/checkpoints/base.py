@@ -17,6 +17,7 @@ from typing import Self
 
 import torch
 
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.checkpoints.reference import CheckpointRef
 from merge_kernels.errors import CheckpointFileError, CheckpointNotFoundError
 from merge_kernels.io.safetensors_header import TensorEntry
@@ -31,11 +32,13 @@ class Checkpoint(ABC):
         ref: the reference the checkpoint was opened from.
         folder: the folder holding ``config.json`` and tokenizer files.
         revision: the resolved commit SHA for Hub checkpoints, else None.
+        confinement: where the files it reads must resolve to (the allowed roots).
     """
 
     ref: CheckpointRef
     folder: Path
     revision: str | None = None
+    confinement: Confinement = UNCONFINED
     _config: dict[str, object] | None = None
 
     @property
@@ -51,13 +54,15 @@ class Checkpoint(ABC):
             CheckpointFileError: config.json exists but is not a JSON object.
         """
         if self._config is None:
-            self._config = load_json_object(self.folder / CONFIG_NAME, missing_ok=True)
+            self._config = load_json_object(
+                self.folder / CONFIG_NAME, missing_ok=True, confinement=self.confinement
+            )
         return self._config
 
     @property
     def has_config(self) -> bool:
         """Whether the folder has a ``config.json``."""
-        return (self.folder / CONFIG_NAME).is_file()
+        return self.confinement.is_file(self.folder / CONFIG_NAME)
 
     @abstractmethod
     def entries(self) -> Mapping[str, TensorEntry]:
@@ -115,12 +120,15 @@ class Checkpoint(ABC):
         return f"{type(self).__name__}({self.display_name!r})"
 
 
-def load_json_object(path: Path, *, missing_ok: bool = False) -> dict[str, object]:
+def load_json_object(
+    path: Path, *, missing_ok: bool = False, confinement: Confinement = UNCONFINED
+) -> dict[str, object]:
     """Read a JSON file that must hold an object.
 
     Args:
         path: the file.
         missing_ok: return an empty dict instead of raising when the file does not exist.
+        confinement: where the file must resolve to.
 
     Returns:
         The parsed object.
@@ -128,9 +136,10 @@ def load_json_object(path: Path, *, missing_ok: bool = False) -> dict[str, objec
     Raises:
         CheckpointNotFoundError: the file does not exist and ``missing_ok`` is false.
         CheckpointFileError: the file is unreadable or not a JSON object.
+        PathOutsideRootsError: the file links outside ``confinement``.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = confinement.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         if missing_ok:
             return {}

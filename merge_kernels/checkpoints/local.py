@@ -17,6 +17,7 @@ from types import MappingProxyType
 import torch
 
 from merge_kernels.checkpoints.base import Checkpoint, check_row_range
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.checkpoints.pickle_import import PICKLE_SUFFIXES, PickleWeights, refuse_pickle
 from merge_kernels.checkpoints.reference import CheckpointRef, LocalRef
 from merge_kernels.checkpoints.shard_index import check_shard_contents, load_shard_index
@@ -34,14 +35,21 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 class SafetensorsWeights:
     """The tensors of one or more safetensors files, read through lazily opened readers."""
 
-    def __init__(self, shards: dict[Path, list[str]] | list[Path], index_path: Path | None) -> None:
+    def __init__(
+        self,
+        shards: dict[Path, list[str]] | list[Path],
+        index_path: Path | None,
+        confinement: Confinement = UNCONFINED,
+    ) -> None:
         """Describe the files to read.
 
         Args:
             shards: with an index, file -> tensor names the index places in it; without
                 one, the list of files (every tensor in them is read).
             index_path: the shard index, or None for unindexed files.
+            confinement: where every file must resolve to when opened.
         """
+        self._confinement = confinement
         self._files = list(shards)
         self._index = shards if isinstance(shards, dict) else None
         self._index_path = index_path
@@ -58,7 +66,7 @@ class SafetensorsWeights:
         with self._lock:
             header = self._headers.get(path)
             if header is None:
-                header = read_header(path)
+                header = read_header(path, open_fd=self._confinement.open_fd)
                 if self._index is not None and self._index_path is not None:
                     check_shard_contents(
                         self._index_path, path, self._index[path], set(header.tensors)
@@ -71,7 +79,7 @@ class SafetensorsWeights:
         with self._lock:
             reader = self._readers.get(path)
             if reader is None:
-                reader = SafetensorsReader(path, header)
+                reader = SafetensorsReader(path, header, open_fd=self._confinement.open_fd)
                 self._readers[path] = reader
             return reader
 
@@ -136,7 +144,9 @@ def _pickle_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
 
 
-def open_weights(folder: Path, *, allow_pickle: bool) -> SafetensorsWeights | PickleWeights:
+def open_weights(
+    folder: Path, *, allow_pickle: bool, confinement: Confinement = UNCONFINED
+) -> SafetensorsWeights | PickleWeights:
     """Find and describe the weights of a ``save_pretrained`` folder.
 
     Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json``, then (only
@@ -146,6 +156,8 @@ def open_weights(folder: Path, *, allow_pickle: bool) -> SafetensorsWeights | Pi
     Args:
         folder: an existing folder.
         allow_pickle: accept pickle weights (loaded with torch's restricted unpickler).
+        confinement: where its files must resolve to; when confined, errors do not list
+            the folder's other files.
 
     Returns:
         The weights, with no tensor data read yet.
@@ -155,11 +167,13 @@ def open_weights(folder: Path, *, allow_pickle: bool) -> SafetensorsWeights | Pi
         CheckpointNotFoundError: no weights, or a shard named in the index is missing.
         CheckpointFileError: the index is malformed.
     """
-    if (folder / SAFETENSORS_NAME).is_file():
-        return SafetensorsWeights([folder / SAFETENSORS_NAME], None)
-    if (folder / SAFETENSORS_INDEX_NAME).is_file():
+    if confinement.is_file(folder / SAFETENSORS_NAME):
+        return SafetensorsWeights([folder / SAFETENSORS_NAME], None, confinement)
+    if confinement.is_file(folder / SAFETENSORS_INDEX_NAME):
         index_path = folder / SAFETENSORS_INDEX_NAME
-        return SafetensorsWeights(load_shard_index(index_path), index_path)
+        return SafetensorsWeights(
+            load_shard_index(index_path, confinement), index_path, confinement
+        )
     pickles = _pickle_files(folder)
     if (folder / PICKLE_INDEX_NAME).is_file() or pickles:
         if not allow_pickle:
@@ -192,6 +206,15 @@ def open_weights(folder: Path, *, allow_pickle: bool) -> SafetensorsWeights | Pi
         hint = (
             f" Its .safetensors files are not named {SAFETENSORS_NAME} and no "
             f"{SAFETENSORS_INDEX_NAME} lists them; re-save the model with save_pretrained."
+        )
+    if confinement.roots is not None:
+        # A service does not list folders: a reference to a shared folder (the inputs
+        # folder itself, ".") would reveal what every other checkpoint there is called.
+        raise CheckpointNotFoundError(
+            f"{folder} has no model weights: expected {SAFETENSORS_NAME}, or "
+            f"{SAFETENSORS_INDEX_NAME} with its shards; reference the folder that holds "
+            f"config.json and the weights.{hint}",
+            details={"folder": str(folder)},
         )
     shown = ", ".join(found[:10]) + (" ..." if len(found) > 10 else "") or "nothing"
     raise CheckpointNotFoundError(
@@ -238,6 +261,7 @@ class LocalCheckpoint(Checkpoint):
         ref: CheckpointRef | None = None,
         revision: str | None = None,
         allow_pickle: bool = False,
+        confinement: Confinement = UNCONFINED,
     ) -> None:
         """Open a folder; no tensor data is read until asked for.
 
@@ -246,9 +270,11 @@ class LocalCheckpoint(Checkpoint):
             ref: the reference it was opened from (defaults to a ``LocalRef`` of ``folder``).
             revision: the resolved commit SHA, for Hub snapshots.
             allow_pickle: accept pickle weights, loaded with torch's restricted unpickler.
+            confinement: where every file it reads must resolve to (the allowed roots).
 
         Raises:
             CheckpointNotFoundError: the folder, its weights or a shard is missing.
+            PathOutsideRootsError: a file links outside ``confinement``.
             UnsafeCheckpointError: only pickle weights exist and ``allow_pickle`` is false.
             CheckpointFileError: the folder or its index cannot be read.
         """
@@ -257,7 +283,8 @@ class LocalCheckpoint(Checkpoint):
         self.folder = folder
         self.ref = ref if ref is not None else LocalRef(path=folder)
         self.revision = revision
-        self._weights = open_weights(folder, allow_pickle=allow_pickle)
+        self.confinement = confinement
+        self._weights = open_weights(folder, allow_pickle=allow_pickle, confinement=confinement)
 
     def entries(self) -> Mapping[str, TensorEntry]:
         """See ``Checkpoint.entries``."""

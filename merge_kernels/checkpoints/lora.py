@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from merge_kernels.checkpoints.base import Checkpoint, check_row_range
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.checkpoints.local import SafetensorsWeights, check_folder
 from merge_kernels.checkpoints.lora_config import (
     ADAPTER_CONFIG_NAME,
@@ -71,12 +72,14 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def _open_adapter_weights(folder: Path, allow_pickle: bool) -> SafetensorsWeights | PickleWeights:
+def _open_adapter_weights(
+    folder: Path, allow_pickle: bool, confinement: Confinement
+) -> SafetensorsWeights | PickleWeights:
     path = folder / ADAPTER_SAFETENSORS_NAME
-    if path.is_file():
-        return SafetensorsWeights([path], None)
+    if confinement.is_file(path):
+        return SafetensorsWeights([path], None, confinement)
     pickle_path = folder / ADAPTER_PICKLE_NAME
-    if pickle_path.is_file():
+    if confinement.is_file(pickle_path):
         if not allow_pickle:
             raise refuse_pickle(folder, [ADAPTER_PICKLE_NAME])
         return PickleWeights([pickle_path], shards={pickle_path: []})
@@ -108,6 +111,7 @@ class LoraCheckpoint(Checkpoint):
         ref: CheckpointRef | None = None,
         adapter_revision: str | None = None,
         allow_pickle: bool = False,
+        confinement: Confinement = UNCONFINED,
     ) -> None:
         """Check the adapter against the base and plan every merged tensor.
 
@@ -119,6 +123,8 @@ class LoraCheckpoint(Checkpoint):
             ref: the reference it was opened from (default: base ref + adapter folder).
             adapter_revision: the adapter's resolved commit SHA, for Hub adapters.
             allow_pickle: accept ``adapter_model.bin`` (restricted unpickler).
+            confinement: where the adapter's files must resolve to (the base's files
+                follow the base's own).
 
         Raises:
             CheckpointNotFoundError: the adapter folder, config or weights are missing.
@@ -133,12 +139,13 @@ class LoraCheckpoint(Checkpoint):
         self.adapter_revision = adapter_revision
         self.folder = base.folder
         self.revision = base.revision
+        self.confinement = base.confinement  # ``folder`` (config, tokenizer) is the base's
         if ref is None:
             side = base.ref if not isinstance(base.ref, LoraRef) else LocalRef(path=base.folder)
             ref = LoraRef(base=side, adapter=LocalRef(path=adapter_folder))
         self.ref = ref
-        self.settings = load_lora_settings(adapter_folder / ADAPTER_CONFIG_NAME)
-        self._adapter = _open_adapter_weights(adapter_folder, allow_pickle)
+        self.settings = load_lora_settings(adapter_folder / ADAPTER_CONFIG_NAME, confinement)
+        self._adapter = _open_adapter_weights(adapter_folder, allow_pickle, confinement)
         self._lock = threading.Lock()
         self._factors: tuple[str, torch.Tensor, torch.Tensor] | None = None
         try:

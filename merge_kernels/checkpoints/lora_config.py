@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge_kernels.checkpoints.base import load_json_object
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.errors import CheckpointFileError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -115,11 +116,12 @@ class LoraSettings:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def load_lora_settings(path: Path) -> LoraSettings:
+def load_lora_settings(path: Path, confinement: Confinement = UNCONFINED) -> LoraSettings:
     """Read a PEFT ``adapter_config.json`` and check that tureen can apply it.
 
     Args:
         path: the ``adapter_config.json`` file.
+        confinement: where the file must resolve to.
 
     Returns:
         The settings that determine the merged weights.
@@ -130,7 +132,7 @@ def load_lora_settings(path: Path) -> LoraSettings:
             LoRA variant tureen cannot merge (``details['reason'] == 'unsupported_adapter'``);
             the message says which and why.
     """
-    config = load_json_object(path)
+    config = load_json_object(path, confinement=confinement)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise _adapter_error(

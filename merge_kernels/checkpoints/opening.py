@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merge_kernels.checkpoints.base import Checkpoint
+from merge_kernels.checkpoints.confinement import (
+    Confinement,
+    check_path_text,
+    outside_roots_error,
+)
 from merge_kernels.checkpoints.hub import Kind, resolve_snapshot
 from merge_kernels.checkpoints.local import LocalCheckpoint
 from merge_kernels.checkpoints.lora import LoraCheckpoint
@@ -15,9 +20,7 @@ from merge_kernels.checkpoints.reference import (
     LocalRef,
     LoraRef,
     parse_reference,
-    within_roots,
 )
-from merge_kernels.errors import CheckpointNotFoundError
 
 
 def resolve_local_path(
@@ -36,22 +39,21 @@ def resolve_local_path(
         The path to open: fully resolved when ``allowed_roots`` is given, else as joined.
 
     Raises:
-        CheckpointNotFoundError: the resolved path is outside every allowed root
+        PathOutsideRootsError: the resolved path is outside every allowed root
             (``details['reason'] == 'outside_allowed_roots'``). The check runs before any
             existence check, so it does not reveal whether the path exists.
+        CheckpointNotFoundError: the path holds a NUL character or a lone surrogate.
     """
+    check_path_text(str(path), "model")
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         candidate = (base_dir if base_dir is not None else Path.cwd()) / candidate
     if allowed_roots is None:
         return candidate
-    if within_roots(candidate, allowed_roots):
-        return candidate.resolve(strict=False)
-    raise CheckpointNotFoundError(
-        f"checkpoint path {path} is outside the folders this service may read from; "
-        "reference a checkpoint inside an allowed model folder or a Hub repository",
-        details={"path": str(path), "reason": "outside_allowed_roots"},
-    )
+    confinement = Confinement.of(allowed_roots)
+    if confinement.contains(candidate):
+        return confinement.resolve(candidate)
+    raise outside_roots_error(path)
 
 
 def _resolve_side(
@@ -61,11 +63,16 @@ def _resolve_side(
     allowed_roots: Sequence[Path] | None,
     allow_pickle: bool,
     base_dir: Path | None,
-) -> tuple[Path, str | None]:
+) -> tuple[Path, str | None, Confinement]:
     if isinstance(ref, LocalRef):
-        return resolve_local_path(ref.path, base_dir=base_dir, allowed_roots=allowed_roots), None
+        folder = resolve_local_path(ref.path, base_dir=base_dir, allowed_roots=allowed_roots)
+        return folder, None, Confinement.of(allowed_roots)
     snapshot = resolve_snapshot(ref, kind=kind, allow_pickle=allow_pickle)
-    return snapshot.folder, snapshot.commit
+    # A snapshot's files link to blobs of the same repository in the cache: its folder
+    # (``models--org--name``) is the one root they may resolve into.
+    repository = snapshot.folder.parent.parent
+    confinement = Confinement.of(None if allowed_roots is None else [repository])
+    return snapshot.folder, snapshot.commit, confinement
 
 
 def open_checkpoint(
@@ -80,8 +87,9 @@ def open_checkpoint(
     Args:
         ref: a reference, a string in mergekit's forms (see ``parse_reference``), or a
             ``Path`` to a local folder.
-        allowed_roots: when given, every local path (model or adapter) must resolve, with
-            symlinks followed, inside one of these folders. Hub references are unaffected.
+        allowed_roots: when given, every local path (model or adapter), and every file
+            read inside it, must resolve, with symlinks followed, inside one of these
+            folders; a Hub snapshot's files must resolve inside its repository's cache.
         allow_pickle: accept pickle weights, loaded with torch's restricted weights-only
             unpickler; refused by default because unpickling can run arbitrary code.
         base_dir: folder that relative local paths are relative to.
@@ -105,29 +113,36 @@ def open_checkpoint(
     elif isinstance(ref, str):
         ref = parse_reference(ref, base_dir=base_dir, allowed_roots=allowed_roots)
 
-    def side(part: LocalRef | HubRef, kind: Kind) -> tuple[Path, str | None]:
+    def side(part: LocalRef | HubRef, kind: Kind) -> tuple[Path, str | None, Confinement]:
         return _resolve_side(
             part, kind, allowed_roots=allowed_roots, allow_pickle=allow_pickle, base_dir=base_dir
         )
 
     if isinstance(ref, LoraRef):
-        base_folder, base_revision = side(ref.base, "model")
+        base_folder, base_revision, base_confinement = side(ref.base, "model")
         base = LocalCheckpoint(
-            base_folder, ref=ref.base, revision=base_revision, allow_pickle=allow_pickle
+            base_folder,
+            ref=ref.base,
+            revision=base_revision,
+            allow_pickle=allow_pickle,
+            confinement=base_confinement,
         )
         try:
-            adapter_folder, adapter_revision = side(ref.adapter, "adapter")
+            adapter_folder, adapter_revision, adapter_confinement = side(ref.adapter, "adapter")
             return LoraCheckpoint(
                 base,
                 adapter_folder,
                 ref=ref,
                 adapter_revision=adapter_revision,
                 allow_pickle=allow_pickle,
+                confinement=adapter_confinement,
             )
         except BaseException:
             base.close()
             raise
     if isinstance(ref, LocalRef | HubRef):
-        folder, revision = side(ref, "model")
-        return LocalCheckpoint(folder, ref=ref, revision=revision, allow_pickle=allow_pickle)
+        folder, revision, confinement = side(ref, "model")
+        return LocalCheckpoint(
+            folder, ref=ref, revision=revision, allow_pickle=allow_pickle, confinement=confinement
+        )
     raise TypeError(f"not a checkpoint reference: {ref!r}")

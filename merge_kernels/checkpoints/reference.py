@@ -38,6 +38,11 @@ from pydantic import (
 )
 from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
+from merge_kernels.checkpoints.confinement import (
+    Confinement,
+    check_path_text,
+    outside_roots_error,
+)
 from merge_kernels.errors import CheckpointNotFoundError, RecipeError
 
 # The Hub's repository-id grammar, as huggingface_hub validates it: an optional namespace and
@@ -126,10 +131,7 @@ def within_roots(path: Path, roots: Sequence[Path]) -> bool:
     Returns:
         True when some root contains the resolved path.
     """
-    resolved = path.resolve(strict=False)
-    return any(
-        resolved.is_relative_to(Path(root).expanduser().resolve(strict=False)) for root in roots
-    )
+    return Confinement.of(roots).contains(path)
 
 
 @dataclass(frozen=True)
@@ -149,16 +151,30 @@ class _Lookup:
             allowed_roots=tuple(Path(r) for r in roots) if roots is not None else None,
         )
 
-    def exists(self, text: str) -> bool:
-        # Outside the allowed roots nothing "exists", so a reference cannot probe the disk.
+    def candidate(self, text: str) -> Path:
+        """The path ``text`` names: ``~`` expanded, relative ones joined to ``base_dir``."""
         candidate = Path(text).expanduser()
         if not candidate.is_absolute():
             candidate = (self.base_dir if self.base_dir is not None else Path.cwd()) / candidate
+        return candidate
+
+    def outside_roots(self, text: str) -> bool:
+        """Whether ``text`` names a path outside the allowed roots (never, without roots)."""
+        if self.allowed_roots is None:
+            return False
         try:
+            return not within_roots(self.candidate(text), self.allowed_roots)
+        except (OSError, RuntimeError, ValueError):
+            return True
+
+    def exists(self, text: str) -> bool:
+        # Outside the allowed roots nothing "exists", so a reference cannot probe the disk.
+        try:
+            candidate = self.candidate(text)
             if self.allowed_roots is not None and not within_roots(candidate, self.allowed_roots):
                 return False
             return candidate.exists()
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):
             return False
 
 
@@ -207,8 +223,12 @@ def _looks_like_path(text: str) -> bool:
 def _parse_single(text: str, lookup: _Lookup, whole: str) -> LocalRef | HubRef:
     if not text:
         raise RecipeError("model", f"empty checkpoint reference in {whole!r}")
+    check_path_text(text, "model")
     if lookup.exists(text):
         return LocalRef(path=Path(text).expanduser())
+    if _looks_like_path(text) and lookup.outside_roots(text):
+        # Said whether or not the path exists, so that the answer reveals nothing of it.
+        raise outside_roots_error(text)
     name, sep, revision = text.partition("@")
     if not _looks_like_path(text) and is_hub_repo_id(name):
         if sep and not _REVISION.fullmatch(revision):
@@ -255,6 +275,7 @@ def parse_reference(
     text = text.strip()
     if not text:
         raise RecipeError("model", "empty checkpoint reference")
+    check_path_text(text, "model")
     if lookup.exists(text):
         return LocalRef(path=Path(text).expanduser())
     if "+" in text:

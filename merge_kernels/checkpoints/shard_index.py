@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from merge_kernels.checkpoints.base import load_json_object
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.errors import CheckpointFileError, CheckpointNotFoundError
 
 _SHOWN = 5
@@ -22,11 +23,14 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def load_shard_index(index_path: Path) -> dict[Path, list[str]]:
+def load_shard_index(
+    index_path: Path, confinement: Confinement = UNCONFINED
+) -> dict[Path, list[str]]:
     """Read a shard index and check that every shard it names exists.
 
     Args:
         index_path: the ``*.index.json`` file; shard names are relative to its folder.
+        confinement: where the index and its shards must resolve to.
 
     Returns:
         Shard file -> the tensor names the index places in it, shards in file-name order
@@ -37,8 +41,9 @@ def load_shard_index(index_path: Path) -> dict[Path, list[str]]:
             names a file outside the folder.
         CheckpointNotFoundError: a shard named in the index does not exist; the message
             names the shard(s) and the tensors that should be in them.
+        PathOutsideRootsError: the index or a shard links outside ``confinement``.
     """
-    index = load_json_object(index_path)
+    index = load_json_object(index_path, confinement=confinement)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -69,7 +74,7 @@ def load_shard_index(index_path: Path) -> dict[Path, list[str]]:
                 details={"file": str(index_path), "shard": file_name},
             )
         path = folder / relative
-        if not path.is_file():
+        if not confinement.is_file(path):
             missing.append(file_name)
             missing_tensors.extend(by_name[file_name])
             continue

@@ -26,7 +26,13 @@ from types import TracebackType
 import torch
 
 from merge_kernels.errors import CheckpointFileError
-from merge_kernels.io.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from merge_kernels.io.safetensors_header import (
+    FileOpener,
+    SafetensorsHeader,
+    TensorEntry,
+    open_readonly,
+    read_header,
+)
 
 _FIX = "re-download or re-save the checkpoint"
 
@@ -78,12 +84,19 @@ class SafetensorsReader:
 
     header: SafetensorsHeader
 
-    def __init__(self, path: Path, header: SafetensorsHeader | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: SafetensorsHeader | None = None,
+        *,
+        open_fd: FileOpener = open_readonly,
+    ) -> None:
         """Open ``path`` for reading.
 
         Args:
             path: the safetensors file.
             header: its header if already read with :func:`read_header`; read now otherwise.
+            open_fd: how the file is opened (checks where it may resolve to, for a service).
 
         Raises:
             CheckpointNotFoundError: the file does not exist.
@@ -92,9 +105,9 @@ class SafetensorsReader:
         """
         _require_little_endian()
         self._path = Path(path)
-        self.header = header if header is not None else read_header(self._path)
+        self.header = header if header is not None else read_header(self._path, open_fd=open_fd)
         try:
-            self._fd: int | None = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd: int | None = open_fd(self._path)
         except OSError as exc:
             raise CheckpointFileError(
                 f"{self._path}: cannot be opened ({exc.strerror}); check the file",

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,19 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_prefix(path: Path) -> tuple[bytes, int]:
+def open_readonly(path: Path) -> int:
+    """Open ``path`` for reading; the default way headers and tensors are opened."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
+#: Opens a file for reading and returns its descriptor (e.g. confined to allowed roots).
+FileOpener = Callable[[Path], int]
+
+
+def _read_prefix(path: Path, open_fd: FileOpener) -> tuple[bytes, int]:
     """Return the raw JSON header bytes and the file size."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_fd(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"checkpoint file {path} does not exist; check the path or download it again",
@@ -213,7 +223,7 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
     )
 
 
-def read_header(path: Path) -> SafetensorsHeader:
+def read_header(path: Path, *, open_fd: FileOpener = open_readonly) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file.
 
     Only the 8-byte length prefix, the JSON header and the file size are read; tensor data is
@@ -221,6 +231,7 @@ def read_header(path: Path) -> SafetensorsHeader:
 
     Args:
         path: the safetensors file.
+        open_fd: how the file is opened (checks where it may resolve to, for a service).
 
     Returns:
         The parsed header, tensors ordered by file offset, offsets absolute.
@@ -233,7 +244,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             The message names the file and, where there is one, the tensor.
     """
     path = Path(path)
-    raw, file_size = _read_prefix(path)
+    raw, file_size = _read_prefix(path, open_fd)
     data_start = 8 + len(raw)
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)

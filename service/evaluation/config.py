@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from merge_kernels.candidates import Evaluator
+from merge_kernels.checkpoints.confinement import Confinement, PathOutsideRootsError
 from merge_kernels.checkpoints.opening import resolve_local_path
 from merge_kernels.errors import CheckpointNotFoundError, RecipeError
 
@@ -143,15 +144,19 @@ def build_evaluator(
 
     try:
         path = resolve_local_path(Path(config.data), base_dir=base_dir, allowed_roots=allowed_roots)
-    except CheckpointNotFoundError:
+    except PathOutsideRootsError:
         raise RecipeError(
             "evaluator.data",
             f"{config.data} is outside the folders this service may read from; put the data "
             "file inside an allowed folder",
         ) from None
+    except CheckpointNotFoundError as error:
+        raise RecipeError("evaluator.data", error.message) from None
     if not path.is_file():
         raise RecipeError("evaluator.data", f"no such file: {config.data}")
-    records = load_records(path, max_records=config.max_records)
+    records = load_records(
+        path, max_records=config.max_records, confinement=Confinement.of(allowed_roots)
+    )
     return HeldOutEvaluator(
         records,
         metric=config.metric,

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from merge_kernels.checkpoints.confinement import UNCONFINED, Confinement
 from merge_kernels.errors import RecipeError
 
 
@@ -20,16 +21,24 @@ class Record:
     completion: str
 
 
-def load_records(path: Path, *, max_records: int | None = None) -> list[Record]:
+def load_records(
+    path: Path, *, max_records: int | None = None, confinement: Confinement = UNCONFINED
+) -> list[Record]:
     """Read and check a held-out JSONL file.
+
+    Args:
+        path: the file.
+        max_records: stop after this many records.
+        confinement: where the file must resolve to (a service's allowed roots).
 
     Raises:
         RecipeError: (field ``evaluator.data``) unreadable file, a line that is not JSON or
             has neither prompt/completion nor text, or no records at all.
+        PathOutsideRootsError: the file links outside ``confinement``.
     """
     records: list[Record] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = confinement.read_bytes(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError("evaluator.data", f"cannot read {path.name}: {error}") from None
     for number, line in enumerate(lines, start=1):

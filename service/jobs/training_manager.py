@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_kernels.checkpoints.reference import within_roots
+from merge_kernels.checkpoints.confinement import Confinement, PathOutsideRootsError
 from service.jobs.manager import OutputExistsError
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
@@ -59,6 +59,14 @@ _SERVER_FIELDS = ("output_dir", "overwrite")
 def training_store_path(settings: ServiceSettings) -> Path:
     """The SQLite store of training jobs, ``data_dir / "trainings.sqlite3"``."""
     return settings.data_dir / STORE_NAME
+
+
+def _as_given(config: dict[str, Any], field: str) -> str:
+    """The text the client gave for a dotted config field, for messages (never our paths)."""
+    value: Any = config
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -208,13 +216,22 @@ class TrainingManager:
         paths = {"base_model": config.base_model, "data.train": config.data.train}
         if config.data.eval is not None:
             paths["data.eval"] = config.data.eval
+        confinement = Confinement.of(roots)
         for field, path in paths.items():
-            if not within_roots(path, roots) or not path.exists():
+            if not confinement.contains(path) or not path.exists():
                 raise TrainingConfigError(
                     field,
-                    f"{path} does not exist in a folder the service may read (data_dir/inputs "
-                    "or an --allow-root folder); relative paths are relative to data_dir/inputs",
+                    f"{_as_given(request.config, field)} does not exist in a folder the "
+                    "service may read (data_dir/inputs or an --allow-root folder); relative "
+                    "paths are relative to data_dir/inputs",
                 )
+        # transformers opens the base folder's files itself: none may link outside the roots.
+        try:
+            confinement.check_tree(config.base_model)
+            for path in paths.values():
+                confinement.resolve(path)
+        except PathOutsideRootsError as error:
+            raise TrainingConfigError("base_model", error.message) from None
         check_base_folder(config.base_model)
         forms = ("preference",) if request.kind == "dpo" else ("prompt_completion", "text")
         for data_file in (config.data.train, config.data.eval):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
+from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
@@ -101,10 +102,10 @@ def run_training_job(store: JobStore, job_id: str, output: Path) -> JobStatus:
         log.info("training %s cancelled", job_id)
     except TureenError as failure:
         log.info("training %s failed: %s", job_id, failure.message)
-        error = JobError(code=failure.code, message=failure.message, details=failure.details)
+        error = job_error(failure, store)
     except Exception as failure:
         log.exception("training %s failed unexpectedly", job_id)
-        error = JobError(code="internal_error", message=f"{type(failure).__name__}: {failure}")
+        error = job_error(failure, store)
     else:
         current = store.get(job_id) or job
         store.update(

@@ -40,6 +40,7 @@ from merge_kernels.io.staging import STAGING_SUFFIX, StagingDir
 from merge_kernels.recipe import Recipe, parse_recipe
 from merge_kernels.runner import MergeOptions, MergeResult, Progress, run_merge
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
+from service.jobs.failures import job_error
 from service.jobs.models import Job, JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
@@ -268,15 +269,12 @@ def run_job(
             )
     except MergeCancelledError:
         log.info("job %s cancelled", job_id)
-    except TureenError as failure:
-        log.info("job %s failed: %s", job_id, failure.message)
-        error = JobError(code=failure.code, message=failure.message, details=failure.details)
-    except FileExistsError as failure:
-        # Another writer published the same output folder after this job was accepted.
-        error = JobError(code="output_exists", message=str(failure))
+    except (TureenError, FileExistsError) as failure:
+        log.info("job %s failed: %s", job_id, failure)
+        error = job_error(failure, store)
     except Exception as failure:
         log.exception("job %s failed unexpectedly", job_id)
-        error = JobError(code="internal_error", message=f"{type(failure).__name__}: {failure}")
+        error = job_error(failure, store)
     else:
         log.info("job %s succeeded: %s", job_id, result.out_dir)
         store.update(job_id, **_succeeded(store.get(job_id) or job, result, evaluation))

@@ -146,7 +146,8 @@ def test_checkpoint_paths_outside_the_allowed_roots_are_refused(
             response = client.post(path, json=body)
             assert response.status_code == 422, (reference, response.text)
             error = response.json()["error"]
-            assert error["code"] == "not_found", error
+            assert error["code"] == "path_not_allowed", error
+            assert "--allow-root" in error["message"]
             assert "secret" not in str(error["details"].get("resolved", ""))
     assert _total(client) == before
 

@@ -72,7 +72,7 @@ def test_invalid_merges_raise_before_any_job_exists(make_manager: Make, small_mo
             manager.submit(
                 parse_recipe({"merge_method": "linear", "models": [{"model": outside}]}), output
             )
-        assert missing.value.code == "not_found"
+        assert missing.value.code == "path_not_allowed"
         messages.append(missing.value.message.replace(outside, "PATH"))
     assert messages[0] == messages[1]
 
