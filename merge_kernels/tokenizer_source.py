@@ -47,16 +47,18 @@ def check_tokenizer_source(
 ) -> None:
     """Check, at planning, that the tokenizer source can be read.
 
-    A local source (or base + adapter with a local base) is opened and its tokenizer files
-    are checked against the allowed roots; a Hub source is only parsed (it is downloaded
-    when the merge runs).
+    The source's tokenizer files are checked against the allowed roots (another local
+    source is opened for that); a Hub source that is not an input is only parsed (it is
+    downloaded when the merge runs).
 
     Raises:
         PathOutsideRootsError: the source, or one of its tokenizer files, resolves outside
             the allowed roots.
         CheckpointNotFoundError, CheckpointFileError, RecipeError: as opening it would.
     """
-    if _named_input(recipe, inputs) is not None:
+    named = _named_input(recipe, inputs)
+    if named is not None:
+        _check_files(named)
         return
     assert recipe.tokenizer_source is not None
     ref = reference_from_value(
@@ -65,8 +67,12 @@ def check_tokenizer_source(
     if isinstance(ref, HubRef) or (isinstance(ref, LoraRef) and isinstance(ref.base, HubRef)):
         return
     with _open_other(recipe, options) as source:
-        for name in TOKENIZER_FILES:
-            source.confinement.is_file(source.folder / name)
+        _check_files(source)
+
+
+def _check_files(source: Checkpoint) -> None:
+    for name in TOKENIZER_FILES:
+        source.confinement.is_file(source.folder / name)
 
 
 def tokenizer_checkpoint(

@@ -90,7 +90,10 @@ class Confinement:
         """Whether ``path``, with links and ``..`` resolved, lies inside a root."""
         if self.roots is None:
             return True
-        resolved = Path(os.path.realpath(path))
+        try:
+            resolved = Path(os.path.realpath(path))
+        except (OSError, ValueError):  # a NUL byte, a loop of links
+            return False
         return any(resolved.is_relative_to(root) for root in self.roots)
 
     def resolve(self, path: Path) -> Path:

@@ -167,6 +167,13 @@ class _Lookup:
         except (OSError, RuntimeError, ValueError):
             return True
 
+    def is_link(self, text: str) -> bool:
+        """Whether ``text`` names a symbolic link (which may lead outside the roots)."""
+        try:
+            return self.candidate(text).is_symlink()
+        except (OSError, RuntimeError, ValueError):
+            return False
+
     def exists(self, text: str) -> bool:
         # Outside the allowed roots nothing "exists", so a reference cannot probe the disk.
         try:
@@ -226,7 +233,7 @@ def _parse_single(text: str, lookup: _Lookup, whole: str) -> LocalRef | HubRef:
     check_path_text(text, "model")
     if lookup.exists(text):
         return LocalRef(path=Path(text).expanduser())
-    if _looks_like_path(text) and lookup.outside_roots(text):
+    if (_looks_like_path(text) or lookup.is_link(text)) and lookup.outside_roots(text):
         # Said whether or not the path exists, so that the answer reveals nothing of it.
         raise outside_roots_error(text)
     name, sep, revision = text.partition("@")

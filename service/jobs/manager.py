@@ -178,6 +178,25 @@ class JobManager:
             options = replace(options, out_dtype=output.dtype)
         return options
 
+    def check_evaluator(self, recipe: Recipe) -> None:
+        """Check the recipe's evaluator (data file inside the roots, host allowed), if any.
+
+        Checked before a job exists, so that a bad data path or a disallowed host is a 4xx,
+        not a failed job.
+
+        Raises:
+            RecipeError: naming ``evaluator.*``.
+        """
+        if recipe.method.needs_evaluation or recipe.evaluator is not None:
+            options = self.engine_options()
+            build_evaluator(
+                recipe.evaluator,
+                base_dir=options.base_dir,
+                allowed_roots=options.allowed_roots,
+                allowed_hosts=self.settings.evaluator_hosts,
+                device=options.device,
+            )
+
     def validate(self, recipe: Recipe, output: OutputOptions) -> int:
         """Plan the merge from headers, as a job would run it, and check the memory budget.
 
@@ -190,15 +209,7 @@ class JobManager:
             OverMemoryBudgetError: the estimate exceeds ``settings.memory_budget_bytes``.
         """
         options = self.engine_options(output)
-        if recipe.method.needs_evaluation or recipe.evaluator is not None:
-            # Checked here so a bad data path or a disallowed host is a 4xx, not a failed job.
-            build_evaluator(
-                recipe.evaluator,
-                base_dir=options.base_dir,
-                allowed_roots=options.allowed_roots,
-                allowed_hosts=self.settings.evaluator_hosts,
-                device=options.device,
-            )
+        self.check_evaluator(recipe)
         plan, inputs = plan_merge(recipe, options)
         try:
             plan.raise_for_problems()

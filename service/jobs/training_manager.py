@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_kernels.checkpoints.confinement import Confinement, PathOutsideRootsError
+from merge_kernels.checkpoints.confinement import (
+    Confinement,
+    PathOutsideRootsError,
+    check_path_text,
+)
+from merge_kernels.errors import CheckpointNotFoundError
 from service.jobs.manager import OutputExistsError
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
@@ -218,6 +223,10 @@ class TrainingManager:
             paths["data.eval"] = config.data.eval
         confinement = Confinement.of(roots)
         for field, path in paths.items():
+            try:
+                check_path_text(str(path), field)
+            except CheckpointNotFoundError as error:
+                raise TrainingConfigError(field, error.message) from None
             if not confinement.contains(path) or not path.exists():
                 raise TrainingConfigError(
                     field,

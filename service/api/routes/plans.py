@@ -23,6 +23,7 @@ def plan_report(body: RecipeRequest, manager: JobManager) -> dict[str, Any]:
         IncompatibleCheckpointsError: every problem the plan found.
         CheckpointNotFoundError, CheckpointFileError, RecipeError: bad inputs.
     """
+    manager.check_evaluator(body.recipe)
     plan, inputs = plan_merge(body.recipe, manager.engine_options(body.output))
     try:
         report = plan.report()
