@@ -241,6 +241,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise _error(path, f"header lists key {exc.key!r} more than once", tensor=exc.key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _error(path, f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _error(path, "header nests JSON arrays or objects too deeply") from None
     if not isinstance(parsed, dict):
         raise _error(path, f"header is JSON {type(parsed).__name__}, not a JSON object")
 

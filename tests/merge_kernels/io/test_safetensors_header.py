@@ -266,3 +266,11 @@ def test_never_reads_tensor_data(tmp_path: Path) -> None:
     os.truncate(path, path.stat().st_size + 4 * numel)
     parsed = read_header(path)
     assert parsed.tensors["big"].nbytes == 4 * numel
+
+
+def test_deeply_nested_header(tmp_path: Path) -> None:
+    # Nested far past Python's recursion limit: a file error, not a RecursionError.
+    path = _write_raw(tmp_path / "deep.safetensors", b"[" * 100_000 + b"]" * 100_000, 0)
+    with pytest.raises(CheckpointFileError, match="too deeply") as info:
+        read_header(path)
+    _assert_names(info.value, path, None)
