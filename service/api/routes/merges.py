@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.evaluated_merge import scratch_folder
 from merge_kernels.io.staging import StagingDir
-from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
+from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, PageOffset, RecipeRequestDep
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
 from service.api.files import (
     DOWNLOAD_RESPONSES,
@@ -25,6 +25,7 @@ from service.api.files import (
     resolve_output_file,
 )
 from service.api.schemas import FileList, JobList, recipe_body_openapi
+from service.api.text_fields import check_text_fields
 from service.errors import ApiError, error_responses
 from service.jobs.manager import JobManager
 from service.jobs.models import Job, JobStatus, PublishOptions
@@ -101,7 +102,7 @@ async def list_merges(
     manager: ManagerDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: PageOffset = 0,
 ) -> JobList:
     """A page of jobs, newest first, with the total matching the filter."""
     jobs, total = await run_in_threadpool(
@@ -306,6 +307,7 @@ def _publish_options(body: bytes) -> PublishOptions | None:
         ) from None
     if document is None:
         return None
+    check_text_fields(document)
     try:
         return PublishOptions.model_validate(document)
     except ValidationError as error:
