@@ -99,6 +99,9 @@ class ServiceSettings(BaseSettings):
             none (default: ``HF_TOKEN`` or the ``hf auth login`` token of the server's user);
             never shown by ``repr()``, never passed to worker processes. The Hub's address
             is ``huggingface_hub``'s own ``HF_ENDPOINT``, for inputs and publishing alike.
+        docs: serve a documentation page at ``/docs`` (self-contained: nothing loaded from
+            other hosts). The page asks for a token to read ``/openapi.json``, which needs
+            one whenever ``api_tokens`` is set, docs on or off.
     """
 
     model_config = SettingsConfigDict(
@@ -124,6 +127,7 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"]
     )
     hf_token: SecretStr | None = Field(None, repr=False)  # publishing to the Hub
+    docs: bool = False
 
     @field_validator("allow_roots", "api_tokens", "evaluator_hosts", mode="before")
     @classmethod
