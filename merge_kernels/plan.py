@@ -294,12 +294,27 @@ def build_plan(
                 trim=trim,
             )
         )
+    if not plan.tensors:
+        plan.problems.append(_nothing_to_merge(reference.display_name, reference_entries))
+        return plan
     plan.shards = plan_shards(
         [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors],
         max_shard_bytes,
         metadata={"format": "pt"},
     )
     return plan
+
+
+def _nothing_to_merge(reference: str, entries: Mapping[str, TensorEntry]) -> str:
+    if not entries:
+        return (
+            f"{reference} has no tensors (its safetensors header lists none); there is nothing "
+            "to merge: check that the reference is a complete checkpoint"
+        )
+    return (
+        "no tensor is in every input with the same name and shape, so the merge would "
+        "write nothing: check that every model is a fine-tune of the same base"
+    )
 
 
 def _chunking(

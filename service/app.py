@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import health, merges, methods, metrics, plans
+from service.api.routes import docs, health, merges, methods, metrics, plans
 from service.api.routes import trainings as trainings_routes  # training jobs
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
 from service.errors import ApiError, ErrorBody, error_response, install_error_handlers
@@ -158,6 +158,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         version=API_VERSION,
         description=API_DESCRIPTION,
         lifespan=_lifespan(settings),
+        # FastAPI's pages load scripts from public CDNs and its document skips auth:
+        # service.api.routes.docs serves both instead.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         generate_unique_id_function=_operation_id,
         openapi_tags=[
             {"name": "merges", "description": "Merge jobs and their output."},
@@ -175,5 +180,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for module in (merges, plans, methods, health, metrics):
         app.include_router(module.router)
     app.include_router(trainings_routes.router)  # training jobs
+    app.include_router(docs.openapi_router)
+    if settings.docs:
+        app.include_router(docs.docs_router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from merge_kernels.errors import (
     CheckpointFileError,
@@ -155,9 +156,30 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path, sorted.
+
+    Starlette's 405 names only the methods of the first route whose path matched, but
+    FastAPI makes one route per method (``GET`` and ``DELETE /v1/merges/{id}`` are two).
+    """
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
     if isinstance(exc, ApiError):
         return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
     code = _STATUS_CODE_NAMES.get(exc.status_code, f"http_{exc.status_code}")

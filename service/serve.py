@@ -89,6 +89,7 @@ def serve(settings: ServiceSettings) -> None:
     """Run the API until interrupted."""
     import uvicorn
 
+    from service.access_log import uvicorn_log_config
     from service.app import create_app
 
     if not settings.api_tokens and not _is_loopback(settings.host):
@@ -102,6 +103,7 @@ def serve(settings: ServiceSettings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(),  # no query-string credentials in the access log
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )

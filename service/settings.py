@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from merge_kernels.errors import TureenError
+from merge_kernels.io.safetensors_header import MAX_HEADER_BYTES, HeaderLimits
 
 #: Environment variable naming a config file when ``load_settings`` is given none.
 CONFIG_ENV = "TUREEN_CONFIG"
@@ -99,6 +100,12 @@ class ServiceSettings(BaseSettings):
             none (default: ``HF_TOKEN`` or the ``hf auth login`` token of the server's user);
             never shown by ``repr()``, never passed to worker processes. The Hub's address
             is ``huggingface_hub``'s own ``HF_ENDPOINT``, for inputs and publishing alike.
+        max_header_bytes: largest safetensors header the service reads, per file; a larger
+            one is refused before it is parsed (real checkpoints need a few MB at most).
+        max_header_tensors: most tensors one safetensors file may list.
+        docs: serve a documentation page at ``/docs`` (self-contained: nothing loaded from
+            other hosts). The page asks for a token to read ``/openapi.json``, which needs
+            one whenever ``api_tokens`` is set, docs on or off.
     """
 
     model_config = SettingsConfigDict(
@@ -124,6 +131,9 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: ["127.0.0.1", "localhost", "::1"]
     )
     hf_token: SecretStr | None = Field(None, repr=False)  # publishing to the Hub
+    max_header_bytes: int = Field(16 * 1024 * 1024, ge=1, le=MAX_HEADER_BYTES)
+    max_header_tensors: int = Field(200_000, ge=1)
+    docs: bool = False
 
     @field_validator("allow_roots", "api_tokens", "evaluator_hosts", mode="before")
     @classmethod
@@ -177,6 +187,15 @@ class ServiceSettings(BaseSettings):
     def input_roots(self) -> tuple[Path, ...]:
         """Every folder local checkpoints may be read from: ``allow_roots`` and ``inputs_dir``."""
         return (*self.allow_roots, self.inputs_dir)
+
+    def header_limits(self) -> HeaderLimits:
+        """The limits on safetensors headers, naming the settings that raise them."""
+        return HeaderLimits(
+            max_bytes=self.max_header_bytes,
+            max_tensors=self.max_header_tensors,
+            bytes_setting="the max_header_bytes setting (TUREEN_MAX_HEADER_BYTES)",
+            tensors_setting="the max_header_tensors setting (TUREEN_MAX_HEADER_TENSORS)",
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The settings as JSON-able data with the tokens masked, for logs and diagnostics."""

@@ -157,6 +157,12 @@ def load_json_object(
             f"{path} is not valid JSON ({exc}); re-download or re-save it",
             details={"file": str(path)},
         ) from None
+    except RecursionError:
+        raise CheckpointFileError(
+            f"{path} nests JSON arrays or objects too deeply to be a real checkpoint file; "
+            "re-download or re-save it",
+            details={"file": str(path)},
+        ) from None
     if not isinstance(parsed, dict):
         raise CheckpointFileError(
             f"{path} holds a JSON {type(parsed).__name__}, expected an object",

@@ -14,7 +14,9 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,47 @@ from merge_kernels.io.dtypes import torch_dtype as _torch_dtype
 MAX_HEADER_BYTES = 100_000_000
 
 _FIX = "re-download or re-save the checkpoint"
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """How large a header :func:`read_header` accepts, so a hostile file cannot exhaust memory.
+
+    Attributes:
+        max_bytes: largest JSON header, in bytes (never above :data:`MAX_HEADER_BYTES`).
+        max_tensors: most tensors one file may list (None: no limit).
+        bytes_setting: what the caller calls ``max_bytes``, named in the error so the reader
+            knows what to raise (e.g. a service setting); None: the error names none.
+        tensors_setting: likewise for ``max_tensors``.
+    """
+
+    max_bytes: int = MAX_HEADER_BYTES
+    max_tensors: int | None = None
+    bytes_setting: str | None = None
+    tensors_setting: str | None = None
+
+
+# The limits of the read in progress: set by whoever opens checkpoints (see header_limits), so
+# that every opener and reader between them need not pass them along.
+_LIMITS: ContextVar[HeaderLimits] = ContextVar("_LIMITS", default=HeaderLimits())  # noqa: B039 - frozen
+
+
+@contextmanager
+def header_limits(limits: HeaderLimits) -> Iterator[None]:
+    """Apply ``limits`` to every :func:`read_header` call in this context (thread, task)."""
+    token = _LIMITS.set(limits)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
+
+
+def _over_limit(path: Path, found: str, limit: int, setting: str | None) -> CheckpointFileError:
+    advice = f"raise {setting} if the file is genuine" if setting else "check the file"
+    return CheckpointFileError(
+        f"{path}: the header {found}, over the limit of {limit}; {advice}",
+        details={"file": str(path), "limit": limit, "setting": setting},
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +186,10 @@ def _read_prefix(path: Path, open_fd: FileOpener) -> tuple[bytes, int]:
         if len(prefix) != 8:
             raise _error(path, "file shrank while its header was being read")
         (header_len,) = struct.unpack("<Q", prefix)
+        limits = _LIMITS.get()
+        if limits.max_bytes < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
+            found = f"is {header_len} bytes long"
+            raise _over_limit(path, found, limits.max_bytes, limits.bytes_setting)
         if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
             raise _error(
                 path,
@@ -252,8 +299,15 @@ def read_header(path: Path, *, open_fd: FileOpener = open_readonly) -> Safetenso
         raise _error(path, f"header lists key {exc.key!r} more than once", tensor=exc.key) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _error(path, f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _error(path, "header nests JSON arrays or objects too deeply") from None
     if not isinstance(parsed, dict):
         raise _error(path, f"header is JSON {type(parsed).__name__}, not a JSON object")
+    limits = _LIMITS.get()
+    tensors = len(parsed) - ("__metadata__" in parsed)
+    if limits.max_tensors is not None and tensors > limits.max_tensors:
+        found = f"lists {tensors} tensors"
+        raise _over_limit(path, found, limits.max_tensors, limits.tensors_setting)
 
     metadata: dict[str, str] = {}
     raw_meta = parsed.pop("__metadata__", None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import yaml
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from merge_kernels.errors import RecipeError, TureenError
 from merge_kernels.recipe import Recipe
 from service.api.schemas import merge_request_adapter
+from service.api.text_fields import check_text_fields
 from service.auth import token_accepted
 from service.errors import ApiError
 from service.jobs.manager import JobManager
@@ -74,6 +75,14 @@ def require_token(
 
 Authenticated = Depends(require_token)
 
+#: SQLite's largest INTEGER: a larger page offset cannot even be sent to the job store.
+MAX_PAGE_OFFSET = 2**63 - 1
+
+PageOffset = Annotated[
+    int,
+    Query(ge=0, le=MAX_PAGE_OFFSET, description="Jobs to skip, newest first."),
+]
+
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -113,9 +122,15 @@ def _decode(body: bytes, content_type: str) -> object:
     media_type = content_type.split(";", 1)[0].strip().lower() or "application/json"
     try:
         if media_type in _JSON_TYPES or media_type.endswith("+json"):
-            return json.loads(body)
-        if media_type in _YAML_TYPES:
-            return yaml.load(body, Loader=_NoAliasLoader)  # a SafeLoader without aliases
+            document: object = json.loads(body)
+        elif media_type in _YAML_TYPES:
+            document = yaml.load(body, Loader=_NoAliasLoader)  # a SafeLoader without aliases
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send the recipe as application/json or application/yaml, not {media_type}",
+            )
     except (ValueError, yaml.YAMLError, RecursionError) as error:
         kind = "JSON" if "json" in media_type else "YAML"
         raise ApiError(
@@ -124,11 +139,8 @@ def _decode(body: bytes, content_type: str) -> object:
             f"the body is not valid {kind}: {error}",
             details={"field": "body"},
         ) from None
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"send the recipe as application/json or application/yaml, not {media_type}",
-    )
+    check_text_fields(document)
+    return document
 
 
 # Union branch names pydantic puts in error locations: types, not recipe keys.

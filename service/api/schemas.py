@@ -176,10 +176,57 @@ def merge_request_adapter() -> TypeAdapter[Any]:
     return TypeAdapter(union)
 
 
+_NOT_NULL = {"not": {"type": "null"}}
+#: The recipe validator's input rules: at least one model, listed under ``models`` or in the
+#: one slice (mergekit's form) that covers every layer.
+_INPUTS_RULE: dict[str, Any] = {
+    "anyOf": [
+        {"required": ["models"], "properties": {"models": {"type": "array", "minItems": 1}}},
+        {
+            "required": ["slices"],
+            "properties": {
+                "slices": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {"properties": {"sources": {"minItems": 1}}},
+                }
+            },
+        },
+    ]
+}
+#: ...and a base model, for the methods that need one, given at the top or in the slice.
+_BASE_RULE: dict[str, Any] = {
+    "anyOf": [
+        {"required": ["base_model"], "properties": {"base_model": _NOT_NULL}},
+        {
+            "required": ["slices"],
+            "properties": {
+                "slices": {
+                    "type": "array",
+                    "items": {"required": ["base_model"], "properties": {"base_model": _NOT_NULL}},
+                }
+            },
+        },
+    ]
+}
+
+
 def merge_request_schema(ref_template: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request body's JSON schema and its definitions, refs built by ``ref_template``."""
+    """The request body's JSON schema and its definitions, refs built by ``ref_template``.
+
+    Each method's branch also states the rules the recipe validator applies across fields
+    (inputs given, base given when needed), so that every body the schema allows can pass
+    validation as far as its shape goes.
+    """
     schema = merge_request_adapter().json_schema(ref_template=ref_template, by_alias=True)
     definitions = schema.pop("$defs", {})
+    needs_base = {spec.name: spec.needs_base for spec in methods()}
+    for definition in definitions.values():
+        method = definition.get("properties", {}).get("merge_method", {}).get("const")
+        if method in needs_base:
+            rules = [_INPUTS_RULE, _BASE_RULE] if needs_base[method] else [_INPUTS_RULE]
+            definition["allOf"] = [dict(rule) for rule in rules]
     return schema, definitions
 
 

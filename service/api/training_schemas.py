@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.jobs.models import Job, JobError, JobProgress, JobStatus
+from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
 from service.jobs.training_manager import held_out_summary
 
 
@@ -89,6 +89,12 @@ TRAINING_BODY_DOC = (
 )
 
 
+def _output_name_schema() -> dict[str, Any]:
+    # The very field that validates the name, so the document cannot drift from it.
+    name: dict[str, Any] = OutputOptions.model_json_schema()["properties"]["name"]
+    return name
+
+
 def training_body_openapi() -> dict[str, Any]:
     """``openapi_extra`` documenting the training request body, JSON or YAML."""
     schema = {
@@ -113,7 +119,11 @@ def training_body_openapi() -> dict[str, Any]:
             "device": {"type": "string"},
             "dtype": {"type": "string", "enum": ["float32", "bfloat16", "float16"]},
             "quantization": {"type": "object"},
-            "output": {"type": "object", "properties": {"name": {"type": "string"}}},
+            "output": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"name": _output_name_schema()},
+            },
         },
     }
     content = {media: {"schema": schema} for media in ("application/json", "application/yaml")}

@@ -83,15 +83,20 @@ class OutputOptions(BaseModel):
 # -- publishing to the Hugging Face Hub ------------------------------------------------------
 
 
+NAMESPACED_REPO_ID_PATTERN = rf"^(?=[^/]*/)(?!.*(?:--|\.\.))(?!.*\.git$){REPO_ID_PATTERN}$"
+
+
 class PublishOptions(BaseModel):
     """Where and how to publish a merge's output on the Hugging Face Hub (no secrets here)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     repo_id: str = Field(
-        pattern=rf"^{REPO_ID_PATTERN}$",
         max_length=96 * 2 + 1,
         description="The model repository, 'namespace/name'; created when missing.",
+        # What _namespaced checks, for the schema: a namespace, the Hub's grammar, no '--'
+        # or '..', no '.git' ending (lookarounds, which pydantic's own patterns lack).
+        json_schema_extra={"pattern": NAMESPACED_REPO_ID_PATTERN},
     )
     private: bool | None = Field(
         None,

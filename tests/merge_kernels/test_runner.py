@@ -474,3 +474,25 @@ def test_model_wide_trim_keeps_the_top_k_of_each_whole_task_vector(
         expected = base[name] + merged[offset : offset + count].reshape(base[name].shape)
         offset += count
         assert torch.allclose(written[name], expected, atol=1e-6), name
+
+
+def test_a_checkpoint_without_tensors_is_a_plan_problem(models: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
+    document = RECIPES["linear"] | {"models": [{"model": str(empty)}, {"model": str(empty)}]}
+    expect_failure(
+        models, document, tmp_path / "out", IncompatibleCheckpointsError, "has no tensors"
+    )
+
+
+def test_models_sharing_no_tensor_shape_are_a_plan_problem(models: Path, tmp_path: Path) -> None:
+    other = LlamaShape(hidden_size=16, intermediate_size=48, num_hidden_layers=2, vocab_size=80)
+    write_checkpoint(tmp_path / "other", other, seed=5)
+    document = RECIPES["linear"] | {
+        "models": [{"model": str(models / "ft1")}, {"model": str(tmp_path / "other")}]
+    }
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        merge(models, document, tmp_path / "out")
+    assert any("would write nothing" in p for p in caught.value.problems)
+    assert not (tmp_path / "out").exists()

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.evaluated_merge import scratch_folder
+from merge_kernels.io.safetensors_header import header_limits
 from merge_kernels.io.staging import StagingDir
-from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
+from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, PageOffset, RecipeRequestDep
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
 from service.api.files import (
     DOWNLOAD_RESPONSES,
@@ -25,6 +26,7 @@ from service.api.files import (
     resolve_output_file,
 )
 from service.api.schemas import FileList, JobList, recipe_body_openapi
+from service.api.text_fields import check_text_fields
 from service.errors import ApiError, error_responses
 from service.jobs.manager import JobManager
 from service.jobs.models import Job, JobStatus, PublishOptions
@@ -82,15 +84,19 @@ async def submit_merge(
     With `output.publish`, the job goes on to `publishing` once merged, then back to
     `succeeded` with `publish.state` `published` (and the commit) or `failed`.
     """
-    job, created = await run_in_threadpool(
-        lambda: manager.submit(
-            body.recipe,
-            body.output,
-            idempotency_key=idempotency_key,
-            body_hash=body.body_hash,
-            hub_token=hub_token,
-        )
-    )
+
+    def submit() -> tuple[Job, bool]:
+        # Submitting plans the merge from the inputs' headers: bounded, and off the loop.
+        with header_limits(manager.settings.header_limits()):
+            return manager.submit(
+                body.recipe,
+                body.output,
+                idempotency_key=idempotency_key,
+                body_hash=body.body_hash,
+                hub_token=hub_token,
+            )
+
+    job, created = await run_in_threadpool(submit)
     response.status_code = 202 if created else 200
     response.headers["Location"] = _location(job)
     return job
@@ -101,7 +107,7 @@ async def list_merges(
     manager: ManagerDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: PageOffset = 0,
 ) -> JobList:
     """A page of jobs, newest first, with the total matching the filter."""
     jobs, total = await run_in_threadpool(
@@ -306,6 +312,7 @@ def _publish_options(body: bytes) -> PublishOptions | None:
         ) from None
     if document is None:
         return None
+    check_text_fields(document)
     try:
         return PublishOptions.model_validate(document)
     except ValidationError as error:

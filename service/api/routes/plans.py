@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from merge_kernels.io.safetensors_header import header_limits
 from merge_kernels.runner import close_inputs, plan_merge
 from service.api.deps import Authenticated, ManagerDep, RecipeRequest, RecipeRequestDep
 from service.api.schemas import PlanReport, recipe_body_openapi
@@ -19,12 +20,16 @@ router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Authenticat
 def plan_report(body: RecipeRequest, manager: JobManager) -> dict[str, Any]:
     """Plan the merge from configs and headers alone, exactly as a job would run it.
 
+    Blocking (it reads every input's headers): run it off the event loop.
+
     Raises:
         IncompatibleCheckpointsError: every problem the plan found.
-        CheckpointNotFoundError, CheckpointFileError, RecipeError: bad inputs.
+        CheckpointNotFoundError, CheckpointFileError, RecipeError: bad inputs, headers over
+            the service's size limits included.
     """
     manager.check_evaluator(body.recipe)
-    plan, inputs = plan_merge(body.recipe, manager.engine_options(body.output))
+    with header_limits(manager.settings.header_limits()):
+        plan, inputs = plan_merge(body.recipe, manager.engine_options(body.output))
     try:
         report = plan.report()
     finally:

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.errors import TureenError
-from service.api.deps import Authenticated, IdempotencyKey, _decode
+from service.api.deps import Authenticated, IdempotencyKey, PageOffset, _decode
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, format_event
 from service.api.files import (
     DOWNLOAD_RESPONSES,
@@ -87,7 +87,7 @@ async def list_trainings(
     request: Request,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: PageOffset = 0,
 ) -> TrainingList:
     """A page of training jobs, newest first, with the total matching the filter."""
     manager = get_training_manager(request)

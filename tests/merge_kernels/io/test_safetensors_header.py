@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from merge_kernels.errors import CheckpointFileError, CheckpointNotFoundError
-from merge_kernels.io.safetensors_header import MAX_HEADER_BYTES, read_header
+from merge_kernels.io.safetensors_header import (
+    MAX_HEADER_BYTES,
+    HeaderLimits,
+    header_limits,
+    read_header,
+)
 
 
 def _write_raw(path: Path, header: object, data_len: int, *, length: int | None = None) -> Path:
@@ -266,3 +271,37 @@ def test_never_reads_tensor_data(tmp_path: Path) -> None:
     os.truncate(path, path.stat().st_size + 4 * numel)
     parsed = read_header(path)
     assert parsed.tensors["big"].nbytes == 4 * numel
+
+
+def test_deeply_nested_header(tmp_path: Path) -> None:
+    # Nested far past Python's recursion limit: a file error, not a RecursionError.
+    path = _write_raw(tmp_path / "deep.safetensors", b"[" * 100_000 + b"]" * 100_000, 0)
+    with pytest.raises(CheckpointFileError, match="too deeply") as info:
+        read_header(path)
+    _assert_names(info.value, path, None)
+
+
+def _many_tensors(path: Path, count: int) -> Path:
+    header = {f"t{i}": _entry("F32", [1], 4 * i, 4 * i + 4) for i in range(count)}
+    return _write_raw(path, header | {"__metadata__": {"format": "pt"}}, 4 * count)
+
+
+def test_headers_over_the_limits_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    path = _many_tensors(tmp_path / "many.safetensors", 100)
+    size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert len(read_header(path).tensors) == 100  # no limits by default
+    exact = HeaderLimits(max_bytes=size, max_tensors=100)
+    with header_limits(exact):
+        assert len(read_header(path).tensors) == 100
+    few = HeaderLimits(max_tensors=99, tensors_setting="the max_tensors setting")
+    with header_limits(few), pytest.raises(CheckpointFileError) as info:
+        read_header(path)
+    assert "lists 100 tensors, over the limit of 99" in info.value.message
+    assert "raise the max_tensors setting" in info.value.message
+    assert info.value.details["file"] == str(path)
+    small = HeaderLimits(max_bytes=size - 1, bytes_setting="the max_bytes setting")
+    with header_limits(small), pytest.raises(CheckpointFileError) as info:
+        read_header(path)
+    assert f"is {size} bytes long, over the limit of {size - 1}" in info.value.message
+    assert "raise the max_bytes setting" in info.value.message
+    assert len(read_header(path).tensors) == 100  # the limits ended with their context

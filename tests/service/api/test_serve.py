@@ -58,7 +58,8 @@ def test_invalid_settings_are_a_clear_error(tmp_path: Path) -> None:
         settings_from_args(_parse(["--workers", "0", "--data-dir", str(tmp_path)]))
 
 
-def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
+def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``tureen serve`` (tokens tok-1, tok-2) on a free port until it is ready."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -78,24 +79,56 @@ def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
     process = subprocess.Popen(
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            output, _ = process.communicate(timeout=30)
+            raise AssertionError(f"tureen serve did not start: {output.decode()}")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    return output.decode()
+
+
+def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
+    process, url = _start_serve(tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         assert httpx.get(f"{url}/v1/methods").status_code == 401
         authorized = {"Authorization": "Bearer tok-2"}
         assert httpx.get(f"{url}/v1/methods", headers=authorized).status_code == 200
     finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0
-    log = output.decode()
+        log = _stop(process)
     assert "tok-1" not in log and "tok-2" not in log
     assert "Application shutdown complete" in log
+
+
+def test_the_access_log_keeps_no_query_string_credentials(tmp_path: Path) -> None:
+    process, url = _start_serve(tmp_path)
+    secrets = ["tok-1", "leaked-secret-a", "leaked-secret-b", "leaked-secret-c"]
+    try:
+        for query in (
+            "?token=tok-1",
+            "?access_token=leaked-secret-a&limit=5",
+            "?leaked-secret-b",
+            "?api_key=x&offset=leaked-secret-c",
+        ):
+            assert httpx.get(f"{url}/v1/merges{query}").status_code == 401
+        authorized = {"Authorization": "Bearer tok-2"}
+        assert httpx.get(f"{url}/v1/merges?limit=7", headers=authorized).status_code == 200
+    finally:
+        log = _stop(process)
+    assert not [secret for secret in secrets if secret in log], log
+    assert '"GET /v1/merges?*** HTTP/1.1" 401' in log
+    assert '"GET /v1/merges?***&limit=5 HTTP/1.1" 401' in log
+    assert '"GET /v1/merges?limit=7 HTTP/1.1" 200' in log
