@@ -26,7 +26,7 @@ from merge_kernels.synthetic import write_checkpoint
 from tests.service.api.conftest import TINY, LiveServer, make_settings
 
 MARKER = "OUTSIDE-SECRET-7d1e"
-REFUSED = {"path_not_allowed", "not_found", "invalid_recipe", "bad_checkpoint_file"}
+REFUSED = {"path_not_allowed", "not_found", "invalid_recipe", "invalid_text", "bad_checkpoint_file"}
 
 
 def _write_adapter(folder: Path) -> None:
