@@ -106,6 +106,11 @@ class Recipe(BaseModel):
     reference: Reference = Field(
         "peft", description="Whose defaults unset options follow: peft, mergekit or paper."
     )
+    allow_non_finite: bool = Field(
+        False,
+        description="Write the merge even if a merged tensor holds NaN or infinities "
+        "(by default the merge fails naming the tensor, with code non_finite_output).",
+    )
     evaluator: dict[str, Any] | None = Field(
         None,
         description="How candidates are scored (greedy_soup needs one; with another method "
