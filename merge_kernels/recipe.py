@@ -3,9 +3,10 @@
 Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``, and the single-slice form of ``slices``), so a mergekit config for a
-supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks) and
-``reference`` (whose defaults unset options follow). Validation is strict: every error
-names the field and says what is allowed.
+supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks),
+``reference`` (whose defaults unset options follow) and ``allow_non_finite`` (write a merge
+whose tensors hold NaN or infinities instead of failing). Validation is strict: every error
+names the field and says what is allowed; parameter numbers must be finite.
 """
 
 from __future__ import annotations
