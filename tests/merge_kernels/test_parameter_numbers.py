@@ -21,7 +21,7 @@ from merge_kernels.registry import MethodSpec, methods
 _PLACEHOLDER = "__VALUE__"
 JSON_SPELLINGS = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999")
 YAML_SPELLINGS = (".nan", ".inf", "-.inf", ".NaN", "+.inf")
-STRING_SPELLINGS = ("nan", "inf", "-Infinity")
+STRING_SPELLINGS = ("nan", "inf", "-Infinity", "1e999")
 
 
 def _numeric(annotation: Any) -> bool:
