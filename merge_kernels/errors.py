@@ -77,3 +77,13 @@ class EvaluationError(TureenError):
     """An evaluator could not score a candidate (bad data, unreachable server, bad answer)."""
 
     code = "evaluation_failed"
+
+
+class NonFiniteOutputError(TureenError):
+    """A merged tensor holds NaN or infinities: ``details['tensor']`` names it.
+
+    Raised while the merge streams, before the output is published, unless the recipe sets
+    ``allow_non_finite``.
+    """
+
+    code = "non_finite_output"

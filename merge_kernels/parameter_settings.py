@@ -8,16 +8,74 @@ A recipe parameter may be
   whose filter is a substring of the tensor name (or is absent or ``*``) gives the value.
 
 This follows mergekit's ``evaluate_setting``, so mergekit configs mean the same here.
+
+Every number written must be finite (``NaN``, ``Infinity``, ``1e999`` and YAML's ``.nan``
+and ``.inf`` are refused wherever they appear), and a list must not be empty.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 Scalar = bool | int | float | str
 Gradient = list[Scalar]
+
+_SETTING_FORMS = (
+    "give a number, a string, a boolean, a gradient [first, ..., last] or a filtered "
+    "list [{filter: ..., value: ...}]"
+)
+
+_OWN_ERRORS = ("empty_setting", "invalid_setting", "non_finite_number")
+
+
+def _check_setting(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Validate one parameter value, with a message saying what is wrong and what is allowed.
+
+    The plain union's own error reports its first branch ("Input should be a valid
+    boolean") whatever the value was; here a non-finite number, an empty list and a value
+    of no accepted form are each named.
+    """
+    _refuse_non_finite(value)
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError(
+            "empty_setting", "an empty list is not a value; " + _SETTING_FORMS
+        )
+    try:
+        return handler(value)
+    except ValidationError as error:
+        for problem in error.errors():
+            if problem["type"] in _OWN_ERRORS:  # from a filtered list's entry: keep it
+                raise PydanticCustomError(problem["type"], problem["msg"]) from None
+        raise PydanticCustomError(
+            "invalid_setting",
+            "{value} is not a parameter value; " + _SETTING_FORMS,
+            {"value": repr(value)},
+        ) from None
+
+
+def _refuse_non_finite(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError(
+            "non_finite_number",
+            "must be a finite number, got {value} (NaN and infinities are not parameter values)",
+            {"value": str(value)},
+        )
+    if isinstance(value, list):
+        for entry in value:
+            _refuse_non_finite(entry)
+    elif isinstance(value, dict):
+        _refuse_non_finite(value.get("value"))
 
 
 class ConditionalSetting(BaseModel):
@@ -26,10 +84,12 @@ class ConditionalSetting(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     filter: str | None = None
-    value: Scalar | Gradient
+    value: Annotated[Scalar | Gradient, WrapValidator(_check_setting)]
 
 
-ParameterSetting = Scalar | list[ConditionalSetting] | Gradient
+ParameterSetting = Annotated[
+    Scalar | list[ConditionalSetting] | Gradient, WrapValidator(_check_setting)
+]
 Parameters = dict[str, ParameterSetting]
 
 _LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -74,7 +134,11 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> S
                 return evaluate_setting(entry.value, tensor_name, t)
         return None
     values = [entry for entry in setting if not isinstance(entry, ConditionalSetting)]
-    numbers = [float(entry) for entry in values if isinstance(entry, int | float)]
+    numbers = [
+        float(entry)
+        for entry in values
+        if isinstance(entry, int | float) and not isinstance(entry, bool)
+    ]
     if len(numbers) == len(values):
         scaled = t * (len(numbers) - 1)
         lower = int(scaled)

@@ -13,12 +13,18 @@ from collections.abc import Callable
 
 import torch
 
-from merge_kernels.errors import RecipeError
+from merge_kernels.errors import NonFiniteOutputError, RecipeError
+from merge_kernels.finite_check import (
+    is_finite,
+    non_finite_input_error,
+    non_finite_output_error,
+)
 from merge_kernels.fused import handles, ties_into, trim_thresholds, weighted_sum_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
 from merge_kernels.methods.magnitude_select import (
+    NaNMagnitudeError,
     TieRule,
     magnitude_threshold_with_ties,
 )
@@ -54,8 +60,17 @@ class PieceMerger:
     def prepare_model_trims(self) -> None:
         """Compute the model-wide thresholds, if the recipe trims per model."""
         scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
-        if scope:
+        if not scope:
+            return
+        try:
             self.trims.update(self._stream(scope))
+        except NaNMagnitudeError:
+            raise NonFiniteOutputError(
+                "an input holds NaN in a tensor that the model-wide trim ranks by magnitude, "
+                "where NaN has no order: fix or replace that checkpoint (trim_scope: tensor "
+                "names the tensor)",
+                details={"tensor": None},
+            ) from None
 
     def _stream(self, tensors: list[TensorPlan]) -> dict[PieceKey, tuple[TrimState, ...]]:
         first = tensors[0].params
@@ -72,7 +87,31 @@ class PieceMerger:
 
         The result may live in a buffer that the piece after next reuses: write it (or copy
         it) before computing two more pieces.
+
+        Raises:
+            NonFiniteOutputError: the piece holds NaN or infinities and the recipe does not
+                set ``allow_non_finite``.
         """
+        names = [item.checkpoint.display_name for item in self.plan.inputs]
+        rows = (unit.start, unit.stop) if unit.start is not None and unit.stop is not None else None
+        try:
+            merged = self._merge(unit, raw)
+        except NaNMagnitudeError:
+            raise non_finite_input_error(
+                unit.tensor.name, list(zip(names, raw, strict=True)), rows
+            ) from None
+        checked = unit.tensor.params is not None and not self.plan.recipe.allow_non_finite
+        if checked and not is_finite(merged):
+            raise non_finite_output_error(
+                unit.tensor.name,
+                unit.tensor.dtype,
+                merged,
+                list(zip(names, raw, strict=True)),
+                rows,
+            )
+        return merged
+
+    def _merge(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
         tensor = unit.tensor
         if tensor.params is None:
             return raw[0]
@@ -169,6 +208,8 @@ class PieceMerger:
                 tensor.params.method,
                 context,
             )
+        except NaNMagnitudeError:
+            raise  # the inputs' fault, not the parameters': see compute
         except ValueError as error:
             raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
 

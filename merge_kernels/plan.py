@@ -196,6 +196,27 @@ def _source_for(name: str, item: PlannedInput, problems: list[str]) -> str | Non
     return None
 
 
+def _mixed_kinds(
+    name: str, inputs: Sequence[PlannedInput], sources: Sequence[str | None]
+) -> str | None:
+    """A problem when ``name`` is floating point in some inputs and integer or boolean in
+    others: merging it would cast the integers to floats, and copying one would drop the
+    others' values, so it is refused rather than guessed."""
+    dtypes = {
+        item.checkpoint.display_name: item.checkpoint.entries()[source].dtype
+        for item, source in zip(inputs, sources, strict=True)
+        if source is not None
+    }
+    if len({dtype in _FLOAT_CODES for dtype in dtypes.values()}) < 2:
+        return None
+    listed = ", ".join(f"{ref} {dtype}" for ref, dtype in dtypes.items())
+    return (
+        f"tensor {name!r} is floating point in some inputs and integer or boolean in others "
+        f"({listed}): an integer tensor is never cast to float for a merge; use checkpoints "
+        "that store it alike"
+    )
+
+
 def _check_configs(plan: MergePlan) -> None:
     reference = plan.inputs[0].checkpoint
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "model_type"):
@@ -272,6 +293,10 @@ def build_plan(
             listed = ", ".join(f"{ref} {list(shape)}" for ref, shape in shapes.items())
             plan.problems.append(f"tensor {name!r} has different shapes: {listed}")
             continue
+        mixed = _mixed_kinds(name, inputs, sources)
+        if mixed is not None:
+            plan.problems.append(mixed)
+            continue
         floating = entry.dtype in _FLOAT_CODES
         dtype = _DTYPE_CODES[wanted] if (wanted and floating) else entry.dtype
         params = (
@@ -279,8 +304,8 @@ def build_plan(
         )
         if not floating:
             plan.notes.append(
-                f"tensor {name!r} ({entry.dtype}) is not floating point; copied from "
-                f"{reference.display_name}"
+                f"tensor {name!r} ({entry.dtype}) is not floating point: copied unchanged "
+                f"from {reference.display_name}, not merged"
             )
         rows, trim = _chunking(spec, params, entry, chunk_elements, whole_trim_elements)
         plan.tensors.append(

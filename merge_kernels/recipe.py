@@ -3,9 +3,10 @@
 Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``, and the single-slice form of ``slices``), so a mergekit config for a
-supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks) and
-``reference`` (whose defaults unset options follow). Validation is strict: every error
-names the field and says what is allowed.
+supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks),
+``reference`` (whose defaults unset options follow) and ``allow_non_finite`` (write a merge
+whose tensors hold NaN or infinities instead of failing). Validation is strict: every error
+names the field and says what is allowed; parameter numbers must be finite.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of DARE's random masks.")
     reference: Reference = Field(
         "peft", description="Whose defaults unset options follow: peft, mergekit or paper."
+    )
+    allow_non_finite: bool = Field(
+        False,
+        description="Write the merge even if a merged tensor holds NaN or infinities "
+        "(by default the merge fails naming the tensor, with code non_finite_output).",
     )
     evaluator: dict[str, Any] | None = Field(
         None,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from merge_kernels.methods.magnitude_select import MagnitudeThreshold
 
@@ -21,16 +22,38 @@ Reference = Literal["peft", "mergekit", "paper"]
 """Whose numbers a method reproduces when an option is left unset (see the method modules)."""
 
 
-class MethodParams(BaseModel):
+_PARAMS_CONFIG = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+class _NumericParams(BaseModel):
+    """Numbers are finite (``"nan"``/``"inf"`` strings too are refused) and not booleans."""
+
+    model_config = _PARAMS_CONFIG
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise PydanticCustomError(
+                    "bool_not_number",
+                    "give a number, not the boolean {value}",
+                    {"value": str(value).lower()},
+                )
+        return value
+
+
+class MethodParams(_NumericParams):
     """Parameters that apply to the whole merge of one tensor (``normalize``, ``lambda``...)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = _PARAMS_CONFIG
 
 
-class ModelParams(BaseModel):
+class ModelParams(_NumericParams):
     """Parameters given per input model (``weight``, ``density``...)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = _PARAMS_CONFIG
 
 
 class NoModelParams(ModelParams):

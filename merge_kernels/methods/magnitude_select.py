@@ -312,7 +312,7 @@ class StreamingMagnitudeSelect:
             )
         assert self._hist is not None and self._max_bits is not None
         if int(self._max_bits.item()) > _INF_BITS:
-            raise ValueError("the stream contains NaN; a magnitude threshold is undefined")
+            raise NaNMagnitudeError("the stream contains NaN; a magnitude threshold is undefined")
         hist = self._hist.cpu()
         self._hist = None
         self._max_bits = None
@@ -370,6 +370,10 @@ def _flat_float32(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.reshape(-1)
 
 
+class NaNMagnitudeError(ValueError):
+    """Magnitudes to select among hold NaN, which has no place in their order."""
+
+
 def _raise_if_nan(flat: torch.Tensor, name: str) -> None:
     # A float sum is one fast reduction and is NaN whenever an entry is; it is also NaN for
     # inf + (-inf), so a NaN sum is confirmed entry by entry before raising.
@@ -377,7 +381,7 @@ def _raise_if_nan(flat: torch.Tensor, name: str) -> None:
         return
     count = int(torch.isnan(flat).sum().item())
     if count:
-        raise ValueError(
+        raise NaNMagnitudeError(
             f"{name} contains {count} NaN value(s); a magnitude threshold is undefined"
         )
 

@@ -152,6 +152,14 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
             Literal["peft", "mergekit", "paper"],
             Field("peft", description="Whose defaults unset options follow."),
         ),
+        "allow_non_finite": (
+            bool,
+            Field(
+                False,
+                description="Write the merge even if a merged tensor holds NaN or infinities "
+                "(by default the job fails with code non_finite_output, naming the tensor).",
+            ),
+        ),
         "evaluator": (
             EvaluatorConfig | None,
             Field(
