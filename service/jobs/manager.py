@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_INTERVAL_S = 0.2
 CANCEL_GRACE_S = 5.0  # a worker that ignores a cancel this long is killed
+STALLED_AFTER_S = 30.0  # a dispatcher that has not gone round its loop this long is stuck
+HELD_SLOT_GRACE_S = 10.0  # a slot still held this long after its job ended has leaked
 
 
 class OverMemoryBudgetError(TureenError):
@@ -87,6 +89,7 @@ class OutputExistsError(TureenError):
 class _Worker:
     process: subprocess.Popen[bytes]
     cancel_seen_at: float | None = None
+    job_ended_at: float | None = None  # the store shows the job over, the slot still held
 
 
 class JobManager:
@@ -108,6 +111,7 @@ class JobManager:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_round = time.monotonic()  # when the dispatcher last went round its loop
         self._pool = WorkerPool(
             lambda: self._command(None),
             worker_environment(),
@@ -365,8 +369,34 @@ class JobManager:
 
     # -- dispatching --------------------------------------------------------------------
 
+    def dispatcher_problem(self) -> str | None:
+        """Why the dispatcher cannot start jobs, or None while it works.
+
+        It is stuck when its thread is gone, when it has not gone round its loop for
+        ``STALLED_AFTER_S`` seconds, or when a worker slot is still held
+        ``HELD_SLOT_GRACE_S`` seconds after its job ended (then the slot is lost and, once
+        all slots are, no queued job ever starts).
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return "the job dispatcher is not running"
+        idle = time.monotonic() - self._last_round
+        if idle > STALLED_AFTER_S:
+            return f"the job dispatcher has not run for {idle:.0f} s"
+        now = time.monotonic()
+        with self._lock:
+            leaked = [
+                job_id
+                for job_id, worker in self._workers.items()
+                if worker.job_ended_at is not None and now - worker.job_ended_at > HELD_SLOT_GRACE_S
+            ]
+        if leaked:
+            return f"worker slots are held by jobs that ended: {', '.join(sorted(leaked))}"
+        return None
+
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
+            self._last_round = time.monotonic()
             try:
                 self._reap()
                 self._enforce_cancels()
@@ -385,6 +415,8 @@ class JobManager:
             }
             for job_id in ended:
                 del self._workers[job_id]
+            busy = list(self._workers.items())
+        self._note_ended_jobs(busy)
         for job_id, worker in ended.items():
             job = self.store.get(job_id)
             if job is None or job.status is not JobStatus.RUNNING:
@@ -406,6 +438,19 @@ class JobManager:
                     details=details,
                 ),
             )
+
+    def _note_ended_jobs(self, busy: Sequence[tuple[str, _Worker]]) -> None:
+        """Mark the slots whose job the store shows over (see ``dispatcher_problem``)."""
+        now = time.monotonic()
+        for job_id, worker in busy:
+            job = self.store.get(job_id)
+            over = job is None or job.status is not JobStatus.RUNNING
+            if not over:
+                worker.job_ended_at = None
+            elif worker.job_ended_at is None:
+                worker.job_ended_at = now
+            elif now - worker.job_ended_at > HELD_SLOT_GRACE_S:
+                log.error("the worker slot of job %s is still held after the job ended", job_id)
 
     def _enforce_cancels(self) -> None:
         with self._lock:
@@ -444,8 +489,6 @@ class JobManager:
                     ),
                 )
                 continue
-            with self._lock:
-                self._workers[job.id] = _Worker(process)
             self.store.update(job.id, worker_pid=process.pid)
             log.info("job %s started in worker %d (attempt %d)", job.id, process.pid, job.attempts)
 
@@ -463,7 +506,18 @@ class JobManager:
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:
-        return self._pool.run(job.id, self.output_path(job))
+        def hold_slot(process: subprocess.Popen[bytes]) -> None:
+            # Before the job reaches the worker: a job that ends at once frees this slot
+            # (``_freed``) before ``run`` returns, and must find it taken.
+            with self._lock:
+                self._workers[job.id] = _Worker(process)
+
+        try:
+            return self._pool.run(job.id, self.output_path(job), hold_slot)
+        except BaseException:
+            with self._lock:
+                self._workers.pop(job.id, None)
+            raise
 
     def _freed(self, job_id: str) -> None:
         # The worker recorded the job's outcome and waits for another: free the slot.
