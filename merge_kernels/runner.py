@@ -64,6 +64,9 @@ class MergeOptions:
         allow_pickle: accept pickle checkpoints through torch's weights-only loader.
         base_dir: folder relative local references are resolved against.
         overwrite: replace an existing output folder.
+        keep_commit_record: leave the commit record beside the output (see
+            :mod:`merge_kernels.io.staging`) for a caller that records the success itself and
+            then calls :meth:`StagingDir.forget_commit`; otherwise it is dropped at once.
     """
 
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -75,6 +78,7 @@ class MergeOptions:
     allow_pickle: bool = False
     base_dir: Path | None = None
     overwrite: bool = False
+    keep_commit_record: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,44 @@ def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def committed_result(
+    recipe: Recipe, out_dir: Path, options: MergeOptions | None = None
+) -> MergeResult | None:
+    """What a merge by ``recipe`` published in ``out_dir``, if it did, else None.
+
+    Plans the merge from headers and compares the output folder with the commit record left
+    beside it (:meth:`StagingDir.committed`): for a run that crashed after publishing its
+    output but before its caller recorded the success. Nothing is written.
+
+    Raises:
+        RecipeError, CheckpointFileError, CheckpointNotFoundError: the inputs cannot be read.
+    """
+    options = options or MergeOptions()
+    started = time.monotonic()
+    plan, inputs = plan_merge(recipe, options)
+    try:
+        staging = StagingDir(Path(out_dir), fingerprint(plan, options))
+        return _already_committed(plan, staging, started)
+    finally:
+        close_inputs(inputs)
+
+
+def _already_committed(plan: MergePlan, staging: StagingDir, started: float) -> MergeResult | None:
+    files = staging.committed()
+    if files is None:
+        return None
+    out_dir = staging.out_dir
+    return MergeResult(
+        out_dir=out_dir,
+        files=files,
+        bytes_written=sum((out_dir / f).stat().st_size for f in files),
+        tensors=len(plan.tensors),
+        shards_resumed=len(plan.shards),
+        seconds=time.monotonic() - started,
+        provenance=[input_provenance(item.role, item.checkpoint) for item in plan.inputs],
+    )
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: Path,
@@ -233,6 +275,24 @@ def _execute(
     card: CardExtras,
 ) -> MergeResult:
     staging = StagingDir(out_dir, fingerprint(plan, options))
+    # A run of this very merge published the output, then stopped before its caller could
+    # record it: the output is complete, so this run is done too.
+    published = _already_committed(plan, staging, started)
+    if published is not None:
+        if not options.keep_commit_record:
+            staging.forget_commit()
+        if progress is not None:
+            progress(
+                Progress(
+                    len(plan.tensors),
+                    len(plan.tensors),
+                    plan.output_bytes,
+                    plan.output_bytes,
+                    None,
+                    "done",
+                )
+            )
+        return published
     done = staging.prepare()
     tensors_total = len(plan.tensors)
     bytes_total = plan.output_bytes
@@ -294,7 +354,7 @@ def _execute(
         check_cancel()
     recipe = card.recipe or plan.recipe
     write_model_card(staging.path, recipe, provenance, out_dir.name, evaluation)
-    final = staging.commit(overwrite=options.overwrite)
+    final = staging.commit(overwrite=options.overwrite, keep_record=options.keep_commit_record)
     report(None, "done")
     files = sorted(p.name for p in final.iterdir())
     return MergeResult(

@@ -37,6 +37,7 @@ from service.jobs.store import (
 from service.jobs.worker import (
     describe_exit,
     discard_staging,
+    record_if_committed,
     worker_command,
     worker_environment,
 )
@@ -421,7 +422,12 @@ class JobManager:
             job = self.store.get(job_id)
             if job is None or job.status is not JobStatus.RUNNING:
                 continue  # the worker recorded the outcome
-            discard_staging(self.output_path(job))
+            output = self.output_path(job)
+            if not job.cancel_requested and record_if_committed(
+                self.store, job, output, self.engine_options()
+            ):
+                continue  # it died after publishing the output, before recording it
+            discard_staging(output)
             returncode = worker.process.returncode
             if job.cancel_requested:
                 self.store.update(job_id, status=JobStatus.CANCELLED, finished_at=utcnow())

@@ -1,0 +1,49 @@
+"""Fault injection for crash tests: a process started with this folder first on PYTHONPATH
+and ``MERGE_FAULT_KILL_AT`` set kills itself with SIGKILL at the named point of a merge.
+
+Points: ``after_commit`` (the output folder renamed into place, nothing recorded yet),
+``before_commit`` (every file written, nothing published), ``after_shard:N`` (the N-th shard
+of this process recorded in the staging manifest). Without the variable nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install(point: str) -> None:
+    from merge_kernels.io.staging import StagingDir
+
+    commit = StagingDir.commit
+    mark = StagingDir.mark_shard_done
+    name, _, count = point.partition(":")
+    shards = {"done": 0}
+
+    def commit_then_die(
+        self: StagingDir, *, overwrite: bool = False, keep_record: bool = False
+    ) -> object:
+        if name == "before_commit":
+            _die()
+        result = commit(self, overwrite=overwrite, keep_record=keep_record)
+        if name == "after_commit":
+            _die()
+        return result
+
+    def mark_then_die(self: StagingDir, filename: str, checksum: str) -> None:
+        mark(self, filename, checksum)
+        shards["done"] += 1
+        if name == "after_shard" and shards["done"] >= int(count or 1):
+            _die()
+
+    StagingDir.commit = commit_then_die  # type: ignore[method-assign,assignment]
+    StagingDir.mark_shard_done = mark_then_die  # type: ignore[method-assign]
+
+
+_point = os.environ.get("MERGE_FAULT_KILL_AT")
+if _point:
+    _install(_point)
