@@ -25,6 +25,7 @@ from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
 from service.evaluation.config import build_evaluator
 from service.hub import Publisher
+from service.jobs import job_log
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
 from service.jobs.store import (
@@ -337,6 +338,20 @@ class JobManager:
         """The job now and after each change until it is final; see ``store.watch``."""
         return watch(self.store, job_id)
 
+    @property
+    def log_dir(self) -> Path:
+        """Where the jobs' logs are kept, ``data_dir/logs/merges``."""
+        return job_log.logs_dir(self.settings.data_dir, "merges")
+
+    def log(self, job_id: str) -> str:
+        """The job's log so far (see :mod:`service.jobs.job_log`).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.get(job_id)
+        return job_log.read(self.log_dir, job_id)
+
     def output_path(self, job: Job) -> Path:
         """The job's output folder: ``outputs_dir / (output.name or job.id)``.
 
@@ -434,6 +449,7 @@ class JobManager:
                 continue
             how, details = describe_exit(returncode)
             log.error("worker of job %s %s", job_id, how)
+            job_log.append(self.log_dir, job_id, logging.ERROR, f"the worker process {how}")
             self.store.update(
                 job_id,
                 status=JobStatus.FAILED,
@@ -509,6 +525,7 @@ class JobManager:
             evaluator_hosts=self.settings.evaluator_hosts,
             log_level=self.settings.log_level,
             public_url=self.settings.public_url,
+            log_dir=self.log_dir,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:

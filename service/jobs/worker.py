@@ -46,6 +46,7 @@ from merge_kernels.runner import (
     run_merge,
 )
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
+from service.jobs import job_log
 from service.jobs.models import Job, JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
@@ -359,6 +360,7 @@ def worker_command(
     evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
     log_level: str = "info",
     public_url: str | None = None,
+    log_dir: Path | None = None,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -377,6 +379,8 @@ def worker_command(
         evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
         log_level: how much the worker logs.
         public_url: the service's address for evaluators (candidate download URLs).
+        log_dir: where each job's log is kept (see :mod:`service.jobs.job_log`); None: the
+            log goes to standard error only.
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -402,6 +406,8 @@ def worker_command(
         command += ["--evaluator-host", host]
     if public_url is not None:
         command += ["--public-url", public_url]
+    if log_dir is not None:
+        command += ["--log-dir", str(log_dir)]
     return [*command, "--log-level", log_level]
 
 
@@ -436,6 +442,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluator-host", action="append", default=[])
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--public-url", default=None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
     return parser.parse_args(argv)
 
 
@@ -462,14 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("give JOB_ID and --output, or --standby")
         store = open_store(args.db)
         try:
-            run_job(
-                store,
-                args.job_id,
-                args.output,
-                options,
-                evaluator_hosts=hosts,
-                public_url=args.public_url,
-            )
+            with job_log.capturing(args.log_dir, args.job_id):
+                run_job(
+                    store,
+                    args.job_id,
+                    args.output,
+                    options,
+                    evaluator_hosts=hosts,
+                    public_url=args.public_url,
+                )
         finally:
             store.close()
         return 0
@@ -483,14 +491,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not line.strip():
                 break  # the service stopped, or needs this worker no more
             assignment = json.loads(line)
-            run_job(
-                store,
-                str(assignment["job_id"]),
-                Path(assignment["output"]),
-                options,
-                evaluator_hosts=hosts,
-                public_url=args.public_url,
-            )
+            job_id = str(assignment["job_id"])
+            with job_log.capturing(args.log_dir, job_id):
+                run_job(
+                    store,
+                    job_id,
+                    Path(assignment["output"]),
+                    options,
+                    evaluator_hosts=hosts,
+                    public_url=args.public_url,
+                )
             if _peak_rss_bytes() > RECYCLE_RSS_BYTES:
                 break  # give a large merge's memory back to the system
     finally:
