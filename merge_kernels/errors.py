@@ -77,3 +77,9 @@ class EvaluationError(TureenError):
     """An evaluator could not score a candidate (bad data, unreachable server, bad answer)."""
 
     code = "evaluation_failed"
+
+
+class InsufficientSpaceError(TureenError):
+    """A disk has too little free space for what must be written to it."""
+
+    code = "insufficient_space"

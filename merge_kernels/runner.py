@@ -22,8 +22,14 @@ from pathlib import Path
 import torch
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
-from merge_kernels.errors import MergeCancelledError, RecipeError
+from merge_kernels.errors import InsufficientSpaceError, MergeCancelledError, RecipeError
 from merge_kernels.hub_precheck import check_hub_inputs
+from merge_kernels.io.disk_space import (
+    DEFAULT_RESERVE_BYTES,
+    disk_full_error,
+    is_disk_full,
+    require_space,
+)
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.model_card import (
@@ -64,6 +70,8 @@ class MergeOptions:
         allow_pickle: accept pickle checkpoints through torch's weights-only loader.
         base_dir: folder relative local references are resolved against.
         overwrite: replace an existing output folder.
+        space_reserve_bytes: bytes that must stay free on the output's disk besides the
+            output itself; a merge that would leave less is refused before it writes.
         keep_commit_record: leave the commit record beside the output (see
             :mod:`merge_kernels.io.staging`) for a caller that records the success itself and
             then calls :meth:`StagingDir.forget_commit`; otherwise it is dropped at once.
@@ -78,6 +86,7 @@ class MergeOptions:
     allow_pickle: bool = False
     base_dir: Path | None = None
     overwrite: bool = False
+    space_reserve_bytes: int = DEFAULT_RESERVE_BYTES
     keep_commit_record: bool = False
 
 
@@ -261,6 +270,10 @@ def run_merge(
         return _execute(
             plan, Path(out_dir), options, progress, should_cancel, started, card or CardExtras()
         )
+    except OSError as error:
+        if is_disk_full(error):  # the disk filled after all: a clear error, not a crash
+            raise disk_full_error(error, Path(out_dir).parent) from error
+        raise
     finally:
         close_inputs(inputs)
 
@@ -294,6 +307,14 @@ def _execute(
             )
         return published
     done = staging.prepare()
+    kept = sum(shard.size for shard in plan.shards if shard.filename in done)
+    try:
+        # The staging folder becomes the output by a rename: the output's size is all it takes.
+        require_space(staging.path, plan.output_bytes - kept, options.space_reserve_bytes)
+    except InsufficientSpaceError:
+        if not done:
+            staging.discard()  # nothing worth resuming
+        raise
     tensors_total = len(plan.tensors)
     bytes_total = plan.output_bytes
     counters = {"tensors": 0, "bytes": 0}

@@ -261,6 +261,19 @@ class StagingDir:
         self._done[filename] = checksum
         self._write_manifest()
 
+    def recorded_shards(self) -> int:
+        """How many finished files the staging folder's manifest lists, whatever its job.
+
+        For a caller that does not know the fingerprint (a command that failed) and must
+        decide whether the staging folder is worth keeping for a resume.
+        """
+        try:
+            data = json.loads(self._manifest.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return 0
+        shards = data.get("shards") if isinstance(data, dict) else None
+        return len(shards) if isinstance(shards, dict) else 0
+
     def completed(self) -> dict[str, str]:
         """The files recorded complete so far: filename -> checksum."""
         return dict(self._done)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
+from merge_kernels.io.disk_space import require_space
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
 from service.evaluation.config import build_evaluator
@@ -194,6 +195,7 @@ class JobManager:
             RecipeError, IncompatibleCheckpointsError, CheckpointNotFoundError,
             CheckpointFileError: the merge cannot run.
             OverMemoryBudgetError: the estimate exceeds ``settings.memory_budget_bytes``.
+            InsufficientSpaceError: the output does not fit on the data dir's disk.
         """
         options = self.engine_options(output)
         if recipe.method.needs_evaluation or recipe.evaluator is not None:
@@ -209,8 +211,11 @@ class JobManager:
         try:
             plan.raise_for_problems()
             estimate = plan.peak_memory_estimate()
+            output_bytes = plan.output_bytes
         finally:
             close_inputs(inputs)
+        # Refused now rather than failed later; the worker checks again before it writes.
+        require_space(self.settings.outputs_dir, output_bytes, options.space_reserve_bytes)
         budget = self.settings.memory_budget_bytes
         if budget is not None and estimate > budget:
             raise OverMemoryBudgetError(estimate, budget)

@@ -67,7 +67,7 @@ def _location(job: Job) -> str:
             "description": "Queued.",
             "headers": {"Location": {"schema": {"type": "string"}}},
         },
-        **error_responses(401, 409, 413, 415, 422),
+        **error_responses(401, 409, 413, 415, 422, 507),
     },
     openapi_extra=recipe_body_openapi(_SUBMIT_DOC),
 )
