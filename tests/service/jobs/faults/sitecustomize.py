@@ -3,7 +3,9 @@ and ``MERGE_FAULT_KILL_AT`` set kills itself with SIGKILL at the named point of 
 
 Points: ``after_commit`` (the output folder renamed into place, nothing recorded yet),
 ``before_commit`` (every file written, nothing published), ``after_shard:N`` (the N-th shard
-of this process recorded in the staging manifest). Without the variable nothing changes.
+of this process recorded in the staging manifest). With ``MERGE_FAULT_KILL_PARENT=1`` the
+process first kills its parent (the server of a worker) the same way: the whole machine stops
+at that point, as in a power cut. Without the variables nothing changes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import signal
 
 
 def _die() -> None:
+    if os.environ.get("MERGE_FAULT_KILL_PARENT") == "1":
+        os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
