@@ -87,6 +87,31 @@ def _add_jobs(store: SqliteJobStore, count: int) -> None:
         store.create(job)
 
 
+def test_the_command_keeps_finished_shards_it_can_resume_and_says_so(
+    large_models: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(ties_recipe(large_models, method="task_arithmetic").model_dump(mode="json"))
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "service.cli", "merge", str(recipe), str(out), "--quiet"]
+    command += ["--shard-size", "1MB"]
+    faults = str(Path(__file__).parent / "faults")
+    path = os.pathsep.join(p for p in (faults, os.environ.get("PYTHONPATH")) if p)
+    failing = dict(os.environ, PYTHONPATH=path, MERGE_FAULT_DISK_FULL_AT="after_shard:2")
+    failed = subprocess.run(command, env=failing, capture_output=True, text=True, check=False)
+    assert failed.returncode == 2, failed.stderr
+    assert "No space left on device" in failed.stderr
+    staging = tmp_path / ".out.tureen-partial"
+    assert f"2 finished shard(s) are kept in {staging}" in failed.stderr
+    assert staging.is_dir() and not out.exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert json.loads(resumed.stdout)["shards_resumed"] == 2
+    assert not staging.exists()
+
+
 def test_a_full_database_disk_is_insufficient_space(small_disk: Path) -> None:
     store = SqliteJobStore(small_disk / "jobs.sqlite3")
     try:

@@ -5,11 +5,14 @@ Points: ``after_commit`` (the output folder renamed into place, nothing recorded
 ``before_commit`` (every file written, nothing published), ``after_shard:N`` (the N-th shard
 of this process recorded in the staging manifest). With ``MERGE_FAULT_KILL_PARENT=1`` the
 process first kills its parent (the server of a worker) the same way: the whole machine stops
-at that point, as in a power cut. Without the variables nothing changes.
+at that point, as in a power cut. ``MERGE_FAULT_DISK_FULL_AT=after_shard:N`` instead makes
+the write after the N-th shard fail as on a full disk (ENOSPC). Without the variables nothing
+changes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -20,7 +23,7 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install(point: str) -> None:
+def _install(point: str, *, disk_full: bool = False) -> None:
     from merge_kernels.io.staging import StagingDir
 
     commit = StagingDir.commit
@@ -42,6 +45,8 @@ def _install(point: str) -> None:
         mark(self, filename, checksum)
         shards["done"] += 1
         if name == "after_shard" and shards["done"] >= int(count or 1):
+            if disk_full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
             _die()
 
     StagingDir.commit = commit_then_die  # type: ignore[method-assign,assignment]
@@ -51,3 +56,6 @@ def _install(point: str) -> None:
 _point = os.environ.get("MERGE_FAULT_KILL_AT")
 if _point:
     _install(_point)
+_full = os.environ.get("MERGE_FAULT_DISK_FULL_AT")
+if _full:
+    _install(_full, disk_full=True)
