@@ -87,3 +87,9 @@ class NonFiniteOutputError(TureenError):
     """
 
     code = "non_finite_output"
+
+
+class InsufficientSpaceError(TureenError):
+    """A disk has too little free space for what must be written to it."""
+
+    code = "insufficient_space"

@@ -22,8 +22,14 @@ from pathlib import Path
 import torch
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
-from merge_kernels.errors import MergeCancelledError, RecipeError
+from merge_kernels.errors import InsufficientSpaceError, MergeCancelledError, RecipeError
 from merge_kernels.hub_precheck import check_hub_inputs
+from merge_kernels.io.disk_space import (
+    DEFAULT_RESERVE_BYTES,
+    disk_full_error,
+    is_disk_full,
+    require_space,
+)
 from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.model_card import (
@@ -65,6 +71,11 @@ class MergeOptions:
         allow_pickle: accept pickle checkpoints through torch's weights-only loader.
         base_dir: folder relative local references are resolved against.
         overwrite: replace an existing output folder.
+        space_reserve_bytes: bytes that must stay free on the output's disk besides the
+            output itself; a merge that would leave less is refused before it writes.
+        keep_commit_record: leave the commit record beside the output (see
+            :mod:`merge_kernels.io.staging`) for a caller that records the success itself and
+            then calls :meth:`StagingDir.forget_commit`; otherwise it is dropped at once.
     """
 
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -76,6 +87,8 @@ class MergeOptions:
     allow_pickle: bool = False
     base_dir: Path | None = None
     overwrite: bool = False
+    space_reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    keep_commit_record: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,44 @@ def fingerprint(plan: MergePlan, options: MergeOptions) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def committed_result(
+    recipe: Recipe, out_dir: Path, options: MergeOptions | None = None
+) -> MergeResult | None:
+    """What a merge by ``recipe`` published in ``out_dir``, if it did, else None.
+
+    Plans the merge from headers and compares the output folder with the commit record left
+    beside it (:meth:`StagingDir.committed`): for a run that crashed after publishing its
+    output but before its caller recorded the success. Nothing is written.
+
+    Raises:
+        RecipeError, CheckpointFileError, CheckpointNotFoundError: the inputs cannot be read.
+    """
+    options = options or MergeOptions()
+    started = time.monotonic()
+    plan, inputs = plan_merge(recipe, options)
+    try:
+        staging = StagingDir(Path(out_dir), fingerprint(plan, options))
+        return _already_committed(plan, staging, started)
+    finally:
+        close_inputs(inputs)
+
+
+def _already_committed(plan: MergePlan, staging: StagingDir, started: float) -> MergeResult | None:
+    files = staging.committed()
+    if files is None:
+        return None
+    out_dir = staging.out_dir
+    return MergeResult(
+        out_dir=out_dir,
+        files=files,
+        bytes_written=sum((out_dir / f).stat().st_size for f in files),
+        tensors=len(plan.tensors),
+        shards_resumed=len(plan.shards),
+        seconds=time.monotonic() - started,
+        provenance=[input_provenance(item.role, item.checkpoint) for item in plan.inputs],
+    )
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: Path,
@@ -221,6 +272,10 @@ def run_merge(
         return _execute(
             plan, Path(out_dir), options, progress, should_cancel, started, card or CardExtras()
         )
+    except OSError as error:
+        if is_disk_full(error):  # the disk filled after all: a clear error, not a crash
+            raise disk_full_error(error, Path(out_dir).parent) from error
+        raise
     finally:
         close_inputs(inputs)
 
@@ -235,7 +290,33 @@ def _execute(
     card: CardExtras,
 ) -> MergeResult:
     staging = StagingDir(out_dir, fingerprint(plan, options))
+    # A run of this very merge published the output, then stopped before its caller could
+    # record it: the output is complete, so this run is done too.
+    published = _already_committed(plan, staging, started)
+    if published is not None:
+        if not options.keep_commit_record:
+            staging.forget_commit()
+        if progress is not None:
+            progress(
+                Progress(
+                    len(plan.tensors),
+                    len(plan.tensors),
+                    plan.output_bytes,
+                    plan.output_bytes,
+                    None,
+                    "done",
+                )
+            )
+        return published
     done = staging.prepare()
+    kept = sum(shard.size for shard in plan.shards if shard.filename in done)
+    try:
+        # The staging folder becomes the output by a rename: the output's size is all it takes.
+        require_space(staging.path, plan.output_bytes - kept, options.space_reserve_bytes)
+    except InsufficientSpaceError:
+        if not done:
+            staging.discard()  # nothing worth resuming
+        raise
     tensors_total = len(plan.tensors)
     bytes_total = plan.output_bytes
     counters = {"tensors": 0, "bytes": 0}
@@ -296,7 +377,7 @@ def _execute(
         check_cancel()
     recipe = card.recipe or plan.recipe
     write_model_card(staging.path, recipe, provenance, out_dir.name, evaluation)
-    final = staging.commit(overwrite=options.overwrite)
+    final = staging.commit(overwrite=options.overwrite, keep_record=options.keep_commit_record)
     report(None, "done")
     files = sorted(p.name for p in final.iterdir())
     return MergeResult(

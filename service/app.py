@@ -22,6 +22,7 @@ from service.api.routes import docs, health, merges, methods, metrics, plans
 from service.api.routes import trainings as trainings_routes  # training jobs
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
 from service.errors import ApiError, ErrorBody, error_response, install_error_handlers
+from service.jobs import data_dir_lock
 from service.jobs.manager import JobManager
 from service.jobs.sqlite_store import SqliteJobStore
 from service.jobs.training_manager import TrainingManager, training_store_path  # training jobs
@@ -80,6 +81,8 @@ def _lifespan(settings: ServiceSettings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before the stores are opened: a second server would re-queue this one's jobs.
+        data_dir_lock.acquire(settings.data_dir)
         store = SqliteJobStore(settings.database_path)
         manager = JobManager(store, settings)
         manager.start()
@@ -105,6 +108,7 @@ def _lifespan(settings: ServiceSettings) -> Any:
             training_store.close()  # training jobs
             manager.stop(timeout=app.state.worker_stop_seconds)
             store.close()
+            data_dir_lock.release(settings.data_dir)
 
     return lifespan
 

@@ -79,8 +79,35 @@ def _options(args: argparse.Namespace) -> object:
     )
 
 
+def _settle_staging(out_dir: Path) -> None:
+    """After a failed merge: keep a staging folder a re-run can resume, and say so; drop
+    any other."""
+    from merge_kernels.io.staging import StagingDir
+
+    staging = StagingDir(out_dir, "settle")
+    if not staging.path.exists():
+        return
+    shards = staging.recorded_shards()
+    if shards:
+        print(
+            f"note: {shards} finished shard(s) are kept in {staging.path}; run the same command "
+            "again to resume after them, or delete that folder",
+            file=sys.stderr,
+        )
+    else:
+        staging.discard()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge the recipe's models into OUT_DIR."""
+    try:
+        return _merge(args)
+    except (TureenError, OSError):
+        _settle_staging(Path(args.out_dir))
+        raise
+
+
+def _merge(args: argparse.Namespace) -> int:
     from merge_kernels.recipe import load_recipe
     from merge_kernels.runner import run_merge
 

@@ -39,6 +39,7 @@ _CODE_STATUS: dict[str, int] = {
     "job_finished": 409,
     "job_not_finished": 409,
     "over_memory_budget": 422,
+    "insufficient_space": 507,
 }
 
 #: Input errors: the recipe or the checkpoints it names are at fault (always 422, even for
@@ -64,6 +65,7 @@ _STATUS_CODE_NAMES: dict[int, str] = {
     422: "invalid_request",
     500: "internal_error",
     503: "unavailable",
+    507: "insufficient_space",
 }
 
 
@@ -212,6 +214,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         416: "The requested range lies outside the file.",
         422: "Invalid request, recipe or checkpoints; `details` says which.",
         503: "Not ready.",
+        507: "Too little free space on the data dir's disk; `details` has the numbers.",
     }
     return {
         status: {"model": ErrorBody, "description": descriptions.get(status, "Error.")}

@@ -111,10 +111,15 @@ def serve(settings: ServiceSettings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``tureen serve``."""
+    from service.jobs.data_dir_lock import data_dir_locked
+
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    serve(settings)
+    # Taken before anything touches the data dir; refused (DataDirLockedError) when another
+    # server holds it, which the command reports and exits non-zero.
+    with data_dir_locked(settings.data_dir):
+        serve(settings)
     return 0

@@ -11,6 +11,13 @@ so far. Re-running the same job finds the staging folder, re-verifies the record
 against the bytes on disk and skips them; anything else in the folder is deleted. A different
 job's staging folder is wiped.
 
+Publishing and recording the success are two steps, and a crash can fall between them. So
+just before the rename, :meth:`StagingDir.commit` writes a *commit record* beside the output,
+``OUT.parent / ".{OUT.name}.tureen-committed"``: the fingerprint and the checksum of every file.
+A caller that finds the output folder present after a crash asks :meth:`StagingDir.committed`
+whether it is exactly what this job publishes, instead of running the job again; once it has
+recorded the success it drops the record with :meth:`StagingDir.forget_commit`.
+
 Also here: :func:`write_bytes_atomic` and :func:`write_json_atomic` for small files
 (index, config) that must never be seen half-written.
 """
@@ -29,6 +36,7 @@ from merge_kernels.io.checksum import file_checksum
 MANIFEST_NAME = "tureen-manifest.json"
 _MANIFEST_VERSION = 3  # 3: CRC-32 (2: SHA-256 of blocks, 1: whole-file SHA-256)
 STAGING_SUFFIX = ".tureen-partial"
+COMMITTED_SUFFIX = ".tureen-committed"
 _ASIDE_SUFFIX = ".tureen-old"
 
 
@@ -147,6 +155,7 @@ class StagingDir:
         self.fingerprint = fingerprint
         self.path = out_dir.parent / f".{out_dir.name}{STAGING_SUFFIX}"
         self._aside = out_dir.parent / f".{out_dir.name}{_ASIDE_SUFFIX}"
+        self.commit_record = out_dir.parent / f".{out_dir.name}{COMMITTED_SUFFIX}"
         self._manifest = self.path / MANIFEST_NAME
         self._done: dict[str, str] = {}
 
@@ -201,6 +210,7 @@ class StagingDir:
             OSError: the folder cannot be created, read or cleaned.
         """
         self._recover_aside()
+        self.forget_commit()  # a new run publishes anew
         recorded = self._read_manifest() if self.path.is_dir() else None
         if recorded is None:
             if os.path.lexists(self.path):
@@ -251,11 +261,24 @@ class StagingDir:
         self._done[filename] = checksum
         self._write_manifest()
 
+    def recorded_shards(self) -> int:
+        """How many finished files the staging folder's manifest lists, whatever its job.
+
+        For a caller that does not know the fingerprint (a command that failed) and must
+        decide whether the staging folder is worth keeping for a resume.
+        """
+        try:
+            data = json.loads(self._manifest.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return 0
+        shards = data.get("shards") if isinstance(data, dict) else None
+        return len(shards) if isinstance(shards, dict) else 0
+
     def completed(self) -> dict[str, str]:
         """The files recorded complete so far: filename -> checksum."""
         return dict(self._done)
 
-    def commit(self, *, overwrite: bool = False) -> Path:
+    def commit(self, *, overwrite: bool = False, keep_record: bool = False) -> Path:
         """Publish the staging folder as the output folder.
 
         The manifest is removed and the folder synced, then the staging folder is renamed to
@@ -266,6 +289,9 @@ class StagingDir:
 
         Args:
             overwrite: replace an existing ``out_dir`` instead of refusing.
+            keep_record: leave the commit record beside ``out_dir`` for a caller that still
+                has to record the success (then it calls :meth:`forget_commit`); otherwise
+                it is deleted once ``out_dir`` is in place.
 
         Returns:
             ``out_dir``.
@@ -286,6 +312,14 @@ class StagingDir:
                 "remove it, or ask to overwrite it"
             )
         self._manifest.unlink(missing_ok=True)
+        checksums = {
+            entry.name: self._done.get(entry.name) or file_checksum(entry)
+            for entry in self.path.iterdir()
+        }
+        write_json_atomic(
+            self.commit_record,
+            {"version": _MANIFEST_VERSION, "fingerprint": self.fingerprint, "files": checksums},
+        )
         fsync_dir(self.path)
         if exists:
             os.rename(self.out_dir, self._aside)
@@ -293,8 +327,44 @@ class StagingDir:
         fsync_dir(self.out_dir.parent)
         if exists:
             _remove(self._aside)
+        if not keep_record:
+            self.forget_commit()
         self._done = {}
         return self.out_dir
+
+    def committed(self) -> list[str] | None:
+        """The output folder's files if a commit of this fingerprint published it, else None.
+
+        True only while the commit record is there (see :meth:`forget_commit`) and carries
+        this fingerprint, and the output folder holds exactly the recorded files with the
+        recorded checksums: then the folder is this job's complete output, as if this job had
+        just committed it.
+        """
+        try:
+            data = json.loads(self.commit_record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != _MANIFEST_VERSION
+            or data.get("fingerprint") != self.fingerprint
+            or not isinstance(data.get("files"), dict)
+            or not self.out_dir.is_dir()
+            or self.out_dir.is_symlink()
+        ):
+            return None
+        files: dict[str, object] = data["files"]
+        present = {entry.name: entry for entry in self.out_dir.iterdir()}
+        if set(present) != set(files):
+            return None
+        for name, entry in present.items():
+            if not entry.is_file() or entry.is_symlink() or file_checksum(entry) != files[name]:
+                return None
+        return sorted(files)
+
+    def forget_commit(self) -> None:
+        """Delete the commit record, once the caller has recorded the commit's success."""
+        self.commit_record.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Delete the staging folder and everything in it, if it exists."""

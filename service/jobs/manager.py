@@ -21,10 +21,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
+from merge_kernels.io.disk_space import require_space
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
 from service.evaluation.config import build_evaluator
 from service.hub import Publisher
+from service.jobs import job_log
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
 from service.jobs.store import (
@@ -37,6 +39,7 @@ from service.jobs.store import (
 from service.jobs.worker import (
     describe_exit,
     discard_staging,
+    record_if_committed,
     worker_command,
     worker_environment,
 )
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_INTERVAL_S = 0.2
 CANCEL_GRACE_S = 5.0  # a worker that ignores a cancel this long is killed
+STALLED_AFTER_S = 30.0  # a dispatcher that has not gone round its loop this long is stuck
+HELD_SLOT_GRACE_S = 10.0  # a slot still held this long after its job ended has leaked
 
 
 class OverMemoryBudgetError(TureenError):
@@ -87,6 +92,7 @@ class OutputExistsError(TureenError):
 class _Worker:
     process: subprocess.Popen[bytes]
     cancel_seen_at: float | None = None
+    job_ended_at: float | None = None  # the store shows the job over, the slot still held
 
 
 class JobManager:
@@ -108,6 +114,7 @@ class JobManager:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_round = time.monotonic()  # when the dispatcher last went round its loop
         self._pool = WorkerPool(
             lambda: self._command(None),
             worker_environment(),
@@ -207,6 +214,7 @@ class JobManager:
             RecipeError, IncompatibleCheckpointsError, CheckpointNotFoundError,
             CheckpointFileError: the merge cannot run.
             OverMemoryBudgetError: the estimate exceeds ``settings.memory_budget_bytes``.
+            InsufficientSpaceError: the output does not fit on the data dir's disk.
         """
         options = self.engine_options(output)
         self.check_evaluator(recipe)
@@ -214,8 +222,11 @@ class JobManager:
         try:
             plan.raise_for_problems()
             estimate = plan.peak_memory_estimate()
+            output_bytes = plan.output_bytes
         finally:
             close_inputs(inputs)
+        # Refused now rather than failed later; the worker checks again before it writes.
+        require_space(self.settings.outputs_dir, output_bytes, options.space_reserve_bytes)
         budget = self.settings.memory_budget_bytes
         if budget is not None and estimate > budget:
             raise OverMemoryBudgetError(estimate, budget)
@@ -343,6 +354,20 @@ class JobManager:
         """The job now and after each change until it is final; see ``store.watch``."""
         return watch(self.store, job_id)
 
+    @property
+    def log_dir(self) -> Path:
+        """Where the jobs' logs are kept, ``data_dir/logs/merges``."""
+        return job_log.logs_dir(self.settings.data_dir, "merges")
+
+    def log(self, job_id: str) -> str:
+        """The job's log so far (see :mod:`service.jobs.job_log`).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.get(job_id)
+        return job_log.read(self.log_dir, job_id)
+
     def output_path(self, job: Job) -> Path:
         """The job's output folder: ``outputs_dir / (output.name or job.id)``.
 
@@ -376,8 +401,34 @@ class JobManager:
 
     # -- dispatching --------------------------------------------------------------------
 
+    def dispatcher_problem(self) -> str | None:
+        """Why the dispatcher cannot start jobs, or None while it works.
+
+        It is stuck when its thread is gone, when it has not gone round its loop for
+        ``STALLED_AFTER_S`` seconds, or when a worker slot is still held
+        ``HELD_SLOT_GRACE_S`` seconds after its job ended (then the slot is lost and, once
+        all slots are, no queued job ever starts).
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return "the job dispatcher is not running"
+        idle = time.monotonic() - self._last_round
+        if idle > STALLED_AFTER_S:
+            return f"the job dispatcher has not run for {idle:.0f} s"
+        now = time.monotonic()
+        with self._lock:
+            leaked = [
+                job_id
+                for job_id, worker in self._workers.items()
+                if worker.job_ended_at is not None and now - worker.job_ended_at > HELD_SLOT_GRACE_S
+            ]
+        if leaked:
+            return f"worker slots are held by jobs that ended: {', '.join(sorted(leaked))}"
+        return None
+
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
+            self._last_round = time.monotonic()
             try:
                 self._reap()
                 self._enforce_cancels()
@@ -396,17 +447,25 @@ class JobManager:
             }
             for job_id in ended:
                 del self._workers[job_id]
+            busy = list(self._workers.items())
+        self._note_ended_jobs(busy)
         for job_id, worker in ended.items():
             job = self.store.get(job_id)
             if job is None or job.status is not JobStatus.RUNNING:
                 continue  # the worker recorded the outcome
-            discard_staging(self.output_path(job))
+            output = self.output_path(job)
+            if not job.cancel_requested and record_if_committed(
+                self.store, job, output, self.engine_options()
+            ):
+                continue  # it died after publishing the output, before recording it
+            discard_staging(output)
             returncode = worker.process.returncode
             if job.cancel_requested:
                 self.store.update(job_id, status=JobStatus.CANCELLED, finished_at=utcnow())
                 continue
             how, details = describe_exit(returncode)
             log.error("worker of job %s %s", job_id, how)
+            job_log.append(self.log_dir, job_id, logging.ERROR, f"the worker process {how}")
             self.store.update(
                 job_id,
                 status=JobStatus.FAILED,
@@ -417,6 +476,19 @@ class JobManager:
                     details=details,
                 ),
             )
+
+    def _note_ended_jobs(self, busy: Sequence[tuple[str, _Worker]]) -> None:
+        """Mark the slots whose job the store shows over (see ``dispatcher_problem``)."""
+        now = time.monotonic()
+        for job_id, worker in busy:
+            job = self.store.get(job_id)
+            over = job is None or job.status is not JobStatus.RUNNING
+            if not over:
+                worker.job_ended_at = None
+            elif worker.job_ended_at is None:
+                worker.job_ended_at = now
+            elif now - worker.job_ended_at > HELD_SLOT_GRACE_S:
+                log.error("the worker slot of job %s is still held after the job ended", job_id)
 
     def _enforce_cancels(self) -> None:
         with self._lock:
@@ -455,8 +527,6 @@ class JobManager:
                     ),
                 )
                 continue
-            with self._lock:
-                self._workers[job.id] = _Worker(process)
             self.store.update(job.id, worker_pid=process.pid)
             log.info("job %s started in worker %d (attempt %d)", job.id, process.pid, job.attempts)
 
@@ -471,10 +541,22 @@ class JobManager:
             evaluator_hosts=self.settings.evaluator_hosts,
             log_level=self.settings.log_level,
             public_url=self.settings.public_url,
+            log_dir=self.log_dir,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:
-        return self._pool.run(job.id, self.output_path(job))
+        def hold_slot(process: subprocess.Popen[bytes]) -> None:
+            # Before the job reaches the worker: a job that ends at once frees this slot
+            # (``_freed``) before ``run`` returns, and must find it taken.
+            with self._lock:
+                self._workers[job.id] = _Worker(process)
+
+        try:
+            return self._pool.run(job.id, self.output_path(job), hold_slot)
+        except BaseException:
+            with self._lock:
+                self._workers.pop(job.id, None)
+            raise
 
     def _freed(self, job_id: str) -> None:
         # The worker recorded the job's outcome and waits for another: free the slot.

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from merge_kernels.errors import InsufficientSpaceError
+from merge_kernels.io.disk_space import free_bytes
 from service.jobs.models import Job, JobProgress, JobStatus
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError, JobStore
 
@@ -33,6 +35,13 @@ _EXTRA_COLUMNS = ("idempotency_key", "body_hash")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _FIFO = "ORDER BY created_at ASC, rowid ASC"
 _NEWEST = "ORDER BY created_at DESC, rowid DESC"
+
+
+def _free(path: Path) -> int | None:
+    try:
+        return free_bytes(path.parent)
+    except OSError:
+        return None
 
 
 def utcnow() -> datetime:
@@ -120,15 +129,31 @@ class SqliteJobStore(JobStore):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that holds the database's write lock from its start."""
+        """A write transaction that holds the database's write lock from its start.
+
+        Raises:
+            InsufficientSpaceError: the database's disk is full.
+        """
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
         try:
-            yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise InsufficientSpaceError(
+                f"the disk of the job database {self.path} is full; free some space in the "
+                "data dir and try again",
+                details={"folder": str(self.path.parent), "free_bytes": _free(self.path)},
+            ) from error
 
     def _create_schema(self) -> None:
         columns = ", ".join(

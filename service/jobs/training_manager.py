@@ -35,6 +35,7 @@ from merge_kernels.checkpoints.confinement import (
     check_path_text,
 )
 from merge_kernels.errors import CheckpointNotFoundError
+from service.jobs import job_log
 from service.jobs.manager import OutputExistsError
 from service.jobs.models import Job, JobError, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
@@ -159,6 +160,20 @@ class TrainingManager:
     def adapters_dir(self) -> Path:
         """Where adapters are written, ``data_dir/inputs/trainings``."""
         return self.settings.inputs_dir / TRAININGS_FOLDER
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the trainings' logs are kept, ``data_dir/logs/trainings``."""
+        return job_log.logs_dir(self.settings.data_dir, "trainings")
+
+    def log(self, job_id: str) -> str:
+        """The training's log so far (see :mod:`service.jobs.job_log`).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.get(job_id)
+        return job_log.read(self.log_dir, job_id)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -374,6 +389,7 @@ class TrainingManager:
                 continue
             how, details = describe_exit(worker.process.returncode)
             log.error("training worker of job %s %s", job_id, how)
+            job_log.append(self.log_dir, job_id, logging.ERROR, f"the worker process {how}")
             self.store.update(
                 job_id,
                 status=JobStatus.FAILED,
@@ -448,6 +464,8 @@ class TrainingManager:
             str(os.getpid()),
             "--log-level",
             self.settings.log_level,
+            "--log-dir",
+            str(self.log_dir),
         ]
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
+from service.jobs import job_log
 from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the adapter folder")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     store = open_store(args.db)
     try:
-        run_training_job(store, args.job_id, args.output)
+        with job_log.capturing(args.log_dir, args.job_id):
+            run_training_job(store, args.job_id, args.output)
     finally:
         store.close()
     return 0

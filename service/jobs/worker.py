@@ -38,8 +38,15 @@ from merge_kernels.errors import MergeCancelledError, TureenError
 from merge_kernels.evaluated_merge import run_evaluated_merge, scratch_folder
 from merge_kernels.io.staging import STAGING_SUFFIX, StagingDir
 from merge_kernels.recipe import Recipe, parse_recipe
-from merge_kernels.runner import MergeOptions, MergeResult, Progress, run_merge
+from merge_kernels.runner import (
+    MergeOptions,
+    MergeResult,
+    Progress,
+    committed_result,
+    run_merge,
+)
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
+from service.jobs import job_log
 from service.jobs.failures import job_error
 from service.jobs.models import Job, JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import open_store, utcnow
@@ -88,10 +95,54 @@ def candidate_url(public_url: str | None, job_id: str) -> Callable[[Path], str] 
 
 def discard_staging(output: Path) -> None:
     """Remove the partial work of a failed or cancelled job writing ``output``: its staging
-    folder and any greedy-soup candidates."""
+    folder, any greedy-soup candidates and any commit record."""
     # Only the folder's path matters for discarding; the fingerprint is not consulted.
-    StagingDir(output, "discard").discard()
+    staging = StagingDir(output, "discard")
+    staging.discard()
+    staging.forget_commit()
     shutil.rmtree(scratch_folder(output), ignore_errors=True)
+
+
+def forget_commit(output: Path) -> None:
+    """Drop the commit record of ``output`` once its job's success is in the store."""
+    StagingDir(output, "forget").forget_commit()
+
+
+def record_if_committed(store: JobStore, job: Job, output: Path, options: MergeOptions) -> bool:
+    """Mark ``job`` succeeded if its worker published ``output`` but died before saying so.
+
+    The engine leaves a commit record beside a published output until the worker has
+    recorded the success; a record that matches the job's fingerprint, with an output folder
+    that matches the record, means the job's work is complete.
+
+    Args:
+        store: the job store.
+        job: a running job whose worker is gone.
+        output: its output folder.
+        options: the engine options its worker ran with (``shard_size`` and ``dtype`` are
+            taken from the job, as ``run_job`` does).
+
+    Returns:
+        True if the job was recorded as succeeded.
+    """
+    if not StagingDir(output, "probe").commit_record.exists():
+        return False
+    if job.output.shard_size is not None:
+        options = replace(options, max_shard_bytes=job.output.shard_size)
+    if job.output.dtype is not None:
+        options = replace(options, out_dtype=job.output.dtype)
+    try:
+        recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
+        result = committed_result(recipe, output, options)
+    except Exception:  # the inputs are gone or changed: the output cannot be vouched for
+        log.warning("cannot check the published output of job %s", job.id, exc_info=True)
+        return False
+    if result is None:
+        return False
+    log.info("job %s had published its output before its worker ended", job.id)
+    store.update(job.id, **succeeded_fields(job, result))
+    forget_commit(output)
+    return True
 
 
 class ProgressWriter:
@@ -189,7 +240,7 @@ def watch_parent(parent_pid: int, work: str = "merge") -> None:
         time.sleep(PARENT_POLL_INTERVAL_S)
 
 
-def _succeeded(
+def succeeded_fields(
     job: Job, result: MergeResult, evaluation: dict[str, Any] | None = None
 ) -> dict[str, object]:
     return {
@@ -277,7 +328,8 @@ def run_job(
         error = job_error(failure, store)
     else:
         log.info("job %s succeeded: %s", job_id, result.out_dir)
-        store.update(job_id, **_succeeded(store.get(job_id) or job, result, evaluation))
+        store.update(job_id, **succeeded_fields(store.get(job_id) or job, result, evaluation))
+        forget_commit(output)
         return JobStatus.SUCCEEDED
     # No partial output is kept: nothing could resume it, and it may be large.
     discard_staging(output)
@@ -306,6 +358,7 @@ def worker_command(
     evaluator_hosts: Sequence[str] = DEFAULT_EVALUATOR_HOSTS,
     log_level: str = "info",
     public_url: str | None = None,
+    log_dir: Path | None = None,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -324,6 +377,8 @@ def worker_command(
         evaluator_hosts: hosts an HTTP evaluator in the recipe may be on.
         log_level: how much the worker logs.
         public_url: the service's address for evaluators (candidate download URLs).
+        log_dir: where each job's log is kept (see :mod:`service.jobs.job_log`); None: the
+            log goes to standard error only.
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -349,6 +404,8 @@ def worker_command(
         command += ["--evaluator-host", host]
     if public_url is not None:
         command += ["--public-url", public_url]
+    if log_dir is not None:
+        command += ["--log-dir", str(log_dir)]
     return [*command, "--log-level", log_level]
 
 
@@ -383,6 +440,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluator-host", action="append", default=[])
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--public-url", default=None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
     return parser.parse_args(argv)
 
 
@@ -398,7 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             target=watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
         ).start()
     options = MergeOptions(
-        device=args.device, allowed_roots=tuple(args.allow_root), base_dir=args.base_dir
+        device=args.device,
+        allowed_roots=tuple(args.allow_root),
+        base_dir=args.base_dir,
+        keep_commit_record=True,  # dropped once the success is in the store
     )
     hosts = tuple(args.evaluator_host)
     if not args.standby:
@@ -406,14 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("give JOB_ID and --output, or --standby")
         store = open_store(args.db)
         try:
-            run_job(
-                store,
-                args.job_id,
-                args.output,
-                options,
-                evaluator_hosts=hosts,
-                public_url=args.public_url,
-            )
+            with job_log.capturing(args.log_dir, args.job_id):
+                run_job(
+                    store,
+                    args.job_id,
+                    args.output,
+                    options,
+                    evaluator_hosts=hosts,
+                    public_url=args.public_url,
+                )
         finally:
             store.close()
         return 0
@@ -427,14 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not line.strip():
                 break  # the service stopped, or needs this worker no more
             assignment = json.loads(line)
-            run_job(
-                store,
-                str(assignment["job_id"]),
-                Path(assignment["output"]),
-                options,
-                evaluator_hosts=hosts,
-                public_url=args.public_url,
-            )
+            job_id = str(assignment["job_id"])
+            with job_log.capturing(args.log_dir, job_id):
+                run_job(
+                    store,
+                    job_id,
+                    Path(assignment["output"]),
+                    options,
+                    evaluator_hosts=hosts,
+                    public_url=args.public_url,
+                )
             if _peak_rss_bytes() > RECYCLE_RSS_BYTES:
                 break  # give a large merge's memory back to the system
     finally:

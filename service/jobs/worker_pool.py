@@ -95,16 +95,28 @@ class WorkerPool:
         with self._lock:
             return len(self._idle)
 
-    def run(self, job_id: str, output: Path) -> subprocess.Popen[bytes]:
+    def run(
+        self,
+        job_id: str,
+        output: Path,
+        on_handover: Callable[[subprocess.Popen[bytes]], None],
+    ) -> subprocess.Popen[bytes]:
         """Give a job to an idle worker, or to a new one; returns its process.
+
+        Args:
+            job_id: the claimed job.
+            output: its output folder.
+            on_handover: called with the worker's process just before the job is sent to it.
+                A job can end, and its worker announce itself free (``on_free``), before this
+                method returns, so the caller must take note of the busy worker here.
 
         Raises:
             OSError: no worker process could be started.
         """
         line = json.dumps({"job_id": job_id, "output": str(output)}).encode() + b"\n"
         while True:
-            worker = self._take()
-            worker.job_id = job_id
+            worker = self._take(job_id)
+            on_handover(worker.process)
             try:
                 assert worker.process.stdin is not None
                 worker.process.stdin.write(line)
@@ -118,29 +130,32 @@ class WorkerPool:
             self._top_up()
             return worker.process
 
-    def _take(self) -> PooledWorker:
+    def _take(self, job_id: str) -> PooledWorker:
         with self._lock:
             self._idle = [w for w in self._idle if w.process.poll() is None]
             if self._idle:
                 # A worker that has announced itself first: it starts the job at once.
                 worker = next((w for w in self._idle if w.ready), self._idle[0])
                 self._idle.remove(worker)
+                # Under the lock, like the reader's handling of its announcements: it must
+                # never take a start-up announcement for the end of this job, or the reverse.
+                worker.job_id = job_id
                 return worker
-        return self._start()
+        return self._start(job_id)
 
     def _top_up(self) -> None:
         with self._lock:
             missing = 0 if self._stopping else self.spare - len(self._idle)
         for _ in range(max(0, missing)):
             try:
-                worker = self._start()
+                worker = self._start(None)
             except OSError:
                 log.warning("cannot start a spare worker; jobs will start cold", exc_info=True)
                 return
             with self._lock:
                 self._idle.append(worker)
 
-    def _start(self) -> PooledWorker:
+    def _start(self, job_id: str | None) -> PooledWorker:
         process = subprocess.Popen(
             list(self.command()),
             env=self.environment,
@@ -150,7 +165,7 @@ class WorkerPool:
             # decides the workers' fate, rather than killing them under it.
             start_new_session=True,
         )
-        worker = PooledWorker(process)
+        worker = PooledWorker(process, job_id=job_id)
         worker._reader = threading.Thread(
             target=self._listen, args=(worker,), name=f"tureen-worker-{process.pid}", daemon=True
         )
@@ -162,21 +177,22 @@ class WorkerPool:
         for line in worker.process.stdout:
             if line != READY:
                 continue  # anything else a library printed
-            if not worker.ready and worker.job_id is not None:
-                worker.ready = True  # its first announcement, after a job was handed over
-                continue
-            finished, worker.job_id = worker.job_id, None
-            worker.ready = True
-            if finished is not None:
-                with self._lock:
-                    # The worker just used is surely warm: it goes first. Beyond the spare
-                    # and this one, idle workers only hold memory, so extra ones exit.
-                    keep = not self._stopping and self.spare > 0 and len(self._idle) <= self.spare
-                    if keep:
-                        self._idle.insert(0, worker)
-                if not keep:
-                    _close_input(worker)
-                self.on_free(finished)
+            with self._lock:
+                if not worker.ready and worker.job_id is not None:
+                    worker.ready = True  # its first announcement, after a job was handed over
+                    continue
+                finished, worker.job_id = worker.job_id, None
+                worker.ready = True
+                if finished is None:
+                    continue
+                # The worker just used is surely warm: it goes first. Beyond the spare and
+                # this one, idle workers only hold memory, so extra ones exit.
+                keep = not self._stopping and self.spare > 0 and len(self._idle) <= self.spare
+                if keep:
+                    self._idle.insert(0, worker)
+            if not keep:
+                _close_input(worker)
+            self.on_free(finished)
         worker.process.wait()
         with self._lock:
             if worker in self._idle:

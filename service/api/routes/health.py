@@ -42,9 +42,11 @@ def _data_dir_writable(settings: ServiceSettings) -> bool:
         return False
 
 
-def _dispatcher_alive(manager: JobManager) -> bool:
-    thread = manager._thread  # the dispatcher thread (None when stopped)
-    return thread is not None and thread.is_alive()
+def _dispatcher_working(manager: JobManager) -> bool:
+    problem = manager.dispatcher_problem()
+    if problem is not None:
+        log.warning("readiness: %s", problem)
+    return problem is None
 
 
 def readiness(settings: ServiceSettings, manager: JobManager | None) -> Readiness:
@@ -52,7 +54,7 @@ def readiness(settings: ServiceSettings, manager: JobManager | None) -> Readines
     checks = {
         "database": manager is not None and _database_ok(manager),
         "data_dir": _data_dir_writable(settings),
-        "dispatcher": manager is not None and _dispatcher_alive(manager),
+        "dispatcher": manager is not None and _dispatcher_working(manager),
     }
     return Readiness(status="ready" if all(checks.values()) else "not_ready", checks=checks)
 
@@ -64,7 +66,7 @@ def readiness(settings: ServiceSettings, manager: JobManager | None) -> Readines
     responses={503: {"model": Readiness, "description": "A check failed."}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """The job database answers, the data dir is writable and the dispatcher runs."""
+    """The job database answers, the data dir is writable and the dispatcher can start jobs."""
     state = request.app.state
     result = await run_in_threadpool(readiness, state.settings, state.manager)
     return JSONResponse(result.model_dump(), status_code=200 if result.status == "ready" else 503)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -25,6 +25,7 @@ from service.api.files import (
     read_chunks,
     resolve_output_file,
 )
+from service.api.job_logs import LOG_RESPONSES, LOG_SUMMARY_DOC, log_response
 from service.api.schemas import FileList, JobList, recipe_body_openapi
 from service.api.text_fields import check_text_fields
 from service.errors import ApiError, error_responses
@@ -68,7 +69,7 @@ def _location(job: Job) -> str:
             "description": "Queued.",
             "headers": {"Location": {"schema": {"type": "string"}}},
         },
-        **error_responses(401, 409, 413, 415, 422),
+        **error_responses(401, 409, 413, 415, 422, 507),
     },
     openapi_extra=recipe_body_openapi(_SUBMIT_DOC),
 )
@@ -225,6 +226,18 @@ async def download_file(
     root = await run_in_threadpool(_succeeded_output, manager, job_id)
     missing = f"job {job_id} has no output file {path!r}"
     return await run_in_threadpool(file_response, root, path, range_header, missing)
+
+
+@router.get(
+    "/{job_id}/log",
+    response_class=PlainTextResponse,
+    summary="Get a merge's log",
+    description=LOG_SUMMARY_DOC,
+    responses=LOG_RESPONSES,
+)
+async def merge_log(job_id: JobId, manager: ManagerDep) -> PlainTextResponse:
+    """The merge worker's log lines for this job."""
+    return log_response(await run_in_threadpool(manager.log, job_id))
 
 
 # -- greedy-soup candidates, for HTTP evaluators on other machines -------------------------

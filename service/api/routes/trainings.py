@@ -10,7 +10,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.errors import TureenError
@@ -21,6 +21,7 @@ from service.api.files import (
     file_response,
     list_output_files,
 )
+from service.api.job_logs import LOG_RESPONSES, LOG_SUMMARY_DOC, log_response
 from service.api.schemas import FileList, ProgressEvent
 from service.api.training_schemas import TrainingJob, TrainingList, training_body_openapi
 from service.errors import ApiError, error_responses
@@ -107,6 +108,18 @@ async def list_trainings(
 async def get_training(job_id: JobId, request: Request) -> TrainingJob:
     """Status, progress (steps, loss, ETA), error, adapter and held-out numbers."""
     return await run_in_threadpool(_view, get_training_manager(request), job_id)
+
+
+@router.get(
+    "/{job_id}/log",
+    response_class=PlainTextResponse,
+    summary="Get a training's log",
+    description=LOG_SUMMARY_DOC,
+    responses=LOG_RESPONSES,
+)
+async def training_log(job_id: JobId, request: Request) -> PlainTextResponse:
+    """The training worker's log lines for this job."""
+    return log_response(await run_in_threadpool(get_training_manager(request).log, job_id))
 
 
 @router.delete(

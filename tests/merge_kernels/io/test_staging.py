@@ -266,3 +266,27 @@ def test_manifest_hash_matches_file(tmp_path: Path) -> None:
     assert digest == on_disk
     assert _manifest(staging)["shards"] == {spec.filename: on_disk}
     assert set(os.listdir(staging.path)) == {MANIFEST_NAME, spec.filename}
+
+
+def test_a_commit_record_vouches_for_the_published_folder_until_forgotten(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    staging = StagingDir(out, "fp1")
+    staging.prepare()
+    for spec in _plan():
+        _write_shard(staging, spec)
+    (staging.path / "config.json").write_text("{}")
+    assert staging.committed() is None  # nothing published yet
+    staging.commit(keep_record=True)
+    files = sorted(p.name for p in out.iterdir())
+    assert StagingDir(out, "fp1").committed() == files
+    assert StagingDir(out, "another job").committed() is None
+    (out / "config.json").write_text('{"changed": 1}')
+    assert StagingDir(out, "fp1").committed() is None
+    (out / "config.json").write_text("{}")
+    (out / "extra.txt").write_text("not published by the commit")
+    assert StagingDir(out, "fp1").committed() is None
+    (out / "extra.txt").unlink()
+    assert StagingDir(out, "fp1").committed() == files
+    StagingDir(out, "fp1").forget_commit()
+    assert StagingDir(out, "fp1").committed() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -205,3 +205,24 @@ def test_metrics_count_the_jobs(client: httpx.Client) -> None:
     assert "# TYPE tureen_jobs gauge" in response.text
     assert "# TYPE tureen_merge_duration_seconds summary" in response.text
     assert "# TYPE tureen_merged_bytes_total counter" in response.text
+
+
+def test_a_merges_log_holds_its_worker_lines_and_no_others(
+    server: LiveServer, client: httpx.Client, models_root: Path
+) -> None:
+    first = client.post("/v1/merges", json=ties_recipe(models_root)).json()
+    second = client.post("/v1/merges", json=ties_recipe(models_root, density=0.3)).json()
+    for job in (first, second):
+        assert wait_for(client, job["id"])["status"] == "succeeded"
+    response = client.get(f"/v1/merges/{first['id']}/log")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert f"job {first['id']} succeeded" in response.text
+    assert second["id"] not in response.text
+    assert f"job {second['id']} succeeded" in client.get(f"/v1/merges/{second['id']}/log").text
+
+    missing = client.get("/v1/merges/0123456789abcdef/log")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    with server.client(token=None) as anonymous:
+        assert anonymous.get(f"/v1/merges/{first['id']}/log").status_code == 401

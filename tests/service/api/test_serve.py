@@ -132,3 +132,65 @@ def test_the_access_log_keeps_no_query_string_credentials(tmp_path: Path) -> Non
     assert '"GET /v1/merges?*** HTTP/1.1" 401' in log
     assert '"GET /v1/merges?***&limit=5 HTTP/1.1" 401' in log
     assert '"GET /v1/merges?limit=7 HTTP/1.1" 200' in log
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    command += ["--data-dir", str(data_dir)]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUREEN_")}
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first, first_url = _start_server(data_dir)
+    try:
+        _wait_ready(first, first_url)
+        second, second_url = _start_server(data_dir)
+        try:
+            output, _ = second.communicate(timeout=60)
+        finally:
+            second.kill()  # a second server that did start must not outlive the test
+            second.wait()
+        message = output.decode()
+        assert second.returncode != 0, message
+        assert str(data_dir.resolve()) in message
+        assert "another tureen server" in message
+        assert f"process {first.pid}" in message
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{second_url}/readyz")
+        assert httpx.get(f"{first_url}/readyz").status_code == 200
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    # The lock goes with the server that held it: the data dir can be served again.
+    third, third_url = _start_server(data_dir)
+    try:
+        _wait_ready(third, third_url)
+    finally:
+        third.send_signal(signal.SIGINT)
+        third.communicate(timeout=30)

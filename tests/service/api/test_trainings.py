@@ -162,6 +162,9 @@ def test_cancel_a_running_training_leaves_no_adapter(
     assert not list(trainings.glob(".long*"))
     files = client.get(f"/v1/trainings/{job['id']}/files")
     assert files.status_code == 409 and files.json()["error"]["code"] == "job_not_succeeded"
+    log = client.get(f"/v1/trainings/{job['id']}/log")
+    assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
+    assert f"training {job['id']} cancelled" in log.text
 
 
 @pytest.mark.parametrize(
@@ -202,5 +205,8 @@ def test_yaml_body_name_conflicts_auth_and_unknown_jobs(
     assert taken.status_code == 409 and taken.json()["error"]["code"] == "output_exists"
     with training_server.client(token=None) as anonymous:
         assert anonymous.get("/v1/trainings").status_code == 401
+        assert anonymous.get("/v1/trainings/" + "0" * 32 + "/log").status_code == 401
     missing = client.get("/v1/trainings/" + "0" * 32)
     assert missing.status_code == 404
+    missing_log = client.get("/v1/trainings/" + "0" * 32 + "/log")
+    assert missing_log.status_code == 404 and missing_log.json()["error"]["code"] == "not_found"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import sqlite3
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from merge_kernels.errors import (
 )
 from merge_kernels.recipe import parse_recipe
 from merge_kernels.synthetic import LlamaShape, write_checkpoint
+from service.jobs import manager as manager_module
 from service.jobs.manager import (
     IdempotencyConflictError,
     JobManager,
@@ -23,8 +27,10 @@ from service.jobs.manager import (
     OutputExistsError,
     OverMemoryBudgetError,
 )
-from service.jobs.models import JobStatus, OutputOptions
-from tests.service.jobs.conftest import SMALL, ties_recipe, wait_finished
+from service.jobs.models import Job, JobStatus, OutputOptions
+from service.jobs.sqlite_store import utcnow
+from service.jobs.worker_pool import WorkerPool
+from tests.service.jobs.conftest import SMALL, ties_recipe, wait_finished, wait_for
 
 Make = Callable[..., JobManager]
 
@@ -178,3 +184,59 @@ def test_output_path_stays_under_the_data_dir(make_manager: Make, small_models: 
     job, _ = manager.submit(ties_recipe(small_models), OutputOptions(name="named.v1"))
     assert manager.output_path(job) == manager.settings.outputs_dir / "named.v1"
     assert manager.output_path(job).is_relative_to(manager.settings.data_dir)
+
+
+def test_jobs_that_fail_at_once_in_a_warm_worker_free_their_slot(
+    make_manager: Make, small_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job the worker refuses ends within milliseconds of being handed over, often before
+    # the dispatcher has noted the worker as busy; with one worker, a slot noted after the
+    # worker freed it was never freed again and every later job stayed queued. Starting the
+    # next spare worker after a hand-over takes a while on a loaded machine; so it does here.
+    top_up = WorkerPool._top_up
+
+    def slow_top_up(pool: WorkerPool) -> None:
+        time.sleep(0.3)
+        top_up(pool)
+
+    monkeypatch.setattr(WorkerPool, "_top_up", slow_top_up)
+    manager = make_manager(workers=1, standby_worker=True)
+    refused = {"merge_method": "no_such_method", "models": [{"model": "nowhere"}]}
+    failing = []
+    for _ in range(4):
+        job = Job(
+            id=uuid.uuid4().hex,
+            status=JobStatus.QUEUED,
+            recipe=refused,
+            output=OutputOptions(),
+            created_at=utcnow(),
+        )
+        failing.append(manager.store.create(job)[0].id)
+    valid, _ = manager.submit(ties_recipe(small_models), OutputOptions(name="after"))
+    manager.start()
+    for job_id in failing:
+        assert wait_finished(manager, job_id, timeout=30).status is JobStatus.FAILED
+    done = wait_finished(manager, valid.id, timeout=30)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    wait_for(lambda: manager.metrics()["tureen_workers_busy"] == 0, timeout=10)
+    assert manager.dispatcher_problem() is None
+
+
+def test_a_stalled_dispatcher_is_reported(
+    make_manager: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "STALLED_AFTER_S", 1.0)
+    manager = make_manager(workers=1)
+    assert manager.dispatcher_problem() == "the job dispatcher is not running"
+    manager.start()
+    assert manager.dispatcher_problem() is None
+    # Another process holding the database's write lock blocks the dispatcher's next claim.
+    blocker = sqlite3.connect(manager.settings.database_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        problem = wait_for(manager.dispatcher_problem, timeout=10)
+        assert "has not run for" in problem
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_for(lambda: manager.dispatcher_problem() is None, timeout=10)
