@@ -32,16 +32,26 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--data-dir", type=Path, help="job database and outputs folder")
+    serve.add_argument(
+        "--data-dir", type=Path, help="job database and outputs folder (default tureen-data)"
+    )
     serve.add_argument(
         "--allow-root",
         type=Path,
         action="append",
         metavar="PATH",
-        help="folder local checkpoints may be read from (repeatable)",
+        help="folder local checkpoints may be read from (repeatable; default: only "
+        "DATA_DIR/inputs)",
     )
-    serve.add_argument("--workers", type=int, help="merges run at once (worker processes)")
-    serve.add_argument("--config", type=Path, help="TOML, YAML or JSON settings file")
+    serve.add_argument(
+        "--workers", type=int, help="merges run at once, in worker processes (default 1)"
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML, YAML or JSON settings file (default: TUREEN_CONFIG, else none; "
+        "`tureen config example` prints one)",
+    )
     serve.set_defaults(handler=cmd_serve)
     return serve
 
