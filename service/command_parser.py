@@ -4,15 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-
-def closest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate most like ``word``, when one is close enough to be a likely typo."""
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+from merge_kernels.suggestions import closest
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
