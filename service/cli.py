@@ -268,6 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for detail in error.details.get("problems", []) or []:  # type: ignore[union-attr]
             print(f"  - {detail}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        # An optional dependency of this command: name the extra that installs it.
+        from service.extras import missing_extra_error
+
+        missing = missing_extra_error(f"tureen {args.command}", error.name or "")
+        if missing is None:
+            raise
+        print(f"error: {missing.message}", file=sys.stderr)
+        return 2
     except OSError as error:
         # A folder that cannot be written, a full disk: the system's words, without a traceback.
         print(f"error: {_os_error_text(error)}", file=sys.stderr)
