@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_import_gguf_command(commands, parse_size=parse_size)
 
+    from service.config_example import add_config_command
+
+    add_config_command(commands)
+
     from service.completion import add_completion_command
 
     add_completion_command(commands)
