@@ -119,7 +119,10 @@ def serve(settings: ServiceSettings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``tureen serve``."""
+    from service.listen_check import check_can_listen
+
     settings = settings_from_args(args)
+    check_can_listen(settings.host, settings.port)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
