@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,26 +32,26 @@ EVALUATION_FILE = "evaluation.json"
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def input_provenance(role: str, checkpoint: Checkpoint) -> dict[str, Any]:
-    """Identify an input without reading its tensor data.
+def input_provenance(
+    role: str, checkpoint: Checkpoint, sha256: Callable[[Path], str]
+) -> dict[str, Any]:
+    """Identify an input: its revision and every weight file's size and sha256.
 
     Hub inputs are pinned by their commit SHA; every weight file is listed with its size
-    and the sha256 of its safetensors header (names, dtypes, shapes and offsets), which
-    changes whenever the file's layout does. ``hub_repos`` lists the Hub repositories the
-    input comes from (both sides of a base + LoRA input), for the card's ``base_model``.
+    and the sha256 of its whole content, so two inputs with the same layout but different
+    weights (fine-tunes of one base) are told apart. ``hub_repos`` lists the Hub
+    repositories the input comes from (both sides of a base + LoRA input), for the card's
+    ``base_model``.
+
+    Args:
+        role: ``base`` or ``model``.
+        checkpoint: the input.
+        sha256: the digest of one of its weight files (see ``InputHashes``).
     """
-    files = []
-    for path in checkpoint.files():
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = handle.read(min(length, 100 * 1024 * 1024))
-        files.append(
-            {
-                "file": path.name,
-                "bytes": path.stat().st_size,
-                "header_sha256": hashlib.sha256(header).hexdigest(),
-            }
-        )
+    files = [
+        {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+        for path in checkpoint.files()
+    ]
     ref = checkpoint.ref
     sides = [ref.base, ref.adapter] if isinstance(ref, LoraRef) else [ref]
     return {
@@ -159,10 +158,7 @@ def write_model_card(
     front |= {"library_name": "transformers", "tags": ["merge", "tureen", spec.name]}
     rows = "\n".join(
         f"| {p['role']} | `{p['reference']}` | {p['revision'] or 'local'} | "
-        + ", ".join(
-            f"{f['file']} ({f['bytes']} B, header sha256 {f['header_sha256'][:16]}…)"
-            for f in p["files"]
-        )
+        + ", ".join(f"{f['file']} ({f['bytes']} B, sha256 `{f['sha256']}`)" for f in p["files"])
         + " |"
         for p in provenance
     )

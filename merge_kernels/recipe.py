@@ -25,6 +25,7 @@ from merge_kernels.errors import RecipeError
 from merge_kernels.methods.kernel import Reference
 from merge_kernels.parameter_settings import Parameters
 from merge_kernels.registry import MethodSpec, get_method
+from merge_kernels.suggestions import did_you_mean
 
 DType = Literal["float32", "float16", "bfloat16"]
 _DTYPE_ALIASES = {
@@ -236,7 +237,8 @@ class Recipe(BaseModel):
                 if name not in method_names | model_names:
                     raise RecipeError(
                         f"{field}.{name}",
-                        f"unknown parameter for {spec.name}; allowed: {allowed}",
+                        f"unknown parameter for {spec.name}; "
+                        f"{did_you_mean(name, method_names | model_names)}allowed: {allowed}",
                     )
         for index, entry in enumerate(self.models or []):
             for name in entry.parameters or {}:
@@ -249,7 +251,9 @@ class Recipe(BaseModel):
                 if name not in model_names:
                     per_model = ", ".join(sorted(model_names)) or "none"
                     raise RecipeError(
-                        field, f"unknown per-model parameter for {spec.name}; allowed: {per_model}"
+                        field,
+                        f"unknown per-model parameter for {spec.name}; "
+                        f"{did_you_mean(name, model_names)}allowed: {per_model}",
                     )
 
     @property
@@ -308,10 +312,16 @@ def parse_recipe(document: Mapping[str, Any], *, base_dir: Path | None = None) -
         context = {"base_dir": str(base_dir)} if base_dir is not None else None
         return Recipe.model_validate(document, context=context)
     except ValidationError as error:
-        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in error.errors()]
-        first = error.errors()[0]
+        errors = error.errors()
+        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in errors]
+        # A misspelled key also makes its field "required": name the misspelling first.
+        first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+        message = first["msg"]
+        if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+            keys = [info.alias or name for name, info in Recipe.model_fields.items()]
+            message = f"unknown key; {did_you_mean(str(first['loc'][0]), keys)}".rstrip("; ")
         raise RecipeError(
-            _field_path(first["loc"]), first["msg"], details={"errors": problems}
+            _field_path(first["loc"]), message, details={"errors": problems}
         ) from None
 
 

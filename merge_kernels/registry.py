@@ -22,6 +22,7 @@ from merge_kernels.methods.kernel import (
     Reference,
     TensorContext,
 )
+from merge_kernels.suggestions import did_you_mean
 
 Kernel = Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
 Check = Callable[[Any, tuple[Any, ...]], None]
@@ -183,8 +184,9 @@ def get_method(name: str) -> MethodSpec:
         return _REGISTRY[name]
     except KeyError:
         allowed = ", ".join(sorted(_REGISTRY))
+        hint = did_you_mean(str(name), _REGISTRY)
         raise RecipeError(
-            "merge_method", f"unknown merge method {name!r}; allowed: {allowed}"
+            "merge_method", f"unknown merge method {name!r}; {hint}allowed: {allowed}"
         ) from None
 
 

@@ -24,6 +24,7 @@ import torch
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
 from merge_kernels.errors import InsufficientSpaceError, MergeCancelledError, RecipeError
 from merge_kernels.hub_precheck import check_hub_inputs
+from merge_kernels.input_hashes import InputHashes
 from merge_kernels.io.disk_space import (
     DEFAULT_RESERVE_BYTES,
     disk_full_error,
@@ -227,8 +228,13 @@ def _already_committed(plan: MergePlan, staging: StagingDir, started: float) -> 
         tensors=len(plan.tensors),
         shards_resumed=len(plan.shards),
         seconds=time.monotonic() - started,
-        provenance=[input_provenance(item.role, item.checkpoint) for item in plan.inputs],
+        provenance=_provenance(plan),
     )
+
+
+def _provenance(plan: MergePlan) -> list[dict[str, object]]:
+    with InputHashes([item.checkpoint for item in plan.inputs]) as hashes:
+        return [input_provenance(i.role, i.checkpoint, hashes.sha256) for i in plan.inputs]
 
 
 def run_merge(
@@ -339,45 +345,49 @@ def _execute(
             staging.discard()
             raise MergeCancelledError("the merge was cancelled; no output was written")
 
-    merger = PieceMerger(plan, options.device, check_cancel)
-    report(None, "trim thresholds")
-    merger.prepare_model_trims()
-    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
-    writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
-    with readers, writers:
-        for shard in plan.shards:
-            names = {t.name for t in shard.tensors}
-            tensors = [t for t in plan.tensors if t.name in names]
-            if shard.filename in done:
-                counters["tensors"] += len(tensors)
-                counters["bytes"] += shard.size
-                report(None)
-                continue
-            with ShardWriter(staging.path, shard) as writer:
-                counters["bytes"] += len(shard.header)
-                _write_shard(
-                    plan,
-                    tensors,
-                    writer,
-                    merger,
-                    (readers, writers),
-                    check_cancel,
-                    counters,
-                    report,
-                )
-                digest = writer.finish()
-            staging.mark_shard_done(shard.filename, digest)
-    check_cancel()
-    _write_companions(plan, staging.path, options)
-    provenance = [input_provenance(item.role, item.checkpoint) for item in plan.inputs]
-    evaluation = None
-    if card.evaluate is not None:
-        report(None, "evaluating")
-        evaluation = card.evaluate(staging.path)
+    # The model card's input hashes are computed beside the merge, not after it.
+    with InputHashes([item.checkpoint for item in plan.inputs]) as hashes:
+        merger = PieceMerger(plan, options.device, check_cancel)
+        report(None, "trim thresholds")
+        merger.prepare_model_trims()
+        readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
+        writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
+        with readers, writers:
+            for shard in plan.shards:
+                names = {t.name for t in shard.tensors}
+                tensors = [t for t in plan.tensors if t.name in names]
+                if shard.filename in done:
+                    counters["tensors"] += len(tensors)
+                    counters["bytes"] += shard.size
+                    report(None)
+                    continue
+                with ShardWriter(staging.path, shard) as writer:
+                    counters["bytes"] += len(shard.header)
+                    _write_shard(
+                        plan,
+                        tensors,
+                        writer,
+                        merger,
+                        (readers, writers),
+                        check_cancel,
+                        counters,
+                        report,
+                    )
+                    digest = writer.finish()
+                staging.mark_shard_done(shard.filename, digest)
         check_cancel()
-    recipe = card.recipe or plan.recipe
-    write_model_card(staging.path, recipe, provenance, out_dir.name, evaluation)
-    final = staging.commit(overwrite=options.overwrite, keep_record=options.keep_commit_record)
+        _write_companions(plan, staging.path, options)
+        provenance = [
+            input_provenance(item.role, item.checkpoint, hashes.sha256) for item in plan.inputs
+        ]
+        evaluation = None
+        if card.evaluate is not None:
+            report(None, "evaluating")
+            evaluation = card.evaluate(staging.path)
+            check_cancel()
+        recipe = card.recipe or plan.recipe
+        write_model_card(staging.path, recipe, provenance, out_dir.name, evaluation)
+        final = staging.commit(overwrite=options.overwrite, keep_record=options.keep_commit_record)
     report(None, "done")
     files = sorted(p.name for p in final.iterdir())
     return MergeResult(

@@ -9,9 +9,11 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
+from merge_kernels import __version__
 from merge_kernels.errors import TureenError
+from service.command_checks import check_device_available, check_output_folder, parse_device
+from service.command_parser import CommandParser
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -39,31 +41,6 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-class _ProgressBar:
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.last = -1
-
-    def __call__(self, progress: object) -> None:
-        from merge_kernels.runner import Progress
-
-        assert isinstance(progress, Progress)
-        if progress.phase == "evaluating":
-            print(f"\r{(progress.current or 'evaluating')[:78]:<78}", end="", file=self.stream)
-            return
-        total = max(1, progress.bytes_total)
-        percent = int(100 * progress.bytes_done / total)
-        if percent == self.last and progress.phase == "merging":
-            return
-        self.last = percent
-        filled = percent // 4
-        line = (
-            f"\r[{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% "
-            f"{progress.tensors_done}/{progress.tensors_total} tensors  {progress.phase}"
-        )
-        print(line, end="", file=self.stream, flush=True)
 
 
 def _options(args: argparse.Namespace) -> object:
@@ -110,9 +87,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from merge_kernels.recipe import load_recipe
     from merge_kernels.runner import run_merge
+    from service.progress_bar import ProgressBar
 
+    check_output_folder(Path(args.out_dir), overwrite=args.overwrite)
+    check_device_available(args.device)
     recipe = load_recipe(Path(args.recipe))
-    bar = None if args.quiet else _ProgressBar()
+    bar = None if args.quiet else ProgressBar()
     evaluation = None
     if recipe.method.needs_evaluation or recipe.evaluator is not None:
         from merge_kernels.evaluated_merge import run_evaluated_merge
@@ -153,6 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from merge_kernels.recipe import load_recipe
     from merge_kernels.runner import close_inputs, plan_merge
 
+    check_device_available(args.device)
     recipe = load_recipe(Path(args.recipe))
     plan, inputs = plan_merge(recipe, _options(args))  # type: ignore[arg-type]
     try:
@@ -202,9 +183,11 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tureen", description="Merge fine-tuned checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tureen`` command's parser, with every subcommand."""
+    parser = CommandParser(prog="tureen", description="Merge fine-tuned checkpoints.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_run_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("recipe", help="recipe YAML (mergekit-style)")
@@ -219,7 +202,12 @@ def _parser() -> argparse.ArgumentParser:
             choices=["float32", "float16", "bfloat16"],
             help="output dtype (default: the recipe's, else the base's)",
         )
-        sub.add_argument("--device", default="cpu", help="where kernels run: cpu or cuda")
+        sub.add_argument(
+            "--device",
+            type=parse_device,
+            default="cpu",
+            help="where kernels run: cpu, cuda or cuda:N",
+        )
         sub.add_argument(
             "--allow-pickle",
             action="store_true",
@@ -229,7 +217,12 @@ def _parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge a recipe into OUT_DIR")
     add_run_options(merge)
     merge.add_argument("out_dir", help="output folder (appears only when complete)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT_DIR, once the new merge is complete (without it, an "
+        "existing OUT_DIR is refused before merging)",
+    )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.add_argument(
         "--memory-limit",
@@ -248,9 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_methods)
 
     example = commands.add_parser("example", help="write tiny synthetic checkpoints + a recipe")
-    example.add_argument("folder")
-    example.add_argument("--hidden", type=int, default=256)
-    example.add_argument("--layers", type=int, default=4)
+    example.add_argument("folder", help="folder to write base/, finetune-1..3/ and recipe.yaml")
+    example.add_argument("--hidden", type=int, default=256, help="hidden size of the models")
+    example.add_argument("--layers", type=int, default=4, help="number of transformer layers")
     example.set_defaults(handler=cmd_example)
 
     from service.serve import add_serve_command
@@ -274,12 +267,31 @@ def _parser() -> argparse.ArgumentParser:
     from merge_kernels.checkpoints.gguf_command import add_import_gguf_command
 
     add_import_gguf_command(commands, parse_size=parse_size)
+
+    from service.config_example import add_config_command
+
+    add_config_command(commands)
+
+    from service.completion import add_completion_command
+
+    add_completion_command(commands)
     return parser
 
 
+def _os_error_text(error: OSError) -> str:
+    if error.strerror is None:
+        return str(error)
+    where = f": {error.filename}" if error.filename is not None else ""
+    return f"{error.strerror}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``tureen`` command; errors in the input print one clear line and exit 2."""
-    args = _parser().parse_args(argv)
+    """Run the ``tureen`` command.
+
+    Errors in the input print one clear line and exit 2 (usage errors too, as argparse
+    does); a failing file operation prints the system's message and exits 1.
+    """
+    args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except TureenError as error:
@@ -287,6 +299,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for detail in error.details.get("problems", []) or []:  # type: ignore[union-attr]
             print(f"  - {detail}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        # An optional dependency of this command: name the extra that installs it.
+        from service.extras import missing_extra_error
+
+        missing = missing_extra_error(f"tureen {args.command}", error.name or "")
+        if missing is None:
+            raise
+        print(f"error: {missing.message}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # A folder that cannot be written, a full disk: the system's words, without a traceback.
+        print(f"error: {_os_error_text(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

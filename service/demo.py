@@ -297,6 +297,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo in a temporary folder (or ``--folder``)."""
     import sys
 
+    from service.extras import require_extra
+
+    require_extra("tureen demo", "training")
     from training.cli import quiet_libraries
 
     quiet_libraries()

@@ -14,11 +14,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _require_token(repo_id: str) -> None:
+    """Refuse to start without a Hub token, which the Hub would answer with a bare 401.
+
+    Raises:
+        PublishError: neither ``HF_TOKEN`` nor a stored ``hf auth login`` token is found.
+    """
+    from huggingface_hub import get_token
+
+    from service.hub import PublishError
+
+    if get_token() is None:
+        namespace = repo_id.partition("/")[0]
+        raise PublishError(
+            f"no Hugging Face token: set HF_TOKEN to a token with write access to {namespace}, "
+            "or log in with `hf auth login`",
+            details={"reason": "no_token", "repo_id": repo_id},
+        )
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     """Publish OUT_DIR to the Hub repository REPO_ID in one commit and print the commit."""
     from pydantic import ValidationError
 
-    from service.hub import PublishError, publish_folder
+    from service.hub import PublishError, output_files, publish_folder
     from service.jobs.models import PublishOptions
 
     try:
@@ -34,11 +53,15 @@ def cmd_push(args: argparse.Namespace) -> int:
         field = ".".join(str(part) for part in first["loc"])
         raise PublishError(f"{field}: {first['msg']}", details={"field": field}) from None
 
+    folder = Path(args.out_dir)
+    if folder.is_dir() and output_files(folder):  # else publish_folder names the folder's fault
+        _require_token(options.repo_id)
+
     def step(text: str) -> None:
         if not args.quiet:
             print(f"{text}…", file=sys.stderr, flush=True)
 
-    commit = publish_folder(Path(args.out_dir), options, on_step=step)
+    commit = publish_folder(folder, options, on_step=step)
     print(
         json.dumps(
             {

@@ -32,16 +32,26 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--data-dir", type=Path, help="job database and outputs folder")
+    serve.add_argument(
+        "--data-dir", type=Path, help="job database and outputs folder (default tureen-data)"
+    )
     serve.add_argument(
         "--allow-root",
         type=Path,
         action="append",
         metavar="PATH",
-        help="folder local checkpoints may be read from (repeatable)",
+        help="folder local checkpoints may be read from (repeatable; default: only "
+        "DATA_DIR/inputs)",
     )
-    serve.add_argument("--workers", type=int, help="merges run at once (worker processes)")
-    serve.add_argument("--config", type=Path, help="TOML, YAML or JSON settings file")
+    serve.add_argument(
+        "--workers", type=int, help="merges run at once, in worker processes (default 1)"
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML, YAML or JSON settings file (default: TUREEN_CONFIG, else none; "
+        "`tureen config example` prints one)",
+    )
     serve.set_defaults(handler=cmd_serve)
     return serve
 
@@ -112,8 +122,10 @@ def serve(settings: ServiceSettings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``tureen serve``."""
     from service.jobs.data_dir_lock import data_dir_locked
+    from service.listen_check import check_can_listen
 
     settings = settings_from_args(args)
+    check_can_listen(settings.host, settings.port)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -164,7 +164,7 @@ def _task_list(text: str) -> list[str]:
 def add_train_command(commands: Any) -> None:
     """Add ``tureen train {lora,dpo,base,data}`` to the ``tureen`` command's subparsers."""
     train = commands.add_parser("train", help="train LoRA/DPO adapters to merge")
-    kinds = train.add_subparsers(dest="train_command", required=True)
+    kinds = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
     for kind, title in (("lora", "LoRA supervised fine-tuning"), ("dpo", "DPO with LoRA")):
         sub = kinds.add_parser(kind, help=f"{title} from a YAML/JSON config")
         sub.add_argument("config", help="training config file (YAML or JSON)")
@@ -173,16 +173,21 @@ def add_train_command(commands: Any) -> None:
 
     base = kinds.add_parser("base", help="build a tiny Llama base model (no download)")
     base.add_argument("out_dir", help="model folder to write")
-    base.add_argument("--pretrain-steps", type=int, default=100, help="0: random weights")
-    base.add_argument("--hidden", type=int, default=64)
-    base.add_argument("--layers", type=int, default=2)
-    base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--overwrite", action="store_true")
-    base.add_argument("--quiet", action="store_true")
+    base.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=100,
+        help="pre-training steps on the synthetic tasks; 0: random weights",
+    )
+    base.add_argument("--hidden", type=int, default=64, help="hidden size of the model")
+    base.add_argument("--layers", type=int, default=2, help="number of transformer layers")
+    base.add_argument("--seed", type=int, default=0, help="seed of the weights and pre-training")
+    base.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    base.add_argument("--quiet", action="store_true", help="no progress on stderr")
     base.set_defaults(handler=cmd_base)
 
     data = kinds.add_parser("data", help="write synthetic task data (JSONL) and configs")
-    data.add_argument("out_dir")
+    data.add_argument("out_dir", help="folder to write the task data (and configs) into")
     data.add_argument(
         "--tasks",
         type=_task_list,
@@ -197,6 +202,6 @@ def add_train_command(commands: Any) -> None:
     )
     data.add_argument("--train", type=int, default=256, help="training records per task")
     data.add_argument("--heldout", type=int, default=64, help="held-out records per task")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seed of the generated records")
     data.add_argument("--base", help="base model folder: also write a config per task")
     data.set_defaults(handler=cmd_data)

@@ -101,6 +101,18 @@ class Checkpoint(ABC):
     def files(self) -> list[Path]:
         """Return the weight files this checkpoint reads, for hashing and provenance."""
 
+    def open_file(self, path: Path) -> int:
+        """Open one of ``files()`` for reading, confined like every read of this checkpoint.
+
+        Returns:
+            A file descriptor; the caller closes it.
+
+        Raises:
+            PathOutsideRootsError: the file resolves outside the allowed roots.
+            OSError: it cannot be opened.
+        """
+        return self.confinement.open_fd(path)
+
     @abstractmethod
     def close(self) -> None:
         """Release open files. Idempotent."""

@@ -140,6 +140,7 @@ class LoraCheckpoint(Checkpoint):
         self.folder = base.folder
         self.revision = base.revision
         self.confinement = base.confinement  # ``folder`` (config, tokenizer) is the base's
+        self.adapter_confinement = confinement
         if ref is None:
             side = base.ref if not isinstance(base.ref, LoraRef) else LocalRef(path=base.folder)
             ref = LoraRef(base=side, adapter=LocalRef(path=adapter_folder))
@@ -334,6 +335,12 @@ class LoraCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         """The base's weight files followed by the adapter's."""
         return [*self.base.files(), *self._adapter.files()]
+
+    def open_file(self, path: Path) -> int:
+        """See ``Checkpoint.open_file``: adapter files are confined like the adapter."""
+        if path in self._adapter.files():
+            return self.adapter_confinement.open_fd(path)
+        return self.base.open_file(path)
 
     def close(self) -> None:
         """Close the adapter and the base. Idempotent."""

@@ -152,7 +152,7 @@ def test_model_card_front_matter_and_recipe(models: Path, tmp_path: Path) -> Non
     assert "base_model" not in front
     assert "base_model_relation" not in front
     assert "| base | `base` | local |" in card
-    assert "header sha256" in card
+    assert "sha256 `" in card
     assert (
         parse_recipe(yaml.safe_load((out / "tureen_recipe.yaml").read_text())).merge_method
         == "ties"

@@ -254,3 +254,21 @@ def test_the_token_of_a_merge_that_failed_is_forgotten(tmp_path: Path) -> None:
     assert "j1" not in publisher._tokens
     publisher.stop()
     store.close()
+
+
+def test_push_without_a_token_says_the_token_is_missing(
+    hub: FakeHub,
+    merged: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert main(["push", str(merged), "alice/no-token"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: no Hugging Face token: set HF_TOKEN to a token with write access to alice, "
+        "or log in with `hf auth login`"
+    )
+    assert "alice/no-token" not in hub.repos
+    assert not any(r.method in ("POST", "PUT") for r in hub.requests)
