@@ -165,10 +165,10 @@ class StagingDir:
             {"version": _MANIFEST_VERSION, "fingerprint": self.fingerprint, "shards": self._done},
         )
 
-    def _read_manifest(self) -> dict[str, str] | None:
-        """The recorded shards if the manifest is readable and ours, else None."""
+    def _read_record(self, path: Path) -> dict[str, object] | None:
+        """A manifest or commit record, if it is readable, of this version and fingerprint."""
         try:
-            data = json.loads(self._manifest.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
         if (
@@ -176,6 +176,13 @@ class StagingDir:
             or data.get("version") != _MANIFEST_VERSION
             or data.get("fingerprint") != self.fingerprint
         ):
+            return None
+        return data
+
+    def _read_manifest(self) -> dict[str, str] | None:
+        """The recorded shards if the manifest is readable and ours, else None."""
+        data = self._read_record(self._manifest)
+        if data is None:
             return None
         shards = data.get("shards")
         if not isinstance(shards, dict) or not all(
@@ -340,20 +347,10 @@ class StagingDir:
         recorded checksums: then the folder is this job's complete output, as if this job had
         just committed it.
         """
-        try:
-            data = json.loads(self.commit_record.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = self._read_record(self.commit_record)
+        files = data.get("files") if data is not None else None
+        if not isinstance(files, dict) or not self.out_dir.is_dir() or self.out_dir.is_symlink():
             return None
-        if (
-            not isinstance(data, dict)
-            or data.get("version") != _MANIFEST_VERSION
-            or data.get("fingerprint") != self.fingerprint
-            or not isinstance(data.get("files"), dict)
-            or not self.out_dir.is_dir()
-            or self.out_dir.is_symlink()
-        ):
-            return None
-        files: dict[str, object] = data["files"]
         present = {entry.name: entry for entry in self.out_dir.iterdir()}
         if set(present) != set(files):
             return None

@@ -58,11 +58,16 @@ def test_invalid_settings_are_a_clear_error(tmp_path: Path) -> None:
         settings_from_args(_parse(["--workers", "0", "--data-dir", str(tmp_path)]))
 
 
-def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Run ``tureen serve`` (tokens tok-1, tok-2) on a free port until it is ready."""
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``tureen serve`` (tokens tok-1, tok-2) on a free port until it is ready."""
+    port = _free_port()
     script = textwrap.dedent(
         """
         import argparse, sys
@@ -132,13 +137,6 @@ def test_the_access_log_keeps_no_query_string_credentials(tmp_path: Path) -> Non
     assert '"GET /v1/merges?*** HTTP/1.1" 401' in log
     assert '"GET /v1/merges?***&limit=5 HTTP/1.1" 401' in log
     assert '"GET /v1/merges?limit=7 HTTP/1.1" 200' in log
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:

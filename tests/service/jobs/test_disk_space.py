@@ -22,6 +22,7 @@ from service.jobs.models import Job, JobStatus, OutputOptions
 from service.jobs.sqlite_store import SqliteJobStore, utcnow
 from service.jobs.worker import worker_command
 from tests.service.jobs.conftest import ties_recipe
+from tests.service.tmpfs import small_tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +32,8 @@ Make = Callable[..., JobManager]
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs (needs the right to mount; skipped without it)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "8m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_merge_larger_than_the_disk_is_refused_before_writing(
