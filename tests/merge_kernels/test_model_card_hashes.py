@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sqlite3
+import time
 from pathlib import Path
+
+import pytest
 
 from merge_kernels.input_hashes import file_sha256
 from merge_kernels.io.safetensors_header import open_readonly
@@ -38,3 +43,22 @@ def test_a_hub_cache_blob_is_identified_by_its_name(tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(b"weights")
     assert file_sha256(plain, open_readonly) == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_digests_are_remembered_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"first")
+    assert file_sha256(weights, open_readonly) == hashlib.sha256(b"first").hexdigest()
+    cache = tmp_path / "cache" / "tureen" / "file-sha256.sqlite3"
+    with contextlib.closing(sqlite3.connect(cache)) as db:
+        assert db.execute("SELECT sha256 FROM digests").fetchall() == [
+            (hashlib.sha256(b"first").hexdigest(),)
+        ]
+    # Rewritten with the same size: a new modification time, so a new key and digest.
+    time.sleep(0.01)
+    weights.write_bytes(b"other")
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert file_sha256(weights, open_readonly) == hashlib.sha256(b"other").hexdigest()
