@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,34 +347,8 @@ def _execute(
 
     # The model card's input hashes are computed beside the merge, not after it.
     with InputHashes([item.checkpoint for item in plan.inputs]) as hashes:
-        merger = PieceMerger(plan, options.device, check_cancel)
         report(None, "trim thresholds")
-        merger.prepare_model_trims()
-        readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
-        writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
-        with readers, writers:
-            for shard in plan.shards:
-                names = {t.name for t in shard.tensors}
-                tensors = [t for t in plan.tensors if t.name in names]
-                if shard.filename in done:
-                    counters["tensors"] += len(tensors)
-                    counters["bytes"] += shard.size
-                    report(None)
-                    continue
-                with ShardWriter(staging.path, shard) as writer:
-                    counters["bytes"] += len(shard.header)
-                    _write_shard(
-                        plan,
-                        tensors,
-                        writer,
-                        merger,
-                        (readers, writers),
-                        check_cancel,
-                        counters,
-                        report,
-                    )
-                    digest = writer.finish()
-                staging.mark_shard_done(shard.filename, digest)
+        _merge_shards(plan, staging, done, options, check_cancel, counters, report)
         check_cancel()
         _write_companions(plan, staging.path, options)
         provenance = [
@@ -399,6 +373,45 @@ def _execute(
         seconds=time.monotonic() - started,
         provenance=provenance,
     )
+
+
+def _merge_shards(
+    plan: MergePlan,
+    staging: StagingDir,
+    done: Collection[str],
+    options: MergeOptions,
+    check_cancel: Callable[[], None],
+    counters: dict[str, int],
+    report: Callable[[str | None], None],
+) -> None:
+    """Merge and write every shard not already ``done``, recording each as it finishes."""
+    merger = PieceMerger(plan, options.device, check_cancel)
+    merger.prepare_model_trims()
+    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
+    writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
+    with readers, writers:
+        for shard in plan.shards:
+            names = {t.name for t in shard.tensors}
+            tensors = [t for t in plan.tensors if t.name in names]
+            if shard.filename in done:
+                counters["tensors"] += len(tensors)
+                counters["bytes"] += shard.size
+                report(None)
+                continue
+            with ShardWriter(staging.path, shard) as writer:
+                counters["bytes"] += len(shard.header)
+                _write_shard(
+                    plan,
+                    tensors,
+                    writer,
+                    merger,
+                    (readers, writers),
+                    check_cancel,
+                    counters,
+                    report,
+                )
+                digest = writer.finish()
+            staging.mark_shard_done(shard.filename, digest)
 
 
 def _write_shard(

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
-from merge_kernels.checkpoints.reference import HubRef, LoraRef, reference_from_value
+from merge_kernels.checkpoints.reference import (
+    CheckpointRef,
+    HubRef,
+    LoraRef,
+    reference_from_value,
+)
 from merge_kernels.model_card import TOKENIZER_FILES
 from merge_kernels.plan import PlannedInput
 from merge_kernels.recipe import Recipe
@@ -29,11 +34,14 @@ def _named_input(recipe: Recipe, inputs: Sequence[PlannedInput]) -> Checkpoint |
     return next((i.checkpoint for i in inputs if i.checkpoint.display_name == str(source)), None)
 
 
-def _open_other(recipe: Recipe, options: MergeOptions) -> Checkpoint:
+def _other_reference(recipe: Recipe, options: MergeOptions) -> CheckpointRef:
     assert recipe.tokenizer_source is not None
-    ref = reference_from_value(
+    return reference_from_value(
         recipe.tokenizer_source, base_dir=options.base_dir, allowed_roots=options.allowed_roots
     )
+
+
+def _open(ref: CheckpointRef, options: MergeOptions) -> Checkpoint:
     return open_checkpoint(
         ref,
         allowed_roots=options.allowed_roots,
@@ -60,13 +68,10 @@ def check_tokenizer_source(
     if named is not None:
         _check_files(named)
         return
-    assert recipe.tokenizer_source is not None
-    ref = reference_from_value(
-        recipe.tokenizer_source, base_dir=options.base_dir, allowed_roots=options.allowed_roots
-    )
+    ref = _other_reference(recipe, options)
     if isinstance(ref, HubRef) or (isinstance(ref, LoraRef) and isinstance(ref.base, HubRef)):
         return
-    with _open_other(recipe, options) as source:
+    with _open(ref, options) as source:
         _check_files(source)
 
 
@@ -89,4 +94,4 @@ def tokenizer_checkpoint(
     named = _named_input(recipe, inputs)
     if named is not None:
         return named, False
-    return _open_other(recipe, options), True
+    return _open(_other_reference(recipe, options), options), True

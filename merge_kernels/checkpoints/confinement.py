@@ -88,13 +88,13 @@ class Confinement:
 
     def contains(self, path: Path) -> bool:
         """Whether ``path``, with links and ``..`` resolved, lies inside a root."""
-        if self.roots is None:
-            return True
         try:
-            resolved = Path(os.path.realpath(path))
+            return self._inside(Path(os.path.realpath(path)))
         except (OSError, ValueError):  # a NUL byte, a loop of links
             return False
-        return any(resolved.is_relative_to(root) for root in self.roots)
+
+    def _inside(self, resolved: Path) -> bool:
+        return self.roots is None or any(resolved.is_relative_to(root) for root in self.roots)
 
     def resolve(self, path: Path) -> Path:
         """The real path of ``path``, which must lie inside a root.
@@ -111,7 +111,7 @@ class Confinement:
         if self.roots is None:
             return Path(path)
         resolved = Path(os.path.realpath(path))
-        if any(resolved.is_relative_to(root) for root in self.roots):
+        if self._inside(resolved):
             return resolved
         raise PathOutsideRootsError(
             f"{Path(path).name} links to a place outside the folders this service may read "
@@ -164,12 +164,10 @@ class Confinement:
     def _check_descriptor(self, fd: int, path: Path) -> None:
         # A folder on the way may have been swapped for a link after resolve(): ask the
         # kernel where the descriptor really points.
-        assert self.roots is not None
         link = _PROC_FD / str(fd)
         if not link.exists():
             return  # no /proc: the resolve() check and O_NOFOLLOW are what we have
-        opened = Path(os.readlink(link))
-        if not any(opened.is_relative_to(root) for root in self.roots):
+        if not self._inside(Path(os.readlink(link))):
             raise PathOutsideRootsError(
                 f"{Path(path).name} changed into a link to a place outside the folders this "
                 "service may read from while it was being opened",

@@ -8,6 +8,7 @@ from pathlib import Path
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.checkpoints.confinement import (
     Confinement,
+    PathOutsideRootsError,
     check_path_text,
     outside_roots_error,
 )
@@ -50,10 +51,10 @@ def resolve_local_path(
         candidate = (base_dir if base_dir is not None else Path.cwd()) / candidate
     if allowed_roots is None:
         return candidate
-    confinement = Confinement.of(allowed_roots)
-    if confinement.contains(candidate):
-        return confinement.resolve(candidate)
-    raise outside_roots_error(path)
+    try:
+        return Confinement.of(allowed_roots).resolve(candidate)
+    except PathOutsideRootsError:
+        raise outside_roots_error(path) from None
 
 
 def _resolve_side(
