@@ -48,24 +48,30 @@ def outside_roots_error(path: Path | str) -> PathOutsideRootsError:
     )
 
 
+def unusable_text(text: str) -> str | None:
+    """What makes ``text`` unusable as a path or name, or None: a NUL character, or an
+    unpaired UTF-16 surrogate (which cannot be encoded as UTF-8)."""
+    if "\x00" in text:
+        return "a NUL character (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"an unpaired UTF-16 surrogate ({text[error.start]!r})"
+    return None
+
+
 def check_path_text(text: str, field: str) -> None:
-    """Refuse path text that no file system can hold: NUL bytes and lone surrogates.
+    """Refuse path text that no file system can hold (see :func:`unusable_text`).
 
     Raises:
         CheckpointNotFoundError: with ``details['field']`` naming ``field``.
     """
-    if "\x00" in text:
-        problem = "contains a NUL character"
-    else:
-        try:
-            text.encode("utf-8")
-            return
-        except UnicodeEncodeError:
-            problem = "is not valid Unicode text (it holds a lone surrogate)"
-    raise CheckpointNotFoundError(
-        f"{field}: the path {text!r} {problem}; give a valid file or folder name",
-        details={"field": field, "reason": "invalid_path"},
-    )
+    problem = unusable_text(text)
+    if problem is not None:
+        raise CheckpointNotFoundError(
+            f"{field}: the path {text!r} holds {problem}; give a valid file or folder name",
+            details={"field": field, "reason": "invalid_path"},
+        )
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,8 @@ such string, key or value, and names its field.
 
 from __future__ import annotations
 
+from merge_kernels.checkpoints.confinement import unusable_text
 from service.errors import ApiError
-
-
-def _problem(text: str) -> str | None:
-    if "\x00" in text:
-        return "a NUL character (\\u0000)"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        return f"an unpaired UTF-16 surrogate ({text[error.start]!r})"
-    return None
 
 
 def _join(field: str, key: str | int) -> str:
@@ -34,13 +25,13 @@ def _first_bad_text(value: object, field: str) -> tuple[str, str] | None:
     while stack:
         item, where = stack.pop()
         if isinstance(item, str):
-            problem = _problem(item)
+            problem = unusable_text(item)
             if problem is not None:
                 return where or "body", problem
         elif isinstance(item, dict):
             for key, child in reversed(list(item.items())):
                 if isinstance(key, str):
-                    problem = _problem(key)
+                    problem = unusable_text(key)
                     if problem is not None:
                         return where or "body", f"{problem} in a key"
                 stack.append((child, _join(where, str(key))))
@@ -72,7 +63,7 @@ def check_text_fields(document: object) -> None:
 
 def check_url_text(name: str, value: str) -> None:
     """Raise a 422 when a path or query parameter ``name`` holds NUL or a lone surrogate."""
-    problem = _problem(value)
+    problem = unusable_text(value)
     if problem is not None:
         raise ApiError(
             422,
