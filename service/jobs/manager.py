@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
@@ -40,6 +40,7 @@ from service.jobs.worker import (
     describe_exit,
     discard_staging,
     record_if_committed,
+    with_output_options,
     worker_command,
     worker_environment,
 )
@@ -179,11 +180,7 @@ class JobManager:
             allowed_roots=self.settings.input_roots,
             base_dir=self.settings.inputs_dir,
         )
-        if output is not None and output.shard_size is not None:
-            options = replace(options, max_shard_bytes=output.shard_size)
-        if output is not None and output.dtype is not None:
-            options = replace(options, out_dtype=output.dtype)
-        return options
+        return with_output_options(options, output) if output is not None else options
 
     def check_evaluator(self, recipe: Recipe) -> None:
         """Check the recipe's evaluator (data file inside the roots, host allowed), if any.

@@ -48,7 +48,7 @@ from merge_kernels.runner import (
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
 from service.jobs import job_log
 from service.jobs.failures import job_error
-from service.jobs.models import Job, JobError, JobProgress, JobStatus
+from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
 from service.jobs.sqlite_store import open_store, utcnow
 from service.jobs.store import JobStore
 from service.jobs.worker_pool import READY
@@ -108,6 +108,15 @@ def forget_commit(output: Path) -> None:
     StagingDir(output, "forget").forget_commit()
 
 
+def with_output_options(options: MergeOptions, output: OutputOptions) -> MergeOptions:
+    """``options`` with a job's output shard size and dtype, where it sets them."""
+    if output.shard_size is not None:
+        options = replace(options, max_shard_bytes=output.shard_size)
+    if output.dtype is not None:
+        options = replace(options, out_dtype=output.dtype)
+    return options
+
+
 def record_if_committed(store: JobStore, job: Job, output: Path, options: MergeOptions) -> bool:
     """Mark ``job`` succeeded if its worker published ``output`` but died before saying so.
 
@@ -119,18 +128,15 @@ def record_if_committed(store: JobStore, job: Job, output: Path, options: MergeO
         store: the job store.
         job: a running job whose worker is gone.
         output: its output folder.
-        options: the engine options its worker ran with (``shard_size`` and ``dtype`` are
-            taken from the job, as ``run_job`` does).
+        options: the service's engine options (the job's ``shard_size`` and ``dtype`` are
+            applied here, as ``run_job`` does).
 
     Returns:
         True if the job was recorded as succeeded.
     """
     if not StagingDir(output, "probe").commit_record.exists():
         return False
-    if job.output.shard_size is not None:
-        options = replace(options, max_shard_bytes=job.output.shard_size)
-    if job.output.dtype is not None:
-        options = replace(options, out_dtype=job.output.dtype)
+    options = with_output_options(options, job.output)
     try:
         recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
         result = committed_result(recipe, output, options)
@@ -287,10 +293,7 @@ def run_job(
     if job is None or job.status is not JobStatus.RUNNING:
         log.warning("job %s is not running; nothing to do", job_id)
         return job.status if job is not None else JobStatus.FAILED
-    if job.output.shard_size is not None:
-        options = replace(options, max_shard_bytes=job.output.shard_size)
-    if job.output.dtype is not None:
-        options = replace(options, out_dtype=job.output.dtype)
+    options = with_output_options(options, job.output)
     writer = ProgressWriter(store, job_id)
     error: JobError | None = None
     try:
