@@ -22,6 +22,8 @@ from pathlib import Path
 
 from merge_kernels.errors import TureenError
 from merge_kernels.io.disk_space import require_space
+from merge_kernels.io.safetensors_header import header_limits
+from merge_kernels.plan import MergePlan, PlannedInput
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
 from service.evaluation.config import build_evaluator
@@ -201,6 +203,18 @@ class JobManager:
                 device=options.device,
             )
 
+    def plan(self, recipe: Recipe, output: OutputOptions) -> tuple[MergePlan, list[PlannedInput]]:
+        """Plan the merge as a job would run it, within the service's header limits, after
+        checking its evaluator; the caller closes the inputs.
+
+        Raises:
+            RecipeError, CheckpointNotFoundError, CheckpointFileError: the merge cannot be
+                planned (headers over the limits included).
+        """
+        self.check_evaluator(recipe)
+        with header_limits(self.settings.header_limits()):
+            return plan_merge(recipe, self.engine_options(output))
+
     def validate(self, recipe: Recipe, output: OutputOptions) -> int:
         """Plan the merge from headers, as a job would run it, and check the memory budget.
 
@@ -214,8 +228,7 @@ class JobManager:
             InsufficientSpaceError: the output does not fit on the data dir's disk.
         """
         options = self.engine_options(output)
-        self.check_evaluator(recipe)
-        plan, inputs = plan_merge(recipe, options)
+        plan, inputs = self.plan(recipe, output)
         try:
             plan.raise_for_problems()
             estimate = plan.peak_memory_estimate()

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.evaluated_merge import scratch_folder
-from merge_kernels.io.safetensors_header import header_limits
 from merge_kernels.io.staging import StagingDir
 from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, PageOffset, RecipeRequestDep
 from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
@@ -85,19 +84,15 @@ async def submit_merge(
     With `output.publish`, the job goes on to `publishing` once merged, then back to
     `succeeded` with `publish.state` `published` (and the commit) or `failed`.
     """
-
-    def submit() -> tuple[Job, bool]:
-        # Submitting plans the merge from the inputs' headers: bounded, and off the loop.
-        with header_limits(manager.settings.header_limits()):
-            return manager.submit(
-                body.recipe,
-                body.output,
-                idempotency_key=idempotency_key,
-                body_hash=body.body_hash,
-                hub_token=hub_token,
-            )
-
-    job, created = await run_in_threadpool(submit)
+    job, created = await run_in_threadpool(
+        lambda: manager.submit(
+            body.recipe,
+            body.output,
+            idempotency_key=idempotency_key,
+            body_hash=body.body_hash,
+            hub_token=hub_token,
+        )
+    )
     response.status_code = 202 if created else 200
     response.headers["Location"] = _location(job)
     return job

@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from merge_kernels.io.safetensors_header import header_limits
-from merge_kernels.runner import close_inputs, plan_merge
+from merge_kernels.runner import close_inputs
 from service.api.deps import Authenticated, ManagerDep, RecipeRequest, RecipeRequestDep
 from service.api.schemas import PlanReport, recipe_body_openapi
 from service.errors import error_responses
@@ -27,9 +26,7 @@ def plan_report(body: RecipeRequest, manager: JobManager) -> dict[str, Any]:
         CheckpointNotFoundError, CheckpointFileError, RecipeError: bad inputs, headers over
             the service's size limits included.
     """
-    manager.check_evaluator(body.recipe)
-    with header_limits(manager.settings.header_limits()):
-        plan, inputs = plan_merge(body.recipe, manager.engine_options(body.output))
+    plan, inputs = manager.plan(body.recipe, body.output)
     try:
         report = plan.report()
     finally:
