@@ -83,6 +83,31 @@ POLL_SECONDS = 0.02
 TIME = "/usr/bin/time"  # GNU time
 RESULTS = Path(__file__).resolve().parent / "results"
 SNAPSHOT_PACKAGES = ("merge_kernels", "service", "training")  # the CLI imports all three
+# Per recipe: how many fine-tunes it merges (None: all), whether the base is an input, the
+# per-model parameters and the whole-merge parameters, all in mergekit's syntax.
+RECIPE_SHAPES: dict[str, tuple[int | None, bool, str, str]] = {
+    "linear": (None, False, "weight: 1.0", ""),
+    "task_arithmetic": (None, True, "weight: 0.5", ""),
+    "ties": (None, True, "weight: 1.0, density: 0.2", ""),
+    "dare_ties": (None, True, "weight: 1.0, density: 0.1", ""),
+    "dare_linear": (None, True, "weight: 1.0, density: 0.1", ""),
+    "della": (None, True, "weight: 1.0, density: 0.2, epsilon: 0.1", "lambda: 1.0"),
+    "della_linear": (None, True, "weight: 1.0, density: 0.2, epsilon: 0.1", "lambda: 1.0"),
+    "breadcrumbs": (None, True, "weight: 1.0, density: 0.9, gamma: 0.01", ""),
+    "breadcrumbs_ties": (None, True, "weight: 1.0, density: 0.9, gamma: 0.01", ""),
+    "sce": (None, True, "weight: 1.0", "select_topk: 0.1"),
+    "model_stock": (None, True, "", ""),
+    "ram": (None, True, "", ""),
+    "ramplus_tl": (None, True, "", ""),
+    "slerp": (1, True, "", "t: 0.5"),
+    "nuslerp": (2, False, "weight: 0.5", ""),
+    "multislerp": (None, False, "weight: 1.0", ""),
+    "karcher": (None, False, "", ""),
+    "nearswap": (1, True, "", "t: 0.001"),
+    "arcee_fusion": (1, True, "", ""),
+    "passthrough": (0, True, "", ""),
+}
+# The default set: the recipes whose figures the README reports against mergekit at 3 GB.
 RECIPES = ("linear", "task_arithmetic", "ties", "dare_ties")
 TOOLS = ("tureen", "mergekit")
 
@@ -98,29 +123,26 @@ TARGET_GPU_TIES_SPEEDUP = 3.0
 
 def recipe_yaml(method: str, data: DataSet) -> str:
     """A mergekit config for ``method`` over the data set's base and fine-tunes."""
-    base = data.base
-    tuned = data.finetunes
-    if method == "linear":
-        # Every model in the soup, the base too, so every recipe reads the same inputs.
-        models = "".join(
-            f"  - model: {path}\n    parameters:\n      weight: 1.0\n" for path in data.models
-        )
-        return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
-    if method == "task_arithmetic":
-        params = "      weight: 0.5\n"
-    elif method == "ties":
-        params = "      weight: 1.0\n      density: 0.2\n"
-    elif method == "dare_ties":
-        params = "      weight: 1.0\n      density: 0.1\n"
-    else:
-        raise ValueError(f"unknown recipe {method!r}")
-    models = "".join(f"  - model: {path}\n    parameters:\n{params}" for path in tuned)
-    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n"
+    count, with_base, per_model, whole = RECIPE_SHAPES[method]
+    tuned = data.finetunes if count is None else data.finetunes[:count]
+    # linear soups the base too, so that it reads the same inputs as the task-vector methods
+    listed = (data.base, *tuned) if method in ("linear", "passthrough") else tuned
+    params = f"    parameters: {{{per_model}}}\n" if per_model else ""
+    models = "".join(f"  - model: {path}\n{params}" for path in listed)
+    text = f"merge_method: {method}\n"
+    if with_base:
+        text += f"base_model: {data.base}\n"
+    text += f"models:\n{models}"
+    if whole:
+        text += f"parameters: {{{whole}}}\n"
+    return text + "dtype: bfloat16\n"
 
 
 def recipe_inputs(method: str, data: DataSet) -> tuple[Path, ...]:
     """The checkpoint folders a recipe reads."""
-    return data.models
+    count, with_base, _, _ = RECIPE_SHAPES[method]
+    tuned = data.finetunes if count is None else data.finetunes[:count]
+    return (data.base, *tuned) if with_base or method == "linear" else tuned
 
 
 # --------------------------------------------------------------------------------------------
@@ -990,8 +1012,8 @@ def parse_repeats(items: Sequence[str], option: str) -> dict[str, int]:
     found: dict[str, int] = {}
     for item in items:
         recipe, _, count = item.partition("=")
-        if recipe not in RECIPES or not count.isdigit() or int(count) < 1:
-            raise SystemExit(f"{option} takes RECIPE=N with RECIPE in {RECIPES} and N ≥ 1")
+        if recipe not in RECIPE_SHAPES or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"{option} takes RECIPE=N with a known RECIPE and N ≥ 1")
         found[recipe] = int(count)
     return found
 
@@ -1123,8 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [r for r in args.recipes.split(",") if r]
     tools = [t for t in args.tools.split(",") if t]
     for recipe in recipes:
-        if recipe not in RECIPES:
-            parser.error(f"unknown recipe {recipe!r}; choose from {RECIPES}")
+        if recipe not in RECIPE_SHAPES:
+            parser.error(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPE_SHAPES)}")
     for tool in tools:
         if tool not in known:
             parser.error(f"unknown tool {tool!r}; choose from {known}")
