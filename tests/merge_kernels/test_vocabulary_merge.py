@@ -105,3 +105,68 @@ def test_union_matches_mergekit_token_for_token(models: Path, tmp_path: Path) ->
     # The base keeps its ids; new tokens follow in input order: words, then added tokens.
     expected_new = ["xa", "xb", "yb", "<a1>", "<b1>", "<b2>"]
     assert [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])][13:] == expected_new
+
+
+def test_base_source_with_a_task_vector_method_matches_mergekit(
+    models: Path, tmp_path: Path
+) -> None:
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models / "base"),
+        "models": [
+            {"model": str(models / "a"), "parameters": {"weight": 0.7}},
+            {"model": str(models / "b"), "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "float32",
+        "tokenizer_source": "base",
+    }
+    vocab = _compare(
+        _tureen(config, tmp_path / "ours"), _mergekit(config, tmp_path / "theirs"), same_ids=True
+    )
+    assert len(vocab) == 13
+
+
+def test_model_source_matches_mergekit(models: Path, tmp_path: Path) -> None:
+    config = _linear(models, tokenizer_source=str(models / "b"))
+    vocab = _compare(
+        _tureen(config, tmp_path / "ours"), _mergekit(config, tmp_path / "theirs"), same_ids=True
+    )
+    assert vocab["yb"] == 5
+
+
+def test_token_overrides_and_padding_match_mergekit(models: Path, tmp_path: Path) -> None:
+    base, a = str(models / "base"), str(models / "a")
+    config = _linear(
+        models,
+        tokenizer={
+            "source": "union",
+            "tokens": {
+                "<a1>": {"source": {"kind": "model_token", "model": base, "token": "<s>"}},
+                "w3": {"source": {"kind": "zero"}, "force": True},
+                "xa": {"source": {"kind": "model_token", "model": a, "token_id": 2}},
+                "</s>": {"source": base, "force": True},
+            },
+            "pad_to_multiple_of": 8,
+        },
+    )
+    ours = _tureen(config, tmp_path / "ours")
+    vocab = _compare(ours, _mergekit(config, tmp_path / "theirs"), same_ids=False)
+    weights = load_file(ours / "model.safetensors")["model.embed_tokens.weight"]
+    assert weights.shape[0] == 24  # 19 tokens padded to a multiple of 8
+    assert torch.equal(weights[vocab["w3"]], torch.zeros(weights.shape[1]))
+    assert torch.allclose(weights[19:], weights[:19].mean(dim=0).expand(5, -1))
+
+
+def test_recipe_refuses_both_tokenizer_forms_and_unknown_override_models() -> None:
+    from merge_kernels.errors import RecipeError
+
+    base = {"merge_method": "linear", "models": [{"model": "org/a"}, {"model": "org/b"}]}
+    with pytest.raises(RecipeError) as both:
+        parse_recipe({**base, "tokenizer_source": "union", "tokenizer": {"source": "base"}})
+    assert both.value.field == "tokenizer"
+    with pytest.raises(RecipeError) as unknown:
+        parse_recipe({**base, "tokenizer": {"tokens": {"x": {"source": "org/c"}}}})
+    assert unknown.value.field == "tokenizer.tokens.x.source"
+    with pytest.raises(RecipeError) as forced:
+        parse_recipe({**base, "tokenizer": {"tokens": {"x": {"force": True}}}})
+    assert forced.value.field == "tokenizer.tokens.x"
