@@ -23,12 +23,15 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """base (13 tokens), a (tied, 2 new words, 1 new added token), b (words reordered, one
-    new word, 2 new added tokens, embedding padded to 20 rows)."""
+    new word, 2 new added tokens, embedding padded to 20 rows), c (tied, words reversed
+    after a new one, 1 new added token)."""
     root = tmp_path_factory.mktemp("vocab-models")
     save_model(root / "base", WORDS, ["<s>", "</s>"], seed=0)
     save_model(root / "a", [*WORDS, "xa", "xb"], ["<s>", "</s>", "<a1>"], seed=1, tied=True)
     b_words = [*WORDS[:5], "yb", *WORDS[5:]]
     save_model(root / "b", b_words, ["<s>", "<b1>", "<b2>"], seed=2, vocab_size=20)
+    c_words = ["zc", *reversed(WORDS)]
+    save_model(root / "c", c_words, ["</s>", "<c1>"], seed=3, tied=True)
     return root
 
 
@@ -170,3 +173,43 @@ def test_recipe_refuses_both_tokenizer_forms_and_unknown_override_models() -> No
     with pytest.raises(RecipeError) as forced:
         parse_recipe({**base, "tokenizer": {"tokens": {"x": {"force": True}}}})
     assert forced.value.field == "tokenizer.tokens.x"
+
+
+def test_tied_models_union_matches_mergekit(models: Path, tmp_path: Path) -> None:
+    config = {
+        "merge_method": "linear",
+        "base_model": str(models / "a"),
+        "models": [
+            {"model": str(models / "a"), "parameters": {"weight": 0.6}},
+            {"model": str(models / "c"), "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "float32",
+        "tokenizer_source": "union",
+    }
+    ours = _tureen(config, tmp_path / "ours")
+    _compare(ours, _mergekit(config, tmp_path / "theirs"), same_ids=False)
+    assert "lm_head.weight" not in load_file(ours / "model.safetensors")
+
+
+def test_tokenizer_file_linked_outside_the_roots_is_refused(models: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from merge_kernels.checkpoints.confinement import PathOutsideRootsError
+    from merge_kernels.runner import MergeOptions
+
+    root = tmp_path / "root"
+    for name in ("base", "a"):
+        shutil.copytree(models / name, root / name)
+    outside = tmp_path / "outside.json"
+    shutil.move(root / "a" / "tokenizer.json", outside)
+    (root / "a" / "tokenizer.json").symlink_to(outside)
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "base_model": str(root / "base"),
+            "models": [{"model": str(root / "base")}, {"model": str(root / "a")}],
+            "tokenizer_source": "union",
+        }
+    )
+    with pytest.raises(PathOutsideRootsError):
+        run_merge(recipe, tmp_path / "out", MergeOptions(allowed_roots=(root,)))
