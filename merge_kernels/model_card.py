@@ -63,11 +63,20 @@ def input_provenance(
     }
 
 
-def write_config(source: Checkpoint, out_dir: Path, dtype_code: str | None) -> None:
-    """Copy ``config.json`` from ``source``, with its dtype set to the output's."""
+def write_config(
+    source: Checkpoint, out_dir: Path, dtype_code: str | None, vocab_size: int | None = None
+) -> None:
+    """Copy ``config.json`` from ``source``, with its dtype set to the output's (and its
+    ``vocab_size``, when the merge built a vocabulary)."""
     if not source.has_config:
         return
     config = dict(source.config)
+    if vocab_size is not None:
+        text = config.get("text_config")
+        if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+            config["text_config"] = {**text, "vocab_size": vocab_size}
+        else:
+            config["vocab_size"] = vocab_size
     if dtype_code in _TORCH_DTYPE_NAMES:
         name = _TORCH_DTYPE_NAMES[dtype_code]
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_kernels.checkpoints.base import Checkpoint
+from merge_kernels.embedding_rows import align_rows
 from merge_kernels.plan import MergePlan, TensorPlan
 from merge_kernels.thread_pools import shared_pool
 
@@ -77,8 +78,15 @@ def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
     tensor copied unmerged).
 
     On a machine with cores to spare (``PARALLEL_READS_FROM_CORES``) the inputs are read in
-    parallel threads (reads release the GIL), copying from several files at once.
+    parallel threads (reads release the GIL), copying from several files at once. An
+    embedding or LM head aligned to a built vocabulary comes back with its output rows.
     """
+    if unit.tensor.row_map is not None:
+        return align_rows(_read_inputs(plan, unit), unit.tensor.row_map)
+    return _read_inputs(plan, unit)
+
+
+def _read_inputs(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
     if unit.tensor.params is None:  # copied from the first input only
         return [_read_one(plan.inputs[0].checkpoint, unit.tensor.sources[0], unit)]
     jobs = [

@@ -8,9 +8,10 @@ estimates peak memory. Every incompatibility is reported here, one by one.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.errors import IncompatibleCheckpointsError
@@ -21,6 +22,10 @@ from merge_kernels.parameter_settings import layer_position
 from merge_kernels.recipe import Recipe
 from merge_kernels.registry import MethodSpec
 from merge_kernels.tensor_parameters import TensorParameters, resolve_parameters
+
+if TYPE_CHECKING:
+    from merge_kernels.embedding_rows import RowMap
+    from merge_kernels.vocabulary_plan import VocabularyPlan
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
@@ -65,6 +70,8 @@ class TensorPlan:
             ``kernel`` (the kernel trims the whole tensor itself), ``tensor_prepass`` (a
             streaming select over the tensor's row chunks first) or ``model_prepass`` (one
             threshold per model over every tensor, the TIES paper's scope).
+        row_map: for an embedding or LM head aligned to a built vocabulary, where each
+            input's rows go (applied after reading, see :mod:`merge_kernels.embedding_rows`).
     """
 
     name: str
@@ -74,6 +81,7 @@ class TensorPlan:
     params: TensorParameters | None
     rows_per_chunk: int | None
     trim: TrimSource = "none"
+    row_map: RowMap | None = None
 
     @property
     def numel(self) -> int:
@@ -92,6 +100,7 @@ class MergePlan:
         problems: incompatibilities; a plan with problems cannot run.
         notes: things worth knowing that do not stop the merge.
         tie_word_embeddings: whether the output ties its LM head to the embeddings.
+        vocabulary: the built output vocabulary, when the recipe builds one.
     """
 
     recipe: Recipe
@@ -101,6 +110,7 @@ class MergePlan:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tie_word_embeddings: bool = False
+    vocabulary: VocabularyPlan | None = None
 
     @property
     def has_base(self) -> bool:
@@ -169,6 +179,11 @@ def _embedding_name(entries: Mapping[str, TensorEntry]) -> str | None:
     return next((name for name in _EMBEDDING_NAMES if name in entries), None)
 
 
+def embedding_name(entries: Mapping[str, TensorEntry]) -> str | None:
+    """The input embedding's tensor name among ``entries``, if it has one."""
+    return _embedding_name(entries)
+
+
 def _is_tied(config: Mapping[str, object]) -> bool:
     # transformers' default is tied unless the config says otherwise
     return bool(config.get("tie_word_embeddings", True))
@@ -220,6 +235,8 @@ def _mixed_kinds(
 def _check_configs(plan: MergePlan) -> None:
     reference = plan.inputs[0].checkpoint
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "model_type"):
+        if key == "vocab_size" and plan.vocabulary is not None:
+            continue  # inputs' vocabularies are aligned to the built one
         expected = reference.config.get(key)
         for item in plan.inputs[1:]:
             value = item.checkpoint.config.get(key)
@@ -238,6 +255,7 @@ def build_plan(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     whole_trim_elements: int = DEFAULT_WHOLE_TRIM_ELEMENTS,
     out_dtype: str | None = None,
+    vocabulary: VocabularyPlan | None = None,
 ) -> MergePlan:
     """Plan a merge of ``inputs`` (base first when the method has one) by ``recipe``.
 
@@ -251,6 +269,8 @@ def build_plan(
             elements; a larger one gets its thresholds from a streaming pre-pass and is
             merged in row chunks.
         out_dtype: overrides the recipe's output dtype (``float32``/``float16``/``bfloat16``).
+        vocabulary: the built output vocabulary (see :mod:`merge_kernels.vocabulary_plan`):
+            embeddings and LM head get its rows.
 
     Returns:
         The plan; check ``problems`` (or call ``raise_for_problems``) before running it.
@@ -258,7 +278,7 @@ def build_plan(
     Raises:
         RecipeError: a parameter is invalid for some tensor.
     """
-    plan = MergePlan(recipe=recipe, inputs=inputs)
+    plan = MergePlan(recipe=recipe, inputs=inputs, vocabulary=vocabulary)
     spec = recipe.method
     reference = inputs[0].checkpoint
     reference_entries = reference.entries()
@@ -284,8 +304,11 @@ def build_plan(
         sources = [_source_for(name, item, plan.problems) for item in inputs]
         if any(source is None for source in sources):
             continue
+        row_map = _row_map(name, vocabulary, inputs, sources)
         shapes = {
-            item.checkpoint.display_name: item.checkpoint.entries()[source].shape
+            item.checkpoint.display_name: item.checkpoint.entries()[source].shape[
+                (1 if vocabulary is not None and _is_vocabulary(name) else 0) :
+            ]
             for item, source in zip(inputs, sources, strict=True)
             if source is not None
         }
@@ -308,15 +331,20 @@ def build_plan(
                 f"from {reference.display_name}, not merged"
             )
         rows, trim = _chunking(spec, params, entry, chunk_elements, whole_trim_elements)
+        shape = entry.shape
+        if row_map is not None:  # aligned across inputs, so merged whole
+            rows, trim = _chunking(spec, params, entry, sys.maxsize, sys.maxsize)
+            shape = (row_map.rows, *entry.shape[1:])
         plan.tensors.append(
             TensorPlan(
                 name=name,
-                shape=entry.shape,
+                shape=shape,
                 dtype=dtype,
                 sources=tuple(s for s in sources if s is not None),
                 params=params,
                 rows_per_chunk=rows,
                 trim=trim,
+                row_map=row_map,
             )
         )
     if not plan.tensors:
@@ -328,6 +356,30 @@ def build_plan(
         metadata={"format": "pt"},
     )
     return plan
+
+
+def _is_vocabulary(name: str) -> bool:
+    return name in _EMBEDDING_NAMES or name == _LM_HEAD
+
+
+def _row_map(
+    name: str,
+    vocabulary: VocabularyPlan | None,
+    inputs: Sequence[PlannedInput],
+    sources: Sequence[str | None],
+) -> RowMap | None:
+    """The row map of a vocabulary tensor, None when no input's rows change."""
+    if vocabulary is None or not _is_vocabulary(name) or any(s is None for s in sources):
+        return None
+    row_map = vocabulary.row_map
+    rows = [
+        item.checkpoint.entries()[source].shape[0]
+        for item, source in zip(inputs, sources, strict=True)
+        if source is not None
+    ]
+    if all(row_map.is_identity(position, count) for position, count in enumerate(rows)):
+        return None
+    return row_map
 
 
 def _nothing_to_merge(reference: str, entries: Mapping[str, TensorEntry]) -> str:

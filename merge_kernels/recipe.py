@@ -26,6 +26,7 @@ from merge_kernels.methods.kernel import Reference
 from merge_kernels.parameter_settings import Parameters
 from merge_kernels.registry import MethodSpec, get_method
 from merge_kernels.suggestions import did_you_mean
+from merge_kernels.tokenizer_settings import TokenizerSettings, check_tokenizer_fields
 
 DType = Literal["float32", "float16", "bfloat16"]
 _DTYPE_ALIASES = {
@@ -102,7 +103,15 @@ class Recipe(BaseModel):
     dtype: str | None = Field(None, description="Dtype inputs are read as (float32 math anyway).")
     out_dtype: str | None = Field(None, description="Dtype of the merged tensors.")
     tokenizer_source: ModelReference | None = Field(
-        None, description="`base` (default) or a model reference whose tokenizer is copied."
+        None,
+        description="`base`, `union` or a model: build the output vocabulary from it and "
+        "align every input's embedding rows (unset: the first input's tokenizer is copied).",
+    )
+    tokenizer: TokenizerSettings | None = Field(
+        None, description="mergekit's tokenizer block: source, per-token overrides, padding."
+    )
+    chat_template: str | None = Field(
+        None, description="A template name (chatml, llama3, ..., auto) or a Jinja template."
     )
     seed: int = Field(0, ge=0, description="Seed of DARE's random masks.")
     reference: Reference = Field(
@@ -186,11 +195,7 @@ class Recipe(BaseModel):
                     f"unknown dtype {value!r}; allowed: float32, float16, bfloat16 "
                     "(or fp32, fp16, bf16)",
                 )
-        if self.tokenizer_source == "union":
-            raise RecipeError(
-                "tokenizer_source",
-                "'union' (merging vocabularies) is not supported; use 'base' or a model",
-            )
+        check_tokenizer_fields(self)
         self._check_inputs(spec)
         self._check_parameter_names(spec)
         self._check_parameter_values()

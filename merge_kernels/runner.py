@@ -35,7 +35,6 @@ from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.model_card import (
     CardExtras,
-    copy_tokenizer,
     input_provenance,
     write_config,
     write_model_card,
@@ -52,7 +51,9 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
-from merge_kernels.tokenizer_source import check_tokenizer_source, tokenizer_checkpoint
+from merge_kernels.tokenizer_output import write_tokenizer
+from merge_kernels.tokenizer_source import check_tokenizer_source
+from merge_kernels.vocabulary_plan import plan_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
     check_hub_inputs(recipe, options)
     inputs = open_inputs(recipe, options)
     try:
+        vocabulary = plan_vocabulary(recipe, inputs, options)
         plan = build_plan(
             recipe,
             inputs,
@@ -166,6 +168,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
             chunk_elements=options.chunk_elements,
             whole_trim_elements=options.whole_trim_elements,
             out_dtype=options.out_dtype,
+            vocabulary=vocabulary,
         )
         check_tokenizer_source(recipe, inputs, options)
     except BaseException:
@@ -462,10 +465,6 @@ def _write_companions(plan: MergePlan, folder: Path, options: MergeOptions) -> N
         write_json_atomic(folder / "model.safetensors.index.json", plan.index())
     source = plan.inputs[0].checkpoint
     dtype = next((t.dtype for t in plan.tensors if t.params is not None), None)
-    write_config(source, folder, dtype)
-    tokenizer, opened_here = tokenizer_checkpoint(plan.recipe, plan.inputs, options)
-    try:
-        copy_tokenizer(tokenizer, folder)
-    finally:
-        if opened_here:
-            tokenizer.close()
+    vocab_size = plan.vocabulary.vocab_size if plan.vocabulary is not None else None
+    write_config(source, folder, dtype, vocab_size)
+    write_tokenizer(plan, folder, options)

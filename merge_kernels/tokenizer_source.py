@@ -1,10 +1,11 @@
 """Which checkpoint's tokenizer files the output gets, found through the allowed roots.
 
-A recipe's ``tokenizer_source`` is ``base`` (the default: the first input's), one of the
-inputs, or any other checkpoint reference. Another reference is resolved like every model
-reference (relative to the base folder, confined to the allowed roots, links included) when
-the merge is planned, so that a bad one fails before any job exists, and again when its
-files are copied.
+Without ``tokenizer_source`` (or a ``tokenizer`` block) the base's files (else the first
+input's) are copied. ``base`` and ``union`` build on the base's tokenizer; a model reference
+names one of the inputs or any other checkpoint. Another reference is resolved like every
+model reference (relative to the base folder, confined to the allowed roots, links
+included) when the merge is planned, so that a bad one fails before any job exists, and
+again when its files are copied.
 """
 
 from __future__ import annotations
@@ -22,28 +23,39 @@ from merge_kernels.checkpoints.reference import (
 from merge_kernels.model_card import TOKENIZER_FILES
 from merge_kernels.plan import PlannedInput
 from merge_kernels.recipe import Recipe
+from merge_kernels.tokenizer_settings import SourceModel, effective_tokenizer
+from merge_kernels.vocabulary import base_position, input_references
 
 if TYPE_CHECKING:
     from merge_kernels.runner import MergeOptions
 
 
+def _source(recipe: Recipe) -> SourceModel | None:
+    settings = effective_tokenizer(recipe)
+    return None if settings is None else settings.source
+
+
 def _named_input(recipe: Recipe, inputs: Sequence[PlannedInput]) -> Checkpoint | None:
-    source = recipe.tokenizer_source
-    if source is None or str(source) == "base":
-        return inputs[0].checkpoint
+    source = _source(recipe)
+    if source is None or str(source) in ("base", "union"):
+        base = base_position(recipe, inputs)
+        return inputs[0 if base is None else base].checkpoint
+    references = input_references(recipe, inputs)
+    if str(source) in references:
+        return inputs[references.index(str(source))].checkpoint
     return next((i.checkpoint for i in inputs if i.checkpoint.display_name == str(source)), None)
 
 
-def _other_reference(recipe: Recipe, options: MergeOptions) -> CheckpointRef:
-    assert recipe.tokenizer_source is not None
+def _reference(source: SourceModel, options: MergeOptions) -> CheckpointRef:
     return reference_from_value(
-        recipe.tokenizer_source, base_dir=options.base_dir, allowed_roots=options.allowed_roots
+        source, base_dir=options.base_dir, allowed_roots=options.allowed_roots
     )
 
 
-def _open(ref: CheckpointRef, options: MergeOptions) -> Checkpoint:
+def open_source(source: SourceModel, options: MergeOptions) -> Checkpoint:
+    """Open a tokenizer source that is none of the inputs (the caller closes it)."""
     return open_checkpoint(
-        ref,
+        _reference(source, options),
         allowed_roots=options.allowed_roots,
         allow_pickle=options.allow_pickle,
         base_dir=options.base_dir,
@@ -68,11 +80,13 @@ def check_tokenizer_source(
     if named is not None:
         _check_files(named)
         return
-    ref = _other_reference(recipe, options)
+    source = _source(recipe)
+    assert source is not None
+    ref = _reference(source, options)
     if isinstance(ref, HubRef) or (isinstance(ref, LoraRef) and isinstance(ref.base, HubRef)):
         return
-    with _open(ref, options) as source:
-        _check_files(source)
+    with open_source(source, options) as opened:
+        _check_files(opened)
 
 
 def _check_files(source: Checkpoint) -> None:
@@ -83,7 +97,7 @@ def _check_files(source: Checkpoint) -> None:
 def tokenizer_checkpoint(
     recipe: Recipe, inputs: Sequence[PlannedInput], options: MergeOptions
 ) -> tuple[Checkpoint, bool]:
-    """The checkpoint whose tokenizer files the output gets.
+    """The checkpoint whose tokenizer files the output gets (or is built from).
 
     Returns:
         The checkpoint, and whether it was opened here (then the caller closes it).
@@ -94,4 +108,6 @@ def tokenizer_checkpoint(
     named = _named_input(recipe, inputs)
     if named is not None:
         return named, False
-    return _open(_other_reference(recipe, options), options), True
+    source = _source(recipe)
+    assert source is not None
+    return open_source(source, options), True

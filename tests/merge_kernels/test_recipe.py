@@ -235,7 +235,6 @@ def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
             "models",
         ),
         ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}]}, "parameters.t"),
-        (recipe(tokenizer_source="union"), "tokenizer_source"),
         (
             {
                 "merge_method": "slerp",
