@@ -59,10 +59,11 @@ class SceParams(MethodParams):
 
 def variance_selection(taus: list[torch.Tensor], fraction: float, among: str) -> torch.Tensor:
     """The entries of highest variance across ``taus`` (population variance), as a bool mask."""
-    mean = torch.zeros_like(taus[0])
-    for tau in taus:
-        mean.add_(tau)
-    mean.div_(len(taus))
+    # A running mean (as torch.var's) is exactly x when every model changed an entry by the
+    # same x, so such entries have variance exactly 0 and count as unchanged-in-variance.
+    mean = taus[0].clone()
+    for count, tau in enumerate(taus[1:], start=2):
+        mean.add_(tau - mean, alpha=1.0 / count)
     variance = torch.zeros_like(mean)
     for tau in taus:
         variance.addcmul_(tau - mean, tau - mean)
