@@ -53,7 +53,6 @@ class DellaModelParams(SparseModelParams):
     epsilon: float = Field(
         0.15,
         ge=0.0,
-        lt=1.0,
         description="Spread of the keep probabilities between this model's smallest and "
         "largest entries of a row (see epsilon_span); 0 drops uniformly at random.",
     )
