@@ -1,5 +1,25 @@
 """Imports every built-in method module, each of which registers itself."""
 
-from merge_kernels.methods import greedy_soup, linear, slerp, task_arithmetic
+from merge_kernels.methods import (
+    breadcrumbs,
+    della,
+    greedy_soup,
+    linear,
+    model_stock,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)
 
-__all__ = ["greedy_soup", "linear", "slerp", "task_arithmetic"]
+__all__ = [
+    "breadcrumbs",
+    "della",
+    "greedy_soup",
+    "linear",
+    "model_stock",
+    "ram",
+    "sce",
+    "slerp",
+    "task_arithmetic",
+]

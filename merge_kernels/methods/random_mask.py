@@ -122,6 +122,41 @@ def keep_mask(
     return out
 
 
+def keep_mask_with_probabilities(
+    key: int, probabilities: torch.Tensor, *, offset: int = 0
+) -> torch.Tensor:
+    """:func:`keep_mask` with a keep probability per element (DELLA's MagPrune).
+
+    Element ``i`` is kept when ``u(key, i) < round(pᵢ·2^32)``: the same draws as
+    :func:`keep_mask`, so with every ``pᵢ`` equal to ``d`` the masks are identical, and a
+    slice of the probabilities gives the slice of the mask.
+
+    Args:
+        key: From :func:`dare_key`, in ``[0, 2^63)``.
+        probabilities: Keep probabilities in ``[0, 1]``, any shape, on the mask's device;
+            compared in float64, so float32 probabilities are used exactly.
+        offset: The flat index of the first element.
+
+    Returns:
+        A bool tensor shaped like ``probabilities``.
+
+    Raises:
+        TypeError, ValueError: ``key`` or ``offset`` is out of range, or a probability is
+            outside ``[0, 1]`` (NaN included).
+    """
+    flat = probabilities.reshape(-1)
+    numel = flat.numel()
+    _check_range(key, numel, offset)
+    if numel and not bool(((flat >= 0) & (flat <= 1)).all()):
+        raise ValueError("keep probabilities must lie in [0, 1]")
+    out = torch.empty(numel, dtype=torch.bool, device=flat.device)
+    for start, end, lanes in _hash_chunks(key, numel, offset, flat.device):
+        # u < T  ⇔  x < T − 2^31 on the signed lane; T = 2^32 keeps every draw.
+        limit = flat[start:end].double().mul(float(1 << 32)).round_().sub_(float(1 << 31))
+        torch.lt(lanes.to(torch.float64), limit, out=out[start:end])
+    return out.view(probabilities.shape)
+
+
 def uniform_at(
     key: int, numel: int, *, offset: int = 0, device: torch.device | str = "cpu"
 ) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""The steps that task arithmetic, TIES and DARE are built from.
+"""The steps that the task-vector methods (task arithmetic, TIES, DARE, DELLA, ...) are built from.
 
 Each step is a small pure function on float32 tensors, so each method is a composition of
 the same pieces rather than a copy of a loop: task vectors (τᵢ = θᵢ − θ₀), magnitude trim
-(TIES), random drop and rescale (DARE), sign election and the disjoint mean (TIES).
+(TIES) and its two-sided form (Model Breadcrumbs), random drop and rescale (DARE), the L1
+rescale (mergekit), sign election and the disjoint mean (TIES).
 """
 
 from __future__ import annotations
@@ -103,11 +104,43 @@ def random_drop(
     if rescale == "inverse_density":
         dropped.div_(density)
     elif rescale == "l1":
-        before = tau.abs().sum()
-        after = dropped.abs().sum()
-        if before >= _NORM_EPS and after >= _NORM_EPS:
-            dropped.mul_(before / after)
+        l1_rescale_(dropped, tau)
     return dropped
+
+
+def l1_rescale_(sparse: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Scale ``sparse`` in place so its L1 norm is the original's (mergekit's ``rescale``).
+
+    Left as it is when either norm is below 1e-7 (mergekit's tolerance), so an all-dropped
+    or all-zero task vector stays zero instead of becoming NaN.
+    """
+    before = original.abs().sum()
+    after = sparse.abs().sum()
+    if before >= _NORM_EPS and after >= _NORM_EPS:
+        sparse.mul_(before / after)
+    return sparse
+
+
+def magnitude_window_trim(
+    tau: torch.Tensor, top: int, keep: int, *, ties: TieRule = "exact_k"
+) -> torch.Tensor:
+    """Model Breadcrumbs' two-sided trim: drop the ``top`` largest |τ|, keep the next ``keep``.
+
+    The entries ranked ``top + 1 … top + keep`` by magnitude survive; ties at either edge
+    are resolved as in :func:`magnitude_trim` (``exact_k``: lowest flat index first, so
+    exactly ``keep`` entries survive).
+
+    Raises:
+        ValueError: ``top`` or ``keep`` negative, or ``top + keep`` above ``tau.numel()``.
+    """
+    numel = tau.numel()
+    if top < 0 or keep < 0 or top + keep > numel:
+        raise ValueError(f"cannot drop {top} and keep {keep} of {numel} entries")
+    upper = top_k_magnitude_mask(tau, top + keep, ties=ties)
+    if top:
+        # Top-k sets are nested under one tie rule, so this removes exactly the top entries.
+        upper &= ~top_k_magnitude_mask(tau, top, ties=ties)
+    return tau * upper
 
 
 def elect_sign(

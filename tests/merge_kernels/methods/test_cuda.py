@@ -27,6 +27,14 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dare_ties": ({}, {"density": 0.3}),
     "slerp": ({"t": 0.3}, {}),
     "greedy_soup": ({}, {}),
+    "breadcrumbs": ({}, {"density": 0.3, "gamma": 0.05}),
+    "breadcrumbs_ties": ({}, {"density": 0.3, "gamma": 0.05}),
+    "della": ({}, {"density": 0.3}),
+    "della_linear": ({"rescale_method": "l1"}, {"density": 0.3}),
+    "sce": ({"select_topk": 0.3}, {}),
+    "model_stock": ({"filter_wise": True}, {}),
+    "ram": ({"epsilon": 0.005}, {}),
+    "ramplus_tl": ({"epsilon": 0.005}, {}),
 }
 
 

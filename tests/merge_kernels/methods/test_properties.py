@@ -23,9 +23,19 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dare_ties": ({}, {"density": 0.5}),
     "slerp": ({"t": 0.3}, {}),
     "greedy_soup": ({}, {}),
+    "breadcrumbs": ({"outlier_rule": "fit_density"}, {"density": 0.5, "gamma": 0.1}),
+    "breadcrumbs_ties": ({"outlier_rule": "fit_density"}, {"density": 0.5, "gamma": 0.1}),
+    "della": ({}, {"density": 0.5}),
+    "della_linear": ({}, {"density": 0.5}),
+    "sce": ({}, {}),
+    "model_stock": ({}, {}),
+    "ram": ({}, {}),
+    "ramplus_tl": ({}, {}),
 }
 ALL = sorted(spec.name for spec in methods())
 SOUP_OF_ONE = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+SOUP_OF_ONE += ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram"]
+SOUP_OF_ONE += ["ramplus_tl"]
 PERMUTABLE = [name for name in ALL if get_method(name).max_models != 1]
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple)
