@@ -265,10 +265,11 @@ class Recipe(BaseModel):
         """The models merged besides the base, with their index in ``models``.
 
         For methods without a base the base (when given) is an input like any other, as in
-        mergekit: it is used from ``models`` if listed there, else appended.
+        mergekit: it is used from ``models`` if listed there, else appended. For methods
+        whose base is optional a given base is the base, never one of the merged models.
         """
         entries = list(enumerate(self.models or []))
-        if self.method.needs_base:
+        if self.method.takes_base:
             return [(i, e) for i, e in entries if not _same(e.model, self.base_model)]
         listed = any(_same(e.model, self.base_model) for _, e in entries)
         if self.base_model is not None and not listed:

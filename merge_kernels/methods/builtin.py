@@ -1,5 +1,27 @@
 """Imports every built-in method module, each of which registers itself."""
 
-from merge_kernels.methods import greedy_soup, linear, slerp, task_arithmetic
+from merge_kernels.methods import (
+    arcee_fusion,
+    greedy_soup,
+    karcher,
+    linear,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    slerp,
+    task_arithmetic,
+)
 
-__all__ = ["greedy_soup", "linear", "slerp", "task_arithmetic"]
+__all__ = [
+    "arcee_fusion",
+    "greedy_soup",
+    "karcher",
+    "linear",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "passthrough",
+    "slerp",
+    "task_arithmetic",
+]
