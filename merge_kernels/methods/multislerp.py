@@ -9,8 +9,9 @@ Per tensor, each input flattened to one vector, in float32:
 1. One model alone is returned unchanged (the base is not added to it).
 2. Weights are divided by their sum when ``normalize_weights`` (the default).
 3. Each vector is projected to the unit sphere, ``uᵢ = vᵢ / (‖vᵢ‖ + eps)``, and the mean
-   direction is ``m = Σ wᵢuᵢ``. If ‖m‖ < eps the directions cancel: two inputs are then
-   averaged linearly (``w₁v₁ + w₂v₂``), more are refused.
+   direction is ``m = Σ wᵢuᵢ``. If every vector is zero the result is zero (mergekit
+   refuses this for more than two inputs); else if ‖m‖ < eps the directions cancel: two
+   inputs are then averaged linearly (``w₁v₁ + w₂v₂``), more are refused.
 4. The directions are projected onto the tangent space at ``m/‖m‖``, averaged there with
    the weights, and mapped back by the exponential map (its norm offset by eps).
 5. The result is scaled by the weighted mean norm ``Σ wᵢ‖vᵢ‖``.
@@ -58,6 +59,11 @@ def multislerp(inputs: MergeInputs, params: MultiSlerpParams, ctx: TensorContext
     units = flat / (norms + eps)
     mean = (units * weights.view(-1, 1)).sum(0)
     mean_norm: torch.Tensor = torch.norm(mean)
+    if not bool(norms.any()):
+        # Every vector is zero (e.g. a layer no model changed from the base): their mean is
+        # zero. mergekit refuses this for more than two models, as if they cancelled out.
+        zero = torch.zeros_like(stacked[0])
+        return zero + base if base is not None else zero
     if mean_norm < eps:
         if flat.shape[0] != 2:
             raise ValueError(
