@@ -216,14 +216,12 @@ class Recipe(BaseModel):
                 f"slerp interpolates exactly two models: base_model and one other; got "
                 f"base_model and {count} others",
             )
+        # Without a base role of its own, a given base_model is one of the counted inputs.
+        counted = "models besides the base" if spec.takes_base else "models (base_model included)"
         if count < spec.min_models:
-            raise RecipeError(
-                "models", f"{spec.name} needs at least {spec.min_models} models besides the base"
-            )
+            raise RecipeError("models", f"{spec.name} needs at least {spec.min_models} {counted}")
         if spec.max_models is not None and count > spec.max_models:
-            raise RecipeError(
-                "models", f"{spec.name} takes at most {spec.max_models} models besides the base"
-            )
+            raise RecipeError("models", f"{spec.name} takes at most {spec.max_models} {counted}")
 
     def _check_parameter_names(self, spec: MethodSpec) -> None:
         method_names = spec.method_param_names()

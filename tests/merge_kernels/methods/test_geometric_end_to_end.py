@@ -173,12 +173,12 @@ def test_an_optional_base_is_opened_as_the_base(
         (
             {"merge_method": "passthrough", "base_model": "b", "models": [entry("m")]},
             "models",
-            "at most 1",
+            "at most 1 models (base_model included)",
         ),
         (
             {"merge_method": "nuslerp", "base_model": "b", "models": [entry("b"), entry("m")]},
             "models",
-            "at least 2",
+            "at least 2 models besides the base",
         ),
         (
             {"merge_method": "nuslerp", "models": [entry(f"m{i}") for i in range(3)]},
