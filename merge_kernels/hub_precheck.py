@@ -76,7 +76,7 @@ def check_hub_inputs(recipe: Recipe, options: MergeOptions) -> None:
             an input is missing, refused or malformed (the errors opening it would give).
     """
     named: list[tuple[str, int | None, ModelReference]] = []
-    if recipe.method.needs_base and recipe.base_model is not None:
+    if recipe.method.takes_base and recipe.base_model is not None:
         named.append(("base", None, recipe.base_model))
     named += [("model", index, entry.model) for index, entry in recipe.merged_models()]
     references = [(role, index, _reference(value, options)) for role, index, value in named]

@@ -221,14 +221,12 @@ class Recipe(BaseModel):
                 f"slerp interpolates exactly two models: base_model and one other; got "
                 f"base_model and {count} others",
             )
+        # Without a base role of its own, a given base_model is one of the counted inputs.
+        counted = "models besides the base" if spec.takes_base else "models (base_model included)"
         if count < spec.min_models:
-            raise RecipeError(
-                "models", f"{spec.name} needs at least {spec.min_models} models besides the base"
-            )
+            raise RecipeError("models", f"{spec.name} needs at least {spec.min_models} {counted}")
         if spec.max_models is not None and count > spec.max_models:
-            raise RecipeError(
-                "models", f"{spec.name} takes at most {spec.max_models} models besides the base"
-            )
+            raise RecipeError("models", f"{spec.name} takes at most {spec.max_models} {counted}")
 
     def _check_parameter_names(self, spec: MethodSpec) -> None:
         method_names = spec.method_param_names()
@@ -270,10 +268,11 @@ class Recipe(BaseModel):
         """The models merged besides the base, with their index in ``models``.
 
         For methods without a base the base (when given) is an input like any other, as in
-        mergekit: it is used from ``models`` if listed there, else appended.
+        mergekit: it is used from ``models`` if listed there, else appended. For methods
+        whose base is optional a given base is the base, never one of the merged models.
         """
         entries = list(enumerate(self.models or []))
-        if self.method.needs_base:
+        if self.method.takes_base:
             return [(i, e) for i, e in entries if not _same(e.model, self.base_model)]
         listed = any(_same(e.model, self.base_model) for _, e in entries)
         if self.base_model is not None and not listed:

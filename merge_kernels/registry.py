@@ -50,6 +50,10 @@ class MethodSpec:
         model_params: frozen pydantic model of the per-model parameters.
         kernel: the tensor function.
         needs_base: whether ``base_model`` is required (task-vector methods).
+        optional_base: the method works without a base, but a given ``base_model`` is its
+            base (θ₀, the origin of task vectors), not one more model to merge (nuslerp,
+            multislerp). Without it a method that does not need a base merges a given base
+            like any other model.
         min_models: fewest inputs besides the base.
         max_models: most inputs besides the base, or None for no limit.
         references: per reference implementation, the parameter defaults that reproduce it;
@@ -81,6 +85,7 @@ class MethodSpec:
     description: str
     min_models: int = 1
     max_models: int | None = None
+    optional_base: bool = False
     references: Mapping[Reference, Mapping[str, Any]] = field(default_factory=dict)
     chunkable: Callable[[Any], bool] = _never_chunk
     needs_trim_threshold: Callable[[Any], bool] = _never_chunk
@@ -89,6 +94,11 @@ class MethodSpec:
     cache_blocking: bool = False
     weighted_form: WeightedForm | None = None
     consensus_form: ConsensusFormOf | None = None
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a given ``base_model`` is the base (θ₀) rather than one more input."""
+        return self.needs_base or self.optional_base
 
     def defaults(self, reference: Reference) -> dict[str, Any]:
         """The parameter defaults under ``reference``: the field defaults, then its preset."""
@@ -115,7 +125,7 @@ class MethodSpec:
         Args:
             models: the inputs besides the base, all of one shape (any float dtype; the math
                 runs in float32 and the result has the base's or first model's dtype).
-            base: θ₀, required when ``needs_base``.
+            base: θ₀, required when ``needs_base``, optional when ``optional_base``.
             params: whole-tensor parameters by recipe name (e.g. ``{"lambda": 0.5}``).
             model_params: per-model parameters by recipe name, one mapping per model.
             reference: whose defaults unset options follow.

@@ -135,7 +135,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
 
     inputs: list[PlannedInput] = []
     try:
-        if recipe.method.needs_base and recipe.base_model is not None:
+        if recipe.method.takes_base and recipe.base_model is not None:
             inputs.append(PlannedInput("base", None, opened(recipe.base_model)))
         for index, entry in recipe.merged_models():
             inputs.append(PlannedInput("model", index, opened(entry.model)))

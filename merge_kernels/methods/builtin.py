@@ -1,11 +1,17 @@
 """Imports every built-in method module, each of which registers itself."""
 
 from merge_kernels.methods import (
+    arcee_fusion,
     breadcrumbs,
     della,
     greedy_soup,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
     ram,
     sce,
     slerp,
@@ -13,11 +19,17 @@ from merge_kernels.methods import (
 )
 
 __all__ = [
+    "arcee_fusion",
     "breadcrumbs",
     "della",
     "greedy_soup",
+    "karcher",
     "linear",
     "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "passthrough",
     "ram",
     "sce",
     "slerp",

@@ -132,6 +132,8 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
         },
     )
     base_note = "required" if spec.needs_base else "optional; merged like any other model"
+    if spec.optional_base:
+        base_note = "optional; when given, the models are merged relative to it"
     fields: dict[str, Any] = {
         "merge_method": (Literal[spec.name], Field(description=spec.title)),
         "base_model": (

@@ -35,16 +35,22 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "model_stock": ({"filter_wise": True}, {}),
     "ram": ({"epsilon": 0.005}, {}),
     "ramplus_tl": ({"epsilon": 0.005}, {}),
+    "passthrough": ({}, {"scale": 0.5}),
+    "nuslerp": ({"nuslerp_flatten": False}, {"weight": 1.0}),
+    "karcher": ({}, {}),
+    "multislerp": ({}, {"weight": 1.0}),
+    "nearswap": ({"t": 0.005}, {}),
+    "arcee_fusion": ({}, {}),
 }
 
 
 def _run(name: str, device: str, tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     spec = get_method(name)
     params, per_model = PARAMS[name]
-    models = tensors[:1] if spec.max_models == 1 else tensors
+    models = tensors[: spec.max_models]
     return spec.merge_tensors(
         [t.to(device) for t in models],
-        base=base.to(device) if spec.needs_base else None,
+        base=base.to(device) if spec.takes_base else None,
         params=params,
         model_params=[per_model] * len(models),
         context=TensorContext(name="model.layers.3.mlp.up_proj.weight", seed=11),
