@@ -3,10 +3,11 @@
 Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``, layer stacking with ``slices`` and multi-module models with
-``modules``), so a mergekit config for a supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks),
-``reference`` (whose defaults unset options follow) and ``allow_non_finite`` (write a merge
-whose tensors hold NaN or infinities instead of failing). Validation is strict: every error
-names the field and says what is allowed; parameter numbers must be finite.
+``modules``), so a mergekit config for a supported method is accepted unchanged. tureen
+adds ``seed`` (DARE's masks), ``reference`` (whose defaults unset options follow) and
+``allow_non_finite`` (write a merge whose tensors hold NaN or infinities instead of
+failing). Validation is strict: every error names the field and says what is allowed;
+parameter numbers must be finite.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ class Recipe(BaseModel):
             return data
         given = [key for key in ("models", "slices", "modules") if data.get(key)]
         if len(given) > 1:
+            both = " and ".join(given)
             raise RecipeError(
-                given[1], f"give exactly one of models, slices or modules, not {' and '.join(given)}"
+                given[1], f"give exactly one of models, slices or modules, not {both}"
             )
         if not data.get("slices"):
             return data

@@ -52,6 +52,7 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
+from merge_kernels.slices import input_references
 from merge_kernels.tokenizer_source import check_tokenizer_source, tokenizer_checkpoint
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
 
     inputs: list[PlannedInput] = []
     try:
-        if recipe.method.needs_base and recipe.base_model is not None:
-            inputs.append(PlannedInput("base", None, opened(recipe.base_model)))
-        for index, entry in recipe.merged_models():
-            inputs.append(PlannedInput("model", index, opened(entry.model)))
+        for role, index, reference in input_references(recipe):
+            inputs.append(PlannedInput(role, index, opened(reference)))
     except BaseException:
         close_inputs(inputs)
         raise
@@ -462,7 +461,7 @@ def _write_companions(plan: MergePlan, folder: Path, options: MergeOptions) -> N
         write_json_atomic(folder / "model.safetensors.index.json", plan.index())
     source = plan.inputs[0].checkpoint
     dtype = next((t.dtype for t in plan.tensors if t.params is not None), None)
-    write_config(source, folder, dtype)
+    write_config(source, folder, dtype, plan.config_updates)
     tokenizer, opened_here = tokenizer_checkpoint(plan.recipe, plan.inputs, options)
     try:
         copy_tokenizer(tokenizer, folder)

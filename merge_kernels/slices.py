@@ -81,7 +81,9 @@ class PlannedSlice:
 
     def scope(self, spec: MethodSpec, recipe: Recipe) -> ParameterScope:
         """Where this slice's tensors take their parameters from, highest precedence first."""
-        shared: list[tuple[str, Parameters | None]] = [(f"{self.field}.parameters", self.parameters)]
+        shared: list[tuple[str, Parameters | None]] = [
+            (f"{self.field}.parameters", self.parameters)
+        ]
         if self.module_field is not None:
             shared.append((f"{self.module_field}.parameters", self.module_parameters))
         shared.append(("parameters", recipe.parameters))
@@ -144,24 +146,26 @@ def structure_of(recipe: Recipe) -> Structure:
             if base is not None and not any(str(e.model) == str(base) for e in entries):
                 sources.append(PlannedSource(base, None, None, "base_model"))
             structure[name] = [
-                PlannedSlice(f"{field}.models", tuple(sources), base, None, module.parameters, field)
+                PlannedSlice(
+                    f"{field}.models", tuple(sources), base, None, module.parameters, field
+                )
             ]
         return structure
     if recipe.slices:
         return {None: _slices("slices", recipe.slices, base)}
     # A single slice converted to ``models``: its range is checked against the model's layers.
-    layer_range = tuple(recipe.layer_range) if recipe.layer_range is not None else None
-    sources = tuple(
+    layer_range = recipe.layer_range
+    converted = tuple(
         PlannedSource(
             e.model,
-            layer_range,  # type: ignore[arg-type]
+            layer_range,
             e.parameters,
             f"slices[0].sources[{j}]" if layer_range is not None else f"models[{j}]",
         )
         for j, e in enumerate(recipe.models or [])
     )
     field = "slices[0]" if layer_range is not None else "models"
-    return {None: [PlannedSlice(field, sources, base, recipe.slice_parameters)]}
+    return {None: [PlannedSlice(field, converted, base, recipe.slice_parameters)]}
 
 
 def all_slices(recipe: Recipe) -> list[PlannedSlice]:
@@ -310,11 +314,13 @@ def _check_slice(slice_: PlannedSlice, spec: MethodSpec) -> None:
         )
     if count < spec.min_models:
         raise RecipeError(
-            f"{where}.sources", f"{spec.name} needs at least {spec.min_models} models besides the base"
+            f"{where}.sources",
+            f"{spec.name} needs at least {spec.min_models} models besides the base",
         )
     if spec.max_models is not None and count > spec.max_models:
         raise RecipeError(
-            f"{where}.sources", f"{spec.name} takes at most {spec.max_models} models besides the base"
+            f"{where}.sources",
+            f"{spec.name} takes at most {spec.max_models} models besides the base",
         )
     _check_names(slice_.parameters, f"{where}.parameters", spec, per_model=False)
     for source in slice_.sources:
