@@ -285,7 +285,8 @@ def build_plan(
         from merge_kernels.stacked_plan import plan_stacked
 
         plan_stacked(plan, chunk_elements, whole_trim_elements, wanted)
-        _finish(plan, max_shard_bytes)
+        if plan.tensors or not plan.problems:  # a bad layer range plans no tensor: say only that
+            _finish(plan, max_shard_bytes)
         return plan
     _check_configs(plan)
     indices = tuple(
