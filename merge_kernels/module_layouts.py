@@ -135,8 +135,9 @@ _QWEN_VL = (
     ModuleLayout(
         "multi_modal_projector",
         ("visual.merger.", "model.visual.merger.", "model.visual.deepstack_merger_list."),
+        # Qwen3-VL's deepstack mergers are the projector's layers (counted from the
+        # tensors, 3 in mergekit's definition); Qwen2-VL's projector has none.
         layer_prefixes=("model.visual.deepstack_merger_list.",),
-        fixed_layers=0,
     ),
 )
 
