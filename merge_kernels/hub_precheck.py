@@ -26,6 +26,7 @@ from merge_kernels.checkpoints.reference import (
 )
 from merge_kernels.plan import PlannedInput, build_plan
 from merge_kernels.recipe import ModelReference, Recipe
+from merge_kernels.slices import input_references
 
 if TYPE_CHECKING:
     from merge_kernels.runner import MergeOptions
@@ -75,10 +76,7 @@ def check_hub_inputs(recipe: Recipe, options: MergeOptions) -> None:
         CheckpointNotFoundError, UnsafeCheckpointError, CheckpointFileError, TureenError:
             an input is missing, refused or malformed (the errors opening it would give).
     """
-    named: list[tuple[str, int | None, ModelReference]] = []
-    if recipe.method.takes_base and recipe.base_model is not None:
-        named.append(("base", None, recipe.base_model))
-    named += [("model", index, entry.model) for index, entry in recipe.merged_models()]
+    named = input_references(recipe)
     references = [(role, index, _reference(value, options)) for role, index, value in named]
     if not any(_on_hub(ref) for _, _, ref in references):
         return

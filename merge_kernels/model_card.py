@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from merge_kernels import __version__
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.checkpoints.reference import HubRef, LoraRef
 from merge_kernels.io.staging import write_bytes_atomic, write_json_atomic
+from merge_kernels.module_layouts import set_config_value
 from merge_kernels.recipe import Recipe
 
 TOKENIZER_FILES = (
@@ -64,19 +66,26 @@ def input_provenance(
 
 
 def write_config(
-    source: Checkpoint, out_dir: Path, dtype_code: str | None, vocab_size: int | None = None
+    source: Checkpoint,
+    out_dir: Path,
+    dtype_code: str | None,
+    vocab_size: int | None = None,
+    updates: Mapping[str, object] | None = None,
 ) -> None:
-    """Copy ``config.json`` from ``source``, with its dtype set to the output's (and its
-    ``vocab_size``, when the merge built a vocabulary)."""
+    """Copy ``config.json`` from ``source``, with its dtype set to the output's, its
+    ``vocab_size`` when the merge built a vocabulary, and the dotted paths of ``updates`` (a
+    stacked model's layer counts) set."""
     if not source.has_config:
         return
-    config = dict(source.config)
+    config = copy.deepcopy(dict(source.config))
     if vocab_size is not None:
         text = config.get("text_config")
         if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
             config["text_config"] = {**text, "vocab_size": vocab_size}
         else:
             config["vocab_size"] = vocab_size
+    for path, value in (updates or {}).items():
+        set_config_value(config, path, value)
     if dtype_code in _TORCH_DTYPE_NAMES:
         name = _TORCH_DTYPE_NAMES[dtype_code]
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]

@@ -51,11 +51,6 @@ class PieceMerger:
         # written while the next one is computed, never longer (see compute).
         self._outputs: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
         self._turn = 0
-        self.indices = tuple(
-            item.recipe_index if item.recipe_index is not None else position
-            for position, item in enumerate(plan.inputs)
-            if item.role == "model"
-        )
 
     def prepare_model_trims(self) -> None:
         """Compute the model-wide thresholds, if the recipe trims per model."""
@@ -92,7 +87,8 @@ class PieceMerger:
             NonFiniteOutputError: the piece holds NaN or infinities and the recipe does not
                 set ``allow_non_finite``.
         """
-        names = [item.checkpoint.display_name for item in self.plan.inputs]
+        positions = unit.tensor.inputs or tuple(range(len(self.plan.inputs)))
+        names = [self.plan.inputs[p].checkpoint.display_name for p in positions]
         rows = (unit.start, unit.stop) if unit.start is not None and unit.stop is not None else None
         try:
             merged = self._merge(unit, raw)
@@ -138,8 +134,8 @@ class PieceMerger:
         assert tensor.params is not None and spec.weighted_form is not None
         form = spec.weighted_form(tensor.params.method, tensor.params.models)
         out = self._output(unit, raw[0].shape)
-        base = raw[0] if self.plan.has_base else None
-        models = raw[1:] if self.plan.has_base else raw
+        base = raw[0] if tensor.has_base else None
+        models = raw[1:] if tensor.has_base else raw
         return out if weighted_sum_into(out, models, form, base) else None
 
     def _compute_fused_ties(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor | None:
@@ -147,7 +143,7 @@ class PieceMerger:
         spec = self.plan.recipe.method
         assert tensor.params is not None and spec.consensus_form is not None
         form = spec.consensus_form(tensor.params.method)
-        if form is None or not self.plan.has_base:
+        if form is None or not tensor.has_base:
             return None
         base, models = raw[0], raw[1:]
         if not handles("ties", torch_dtype(tensor.dtype), models, raw):
@@ -193,12 +189,12 @@ class PieceMerger:
     ) -> torch.Tensor:
         tensor = unit.tensor
         assert tensor.params is not None
-        base = floats[0] if self.plan.has_base else None
-        models = floats[1:] if self.plan.has_base else floats
+        base = floats[0] if tensor.has_base else None
+        models = floats[1:] if tensor.has_base else floats
         context = TensorContext(
             name=tensor.name,
             seed=self.plan.recipe.seed,
-            model_indices=self.indices,
+            model_indices=tensor.model_indices,
             offset=offset,
             trims=trims,
         )

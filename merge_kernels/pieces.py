@@ -74,8 +74,8 @@ def _readers() -> ThreadPoolExecutor:
 
 
 def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
-    """Read ``unit`` from every input, in the inputs' own dtypes (the base's alone for a
-    tensor copied unmerged).
+    """Read ``unit`` from each input its tensor reads (``TensorPlan.inputs``, base first), in
+    the inputs' own dtypes (the first input's alone for a tensor copied unmerged).
 
     On a machine with cores to spare (``PARALLEL_READS_FROM_CORES``) the inputs are read in
     parallel threads (reads release the GIL), copying from several files at once. An
@@ -87,11 +87,12 @@ def read_piece(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
 
 
 def _read_inputs(plan: MergePlan, unit: Piece) -> list[torch.Tensor]:
+    positions = unit.tensor.inputs or tuple(range(len(plan.inputs)))
     if unit.tensor.params is None:  # copied from the first input only
-        return [_read_one(plan.inputs[0].checkpoint, unit.tensor.sources[0], unit)]
+        return [_read_one(plan.inputs[positions[0]].checkpoint, unit.tensor.sources[0], unit)]
     jobs = [
-        (item.checkpoint, source)
-        for item, source in zip(plan.inputs, unit.tensor.sources, strict=True)
+        (plan.inputs[position].checkpoint, source)
+        for position, source in zip(positions, unit.tensor.sources, strict=True)
     ]
     if len(jobs) == 1 or (os.cpu_count() or 1) < PARALLEL_READS_FROM_CORES:
         return [_read_one(checkpoint, source, unit) for checkpoint, source in jobs]

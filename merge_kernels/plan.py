@@ -18,6 +18,7 @@ from merge_kernels.errors import IncompatibleCheckpointsError
 from merge_kernels.io.dtypes import itemsize
 from merge_kernels.io.safetensors_header import TensorEntry
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, index_json, plan_shards
+from merge_kernels.layer_map import LayerMap
 from merge_kernels.parameter_settings import layer_position
 from merge_kernels.recipe import Recipe
 from merge_kernels.registry import MethodSpec
@@ -72,6 +73,11 @@ class TensorPlan:
             threshold per model over every tensor, the TIES paper's scope).
         row_map: for an embedding or LM head aligned to a built vocabulary, where each
             input's rows go (applied after reading, see :mod:`merge_kernels.embedding_rows`).
+        inputs: positions in ``MergePlan.inputs`` this tensor reads, aligned with
+            ``sources`` (a stacked layer reads only its slice's models).
+        has_base: whether the first of ``inputs`` is the base the method subtracts.
+        model_indices: per merged model (``inputs`` after the base), the index its random
+            masks are keyed by (DARE).
     """
 
     name: str
@@ -82,6 +88,9 @@ class TensorPlan:
     rows_per_chunk: int | None
     trim: TrimSource = "none"
     row_map: RowMap | None = None
+    inputs: tuple[int, ...] = ()
+    has_base: bool = False
+    model_indices: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -101,6 +110,9 @@ class MergePlan:
         notes: things worth knowing that do not stop the merge.
         tie_word_embeddings: whether the output ties its LM head to the embeddings.
         vocabulary: the built output vocabulary, when the recipe builds one.
+        layer_map: for stacked layers, where each output layer comes from.
+        config_updates: dotted config paths the output's ``config.json`` changes
+            (``num_hidden_layers`` of a stacked model).
     """
 
     recipe: Recipe
@@ -111,6 +123,8 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     tie_word_embeddings: bool = False
     vocabulary: VocabularyPlan | None = None
+    layer_map: LayerMap | None = None
+    config_updates: dict[str, object] = field(default_factory=dict)
 
     @property
     def has_base(self) -> bool:
@@ -127,9 +141,9 @@ class MergePlan:
 
     def peak_memory_estimate(self) -> int:
         """Bytes of peak resident memory the merge is expected to need."""
-        inputs = len(self.inputs)
         worst = 0
         for tensor in self.tensors:
+            inputs = len(tensor.inputs) or len(self.inputs)
             rows = tensor.rows_per_chunk
             elements = tensor.numel
             if rows is not None and tensor.shape:
@@ -168,6 +182,7 @@ class MergePlan:
                 ],
             },
             "peak_memory_bytes_estimate": self.peak_memory_estimate(),
+            **({"layer_map": self.layer_map.report(self)} if self.layer_map else {}),
         }
 
     def index(self) -> dict[str, object]:
@@ -283,14 +298,28 @@ def build_plan(
     reference = inputs[0].checkpoint
     reference_entries = reference.entries()
     plan.tie_word_embeddings = _is_tied(reference.config) and _LM_HEAD not in reference_entries
-    _check_configs(plan)
-    layers = _num_layers(reference.config, list(reference_entries))
-    if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, layers):
-        plan.problems.append(
-            f"slice layer_range {list(recipe.layer_range)} must cover every layer, [0, {layers}]"
-        )
     wanted = recipe.output_dtype() or None
     wanted = out_dtype or wanted
+    layers = _num_layers(reference.config, list(reference_entries))
+    if _stacks_layers(recipe, layers):
+        from merge_kernels.stacked_plan import plan_stacked
+
+        plan_stacked(plan, chunk_elements, whole_trim_elements, wanted)
+        if vocabulary is not None and _moves_rows(vocabulary, inputs):
+            plan.problems.append(
+                "a tokenizer whose vocabulary differs from an input's (tokenizer_source: union "
+                "or a model with other tokens, or a tokenizer block adding tokens) cannot be "
+                "combined with slices or modules yet: use the base's tokenizer there"
+            )
+        if plan.tensors or not plan.problems:  # a bad layer range plans no tensor: say only that
+            _finish(plan, max_shard_bytes)
+        return plan
+    _check_configs(plan)
+    indices = tuple(
+        item.recipe_index if item.recipe_index is not None else position
+        for position, item in enumerate(inputs)
+        if item.role == "model"
+    )
     for item in inputs[1:]:
         for name in item.checkpoint.entries():
             if name not in reference_entries and not (
@@ -345,17 +374,45 @@ def build_plan(
                 rows_per_chunk=rows,
                 trim=trim,
                 row_map=row_map,
+                inputs=tuple(range(len(inputs))),
+                has_base=plan.has_base,
+                model_indices=indices,
             )
         )
+    _finish(plan, max_shard_bytes)
+    return plan
+
+
+def _stacks_layers(recipe: Recipe, layers: int) -> bool:
+    """Whether the recipe stacks layers: ``slices``, ``modules``, or one slice that does not
+    cover every layer."""
+    if recipe.slices or recipe.modules:
+        return True
+    return recipe.layer_range is not None and tuple(recipe.layer_range) != (0, layers)
+
+
+def _finish(plan: MergePlan, max_shard_bytes: int) -> None:
+    """Lay the planned tensors out in shards (or say there is nothing to write)."""
     if not plan.tensors:
-        plan.problems.append(_nothing_to_merge(reference.display_name, reference_entries))
-        return plan
+        reference = plan.inputs[0].checkpoint
+        plan.problems.append(_nothing_to_merge(reference.display_name, reference.entries()))
+        return
     plan.shards = plan_shards(
         [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors],
         max_shard_bytes,
         metadata={"format": "pt"},
     )
-    return plan
+
+
+def _moves_rows(vocabulary: VocabularyPlan, inputs: Sequence[PlannedInput]) -> bool:
+    """Whether the built vocabulary puts some input's embedding rows elsewhere."""
+    for position, item in enumerate(inputs):
+        entries = item.checkpoint.entries()
+        name = _embedding_name(entries)
+        rows = entries[name].shape[0] if name is not None and entries[name].shape else 0
+        if not vocabulary.row_map.is_identity(position, rows):
+            return True
+    return False
 
 
 def _is_vocabulary(name: str) -> bool:

@@ -2,11 +2,12 @@
 
 Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source``, and the single-slice form of ``slices``), so a mergekit config for a
-supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks),
-``reference`` (whose defaults unset options follow) and ``allow_non_finite`` (write a merge
-whose tensors hold NaN or infinities instead of failing). Validation is strict: every error
-names the field and says what is allowed; parameter numbers must be finite.
+``tokenizer_source``, layer stacking with ``slices`` and multi-module models with
+``modules``), so a mergekit config for a supported method is accepted unchanged. tureen
+adds ``seed`` (DARE's masks), ``reference`` (whose defaults unset options follow) and
+``allow_non_finite`` (write a merge whose tensors hold NaN or infinities instead of
+failing). Validation is strict: every error names the field and says what is allowed;
+parameter numbers must be finite.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
-    """One source of a mergekit slice (only whole-model slices are supported)."""
+    """One source of a mergekit slice: layers ``[first, end)`` of one model."""
 
     model_config = _STRICT
 
@@ -76,11 +77,29 @@ class SliceDefinition(BaseModel):
     parameters: Parameters | None = None
 
 
+class ModuleDefinition(BaseModel):
+    """One module of a multi-module model (mergekit's ``modules``): its slices or models."""
+
+    model_config = _STRICT
+
+    slices: list[SliceDefinition] | None = None
+    models: list[ModelEntry] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModuleDefinition:
+        if bool(self.slices) == bool(self.models):
+            raise ValueError("give either `slices` or `models` for the module (one of them)")
+        return self
+
+
 class Recipe(BaseModel):
     """A merge recipe.
 
-    After validation ``models`` is always set (a single whole-model slice is turned into
-    ``models``; its slice-level parameters are kept in ``slice_parameters``).
+    After validation exactly one of ``models``, ``slices`` and ``modules`` is set. One slice
+    whose sources share a layer range is turned into ``models`` (its slice-level parameters
+    are kept in ``slice_parameters``, its range in ``layer_range``); the plan stacks it like
+    any slice when that range is not every layer.
     """
 
     model_config = _STRICT
@@ -91,7 +110,10 @@ class Recipe(BaseModel):
     )
     models: list[ModelEntry] | None = Field(None, description="The models to merge.")
     slices: list[SliceDefinition] | None = Field(
-        None, description="mergekit's slice form; one slice covering every layer is accepted."
+        None, description="mergekit's slices: output layers stacked from layer ranges of models."
+    )
+    modules: dict[str, ModuleDefinition] | None = Field(
+        None, description="mergekit's modules: per module (e.g. text_decoder), slices or models."
     )
     parameters: Parameters | None = Field(None, description="Parameters for every model/tensor.")
     slice_parameters: Parameters | None = Field(
@@ -131,45 +153,25 @@ class Recipe(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_single_slice(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping) or not data.get("slices"):
+        if not isinstance(data, Mapping):
             return data
-        if data.get("models"):
-            raise RecipeError("slices", "give either `models` or `slices`, not both")
+        given = [key for key in ("models", "slices", "modules") if data.get(key)]
+        if len(given) > 1:
+            both = " and ".join(given)
+            raise RecipeError(
+                given[1], f"give exactly one of models, slices or modules, not {both}"
+            )
+        if not data.get("slices"):
+            return data
+        from merge_kernels.slices import check_slice_documents
+
         slices = data["slices"]
-        if not isinstance(slices, list) or len(slices) != 1:
-            raise RecipeError(
-                "slices",
-                "only one slice covering every layer is supported (layer stacking is not); "
-                "list the inputs under `models` instead",
-            )
-        (slice_,) = slices
-        if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
-            raise RecipeError("slices[0].sources", "a slice needs a list of sources")
-        unknown = set(slice_) - {"sources", "parameters", "base_model"}
-        if unknown:
-            raise RecipeError("slices[0]", f"unsupported keys {sorted(unknown)}")
-        sources = slice_["sources"]
-        for index, source in enumerate(sources):
-            if not isinstance(source, Mapping) or "model" not in source:
-                raise RecipeError(
-                    f"slices[0].sources[{index}]",
-                    "a source is a mapping with model and layer_range",
-                )
-            layer_range = source.get("layer_range")
-            if not (
-                isinstance(layer_range, list | tuple)
-                and len(layer_range) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
-            ):
-                raise RecipeError(
-                    f"slices[0].sources[{index}].layer_range", "give [first_layer, end_layer]"
-                )
+        check_slice_documents("slices", slices)
+        sources = slices[0]["sources"]
         ranges = {tuple(source["layer_range"]) for source in sources}
-        if len(ranges) != 1:
-            raise RecipeError(
-                "slices[0].sources",
-                "every source must cover the same layer_range (the whole model)",
-            )
+        if len(slices) != 1 or len(ranges) != 1:
+            return data  # layer stacking: kept as slices
+        slice_ = slices[0]
         converted = {key: value for key, value in data.items() if key != "slices"}
         converted["models"] = [
             {key: value for key, value in source.items() if key != "layer_range"}
@@ -185,7 +187,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         spec = get_method(self.merge_method)
-        if not self.models:
+        if not (self.models or self.slices or self.modules):
             raise RecipeError("models", "list at least one model to merge")
         for field in ("dtype", "out_dtype"):
             value = getattr(self, field)
@@ -208,6 +210,11 @@ class Recipe(BaseModel):
         check_parameter_values(self)
 
     def _check_inputs(self, spec: MethodSpec) -> None:
+        if self.slices or self.modules:
+            from merge_kernels.slices import check_structure
+
+            check_structure(self, spec)  # per slice, as mergekit checks each slice's inputs
+            return
         if spec.needs_base and self.base_model is None:
             raise RecipeError(
                 "base_model",

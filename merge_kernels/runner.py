@@ -51,6 +51,7 @@ from merge_kernels.plan import (
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
+from merge_kernels.slices import input_references
 from merge_kernels.tokenizer_output import write_tokenizer
 from merge_kernels.tokenizer_source import check_tokenizer_source
 from merge_kernels.vocabulary_plan import plan_vocabulary
@@ -135,10 +136,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions) -> list[PlannedInput]:
 
     inputs: list[PlannedInput] = []
     try:
-        if recipe.method.takes_base and recipe.base_model is not None:
-            inputs.append(PlannedInput("base", None, opened(recipe.base_model)))
-        for index, entry in recipe.merged_models():
-            inputs.append(PlannedInput("model", index, opened(entry.model)))
+        for role, index, reference in input_references(recipe):
+            inputs.append(PlannedInput(role, index, opened(reference)))
     except BaseException:
         close_inputs(inputs)
         raise
@@ -466,5 +465,5 @@ def _write_companions(plan: MergePlan, folder: Path, options: MergeOptions) -> N
     source = plan.inputs[0].checkpoint
     dtype = next((t.dtype for t in plan.tensors if t.params is not None), None)
     vocab_size = plan.vocabulary.vocab_size if plan.vocabulary is not None else None
-    write_config(source, folder, dtype, vocab_size)
+    write_config(source, folder, dtype, vocab_size, plan.config_updates)
     write_tokenizer(plan, folder, options)

@@ -39,6 +39,33 @@ class TensorParameters:
     models: tuple[ModelParams, ...]
 
 
+@dataclass(frozen=True)
+class ParameterScope:
+    """Where one tensor's parameters come from, each level with its field, highest first.
+
+    Attributes:
+        shared: the levels every model shares (slice, module, recipe).
+        models: per merged model, its own parameters (looked up before ``shared``).
+    """
+
+    shared: tuple[tuple[str, Parameters | None], ...]
+    models: tuple[tuple[str, Parameters | None], ...]
+
+
+def recipe_scope(recipe: Recipe) -> ParameterScope:
+    """The scope of a ``models`` recipe: each model's, the single slice's, the recipe's."""
+    return ParameterScope(
+        shared=(
+            ("slices[0].parameters", recipe.slice_parameters),
+            ("parameters", recipe.parameters),
+        ),
+        models=tuple(
+            (f"models[{index}].parameters", entry.parameters)
+            for index, entry in recipe.merged_models()
+        ),
+    )
+
+
 def _lookup(
     name: str, levels: list[tuple[str, Parameters | None]], tensor_name: str, t: float
 ) -> tuple[Any, str] | None:
@@ -62,8 +89,18 @@ def _validate(model: type[BaseModel], values: dict[str, Any], origins: dict[str,
         ) from None
 
 
-def resolve_parameters(recipe: Recipe, tensor_name: str, t: float) -> TensorParameters:
+def resolve_parameters(
+    recipe: Recipe,
+    tensor_name: str,
+    t: float,
+    scope: ParameterScope | None = None,
+    model_tensor_names: tuple[str, ...] | None = None,
+) -> TensorParameters:
     """The parameters for tensor ``tensor_name`` at layer position ``t``.
+
+    ``scope`` defaults to the recipe's own (:func:`recipe_scope`). As in mergekit, filters
+    of the per-model parameters match the name of the tensor that model is read from
+    (``model_tensor_names``, which differs from the output name when layers are stacked).
 
     Raises:
         RecipeError: a value is invalid for this tensor (the field names where it came
@@ -71,18 +108,16 @@ def resolve_parameters(recipe: Recipe, tensor_name: str, t: float) -> TensorPara
     """
     spec = recipe.method
     defaults = spec.defaults(recipe.reference)
-    shared: list[tuple[str, Parameters | None]] = [
-        ("slices[0].parameters", recipe.slice_parameters),
-        ("parameters", recipe.parameters),
-    ]
+    scope = scope or recipe_scope(recipe)
+    shared = list(scope.shared)
 
     def values_for(
-        names: set[str], levels: list[tuple[str, Parameters | None]]
+        names: set[str], levels: list[tuple[str, Parameters | None]], looked_up: str = tensor_name
     ) -> tuple[dict[str, Any], dict[str, str]]:
         values: dict[str, Any] = {}
         origins: dict[str, str] = {}
         for name in names:
-            found = _lookup(name, levels, tensor_name, t)
+            found = _lookup(name, levels, looked_up, t)
             if found is not None:
                 values[name], origins[name] = found
             elif name in defaults:
@@ -92,9 +127,9 @@ def resolve_parameters(recipe: Recipe, tensor_name: str, t: float) -> TensorPara
     method_values, method_origins = values_for(spec.method_param_names(), shared)
     method = _validate(spec.params, method_values, method_origins)
     models = []
-    for index, entry in recipe.merged_models():
-        levels = [(f"models[{index}].parameters", entry.parameters), *shared]
-        values, origins = values_for(spec.model_param_names(), levels)
+    for position, own in enumerate(scope.models):
+        looked_up = model_tensor_names[position] if model_tensor_names else tensor_name
+        values, origins = values_for(spec.model_param_names(), [own, *shared], looked_up)
         models.append(_validate(spec.model_params, values, origins))
     try:
         spec.check(method, tuple(models))
@@ -122,6 +157,8 @@ def check_parameter_values(recipe: Recipe) -> None:
     Raises:
         RecipeError: naming the field of the first invalid value.
     """
+    from merge_kernels.slices import all_slices, is_stacked, parameter_levels
+
     spec = recipe.method
     method_names = spec.method_param_names()
     levels: list[tuple[str, Parameters | None]] = [
@@ -129,13 +166,18 @@ def check_parameter_values(recipe: Recipe) -> None:
         ("slices[0].parameters", recipe.slice_parameters),
     ]
     levels += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models or [])]
+    scopes: list[ParameterScope | None] = [None]
+    if is_stacked(recipe):
+        levels = parameter_levels(recipe)
+        scopes = [slice_.scope(spec, recipe) for slice_ in all_slices(recipe)]
     for field, params in levels:
         for name, setting in (params or {}).items():
             model = spec.params if name in method_names else spec.model_params
             for value in _candidate_values(setting):
                 _validate_one(model, name, value, f"{field}.{name}")
-    for t in (0.0, 0.5, 1.0):
-        resolve_parameters(recipe, "", t)
+    for scope in scopes:
+        for t in (0.0, 0.5, 1.0):
+            resolve_parameters(recipe, "", t, scope)
 
 
 def _validate_one(model: type[BaseModel], name: str, value: Scalar, field: str) -> None:

@@ -115,7 +115,7 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
     )
     source = _model(
         f"{prefix}SliceSource",
-        "One source of a mergekit slice covering every layer.",
+        "One source of a mergekit slice: layers [first, end) of one model.",
         {
             "model": (ModelReferenceDoc, ...),
             "layer_range": (tuple[int, int], ...),
@@ -124,10 +124,19 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
     )
     slice_model = _model(
         f"{prefix}Slice",
-        "mergekit's slice form; only one slice covering every layer is supported.",
+        "mergekit's slice: output layers merged from equally long layer ranges of models.",
         {
             "sources": (list[source], ...),  # type: ignore[valid-type]
             "base_model": (ModelReferenceDoc | None, None),
+            "parameters": (whole | None, None),
+        },
+    )
+    module_model = _model(
+        f"{prefix}Module",
+        "One module of a multi-module model (mergekit's modules): its slices or its models.",
+        {
+            "slices": (list[slice_model] | None, None),  # type: ignore[valid-type]
+            "models": (list[entry] | None, None),  # type: ignore[valid-type]
             "parameters": (whole | None, None),
         },
     )
@@ -142,6 +151,10 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
         ),
         "models": (list[entry] | None, Field(None, description="The models to merge.")),  # type: ignore[valid-type]
         "slices": (list[slice_model] | None, Field(None, description="Instead of `models`.")),  # type: ignore[valid-type]
+        "modules": (
+            dict[str, module_model] | None,  # type: ignore[valid-type]
+            Field(None, description="Instead of `models` or `slices`: per module."),
+        ),
         "parameters": (whole | None, None),
         "dtype": (DTypeName | None, Field(None, description="Dtype inputs are read as.")),
         "out_dtype": (DTypeName | None, Field(None, description="Dtype of the merged tensors.")),
@@ -187,8 +200,8 @@ def merge_request_adapter() -> TypeAdapter[Any]:
 
 
 _NOT_NULL = {"not": {"type": "null"}}
-#: The recipe validator's input rules: at least one model, listed under ``models`` or in the
-#: one slice (mergekit's form) that covers every layer.
+#: The recipe validator's input rules: at least one model, listed under ``models``, in
+#: ``slices`` (mergekit's layer stacking) or in ``modules``.
 _INPUTS_RULE: dict[str, Any] = {
     "anyOf": [
         {"required": ["models"], "properties": {"models": {"type": "array", "minItems": 1}}},
@@ -198,10 +211,13 @@ _INPUTS_RULE: dict[str, Any] = {
                 "slices": {
                     "type": "array",
                     "minItems": 1,
-                    "maxItems": 1,
                     "items": {"properties": {"sources": {"minItems": 1}}},
                 }
             },
+        },
+        {
+            "required": ["modules"],
+            "properties": {"modules": {"type": "object", "minProperties": 1}},
         },
     ]
 }

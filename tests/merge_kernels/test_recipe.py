@@ -250,12 +250,12 @@ def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
                     {
                         "sources": [
                             {"model": "a", "layer_range": [16, 32]},
-                            {"model": "b", "layer_range": [16, 32]},
+                            {"model": "b", "layer_range": [16, 30]},
                         ]
                     },
                 ],
             },
-            "slices",
+            "slices[1].sources",
         ),
     ],
 )
