@@ -60,7 +60,7 @@ class PieceMerger:
     def prepare_model_trims(self) -> None:
         """Compute the model-wide thresholds, if the recipe trims per model."""
         scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
-        if not scope:
+        if not scope or not self.indices:  # no models besides the base: nothing to trim
             return
         try:
             self.trims.update(self._stream(scope))
@@ -115,6 +115,8 @@ class PieceMerger:
         tensor = unit.tensor
         if tensor.params is None:
             return raw[0]
+        if not tensor.params.models:  # the base alone (Recipe.base_only), as mergekit writes it
+            return raw[0].to(torch_dtype(tensor.dtype))
         spec = self.plan.recipe.method
         if self.device.type == "cpu" and spec.weighted_form is not None:
             fused = self._compute_fused(unit, raw)

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from merge_kernels.checkpoints.reference import HubRef, LocalRef, LoraRef
 from merge_kernels.errors import RecipeError
@@ -140,6 +148,7 @@ class Recipe(BaseModel):
         "does not use, the base's parameters, an assumed density.",
     )
     _warnings: tuple[str, ...] = PrivateAttr(default=())
+    _base_dir: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -196,7 +205,10 @@ class Recipe(BaseModel):
         return converted
 
     @model_validator(mode="after")
-    def _check(self) -> Recipe:
+    def _check(self, info: ValidationInfo) -> Recipe:
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("base_dir") is not None:
+            self._base_dir = str(context["base_dir"])
         spec = get_method(self.merge_method)
         if not self.models:
             raise RecipeError("models", "list at least one model to merge")
@@ -275,11 +287,19 @@ class Recipe(BaseModel):
         """
         entries = list(enumerate(self.models or []))
         if self.method.needs_base:
-            return [(i, e) for i, e in entries if not _same(e.model, self.base_model)]
-        listed = any(_same(e.model, self.base_model) for _, e in entries)
+            return [(i, e) for i, e in entries if not self.is_base(e.model)]
+        listed = any(self.is_base(e.model) for _, e in entries)
         if self.base_model is not None and not listed:
             entries.append((len(entries), ModelEntry(model=self.base_model)))
         return entries
+
+    def is_base(self, reference: ModelReference) -> bool:
+        """Whether ``reference`` names ``base_model``, however spelled: string or object
+        form, ``./base/`` for ``base``, a relative path for the absolute one (relative to
+        the folder the recipe was validated with)."""
+        if self.base_model is None:
+            return False
+        return _canonical(reference, self._base_dir) == _canonical(self.base_model, self._base_dir)
 
     def base_only(self) -> bool:
         """Whether the merge's only input is its base (listed in ``models``, nothing else).
@@ -317,18 +337,17 @@ class Recipe(BaseModel):
         )
 
 
-def _same(a: ModelReference, b: ModelReference | None) -> bool:
-    """Whether two references name the same checkpoint, however spelled (string or object
-    form, ``./base`` or ``base/`` for ``base``)."""
-    return b is not None and _canonical(a) == _canonical(b)
-
-
-def _canonical(reference: ModelReference) -> str:
-    # Each side of `base+adapter` as a normalized path: Hub ids are unchanged by it.
-    return "+".join(
-        os.path.normpath(os.path.expanduser(side.strip())) if side.strip() else side
-        for side in str(reference).split("+", 1)
-    )
+def _canonical(reference: ModelReference, base_dir: str | None) -> str:
+    # Each side of `base+adapter` as a normalized path. A Hub id is joined to base_dir as
+    # well, on both sides alike, so it still equals itself (and equals the local folder
+    # of that name, which is what a reference resolves to when that folder exists).
+    sides = []
+    for side in str(reference).split("+", 1):
+        text = os.path.expanduser(side.strip())
+        if base_dir is not None and text:
+            text = os.path.join(base_dir, text)
+        sides.append(os.path.normpath(text) if text else text)
+    return "+".join(sides)
 
 
 def parse_recipe(document: Mapping[str, Any], *, base_dir: Path | None = None) -> Recipe:
