@@ -55,7 +55,8 @@ class PieceMerger:
     def prepare_model_trims(self) -> None:
         """Compute the model-wide thresholds, if the recipe trims per model."""
         scope = [t for t in self.plan.tensors if t.trim == "model_prepass"]
-        if not scope:
+        # no models besides the base: nothing to trim
+        if not scope or not any(t.params is not None and t.params.models for t in scope):
             return
         try:
             self.trims.update(self._stream(scope))
@@ -111,6 +112,8 @@ class PieceMerger:
         tensor = unit.tensor
         if tensor.params is None:
             return raw[0]
+        if not tensor.params.models:  # the base alone (Recipe.base_only), as mergekit writes it
+            return raw[0].to(torch_dtype(tensor.dtype))
         spec = self.plan.recipe.method
         if self.device.type == "cpu" and spec.weighted_form is not None:
             fused = self._compute_fused(unit, raw)

@@ -160,6 +160,7 @@ class MergePlan:
             "ok": not self.problems,
             "problems": self.problems,
             "notes": self.notes,
+            "warnings": self.recipe.warnings(),
             "inputs": [
                 {
                     "role": item.role,

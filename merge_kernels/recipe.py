@@ -2,28 +2,46 @@
 
 Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source``, layer stacking with ``slices`` and multi-module models with
-``modules``), so a mergekit config for a supported method is accepted unchanged. tureen
-adds ``seed`` (DARE's masks), ``reference`` (whose defaults unset options follow) and
-``allow_non_finite`` (write a merge whose tensors hold NaN or infinities instead of
-failing). Validation is strict: every error names the field and says what is allowed;
-parameter numbers must be finite.
+``tokenizer_source``, ``tokenizer``, ``chat_template``, layer stacking with ``slices`` and
+multi-module models with ``modules``), so a mergekit config for a supported method is
+accepted unchanged. tureen adds ``seed`` (DARE's masks), ``reference`` (whose defaults unset
+options follow), ``allow_non_finite`` (write a merge whose tensors hold NaN or infinities
+instead of failing), ``name`` (a document's name in a multi-document file, see
+:mod:`merge_kernels.multi_merge`) and ``strict``. Every error names the field and says what
+is allowed; parameter numbers must be finite. Where mergekit is lenient (a parameter the
+method does not use, the base's own parameters, a missing ``density``) the recipe is
+accepted with warnings (:meth:`Recipe.warnings`); ``strict: true`` makes each of them an
+error. Misspelled keys and parameter names no method knows are always errors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from merge_kernels.checkpoints.reference import HubRef, LocalRef, LoraRef
 from merge_kernels.errors import RecipeError
 from merge_kernels.methods.kernel import Reference
+from merge_kernels.parameter_names import (
+    RecipeWarnings,
+    check_assumed_density,
+    check_parameter_names,
+)
 from merge_kernels.parameter_settings import Parameters
 from merge_kernels.registry import MethodSpec, get_method
 from merge_kernels.suggestions import did_you_mean
@@ -149,6 +167,18 @@ class Recipe(BaseModel):
         description="How candidates are scored (greedy_soup needs one; with another method "
         "the merge and each input are scored). Validated by the evaluator that runs it.",
     )
+    name: str | None = Field(
+        None,
+        description="The merge's name (mergekit-multimerge): in a multi-document file, later "
+        "documents may use it as a model reference. Ignored in a single recipe.",
+    )
+    strict: bool = Field(
+        False,
+        description="Refuse what is otherwise accepted with a warning: parameters the method "
+        "does not use, the base's parameters, an assumed density.",
+    )
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+    _base_dir: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -185,7 +215,10 @@ class Recipe(BaseModel):
         return converted
 
     @model_validator(mode="after")
-    def _check(self) -> Recipe:
+    def _check(self, info: ValidationInfo) -> Recipe:
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("base_dir") is not None:
+            self._base_dir = str(context["base_dir"])
         spec = get_method(self.merge_method)
         if not (self.models or self.slices or self.modules):
             raise RecipeError("models", "list at least one model to merge")
@@ -198,10 +231,19 @@ class Recipe(BaseModel):
                     "(or fp32, fp16, bf16)",
                 )
         check_tokenizer_fields(self)
+        warnings = RecipeWarnings(self.strict)
         self._check_inputs(spec)
-        self._check_parameter_names(spec)
+        self._check_parameter_names(spec, warnings)
         self._check_parameter_values()
+        self._warnings = tuple(warnings.items)
         return self
+
+    def warnings(self) -> list[str]:
+        """What the recipe got away with (``field: message``), as mergekit would accept it.
+
+        Not part of the fingerprint: they follow from the recipe, and change nothing merged.
+        """
+        return list(self._warnings)
 
     def _check_parameter_values(self) -> None:
         # Every written value is checked here; the plan resolves every real tensor again.
@@ -222,6 +264,8 @@ class Recipe(BaseModel):
                 "the checkpoint the models were fine-tuned from",
             )
         count = len(self.merged_models())
+        if count == 0 and self.base_only():
+            return  # the output is the base itself (a LoRA base: the adapter baked in)
         if spec.name == "slerp" and count != 1:
             raise RecipeError(
                 "models",
@@ -235,36 +279,9 @@ class Recipe(BaseModel):
         if spec.max_models is not None and count > spec.max_models:
             raise RecipeError("models", f"{spec.name} takes at most {spec.max_models} {counted}")
 
-    def _check_parameter_names(self, spec: MethodSpec) -> None:
-        method_names = spec.method_param_names()
-        model_names = spec.model_param_names()
-        allowed = ", ".join(sorted(method_names | model_names)) or "none"
-        for field, params in (
-            ("parameters", self.parameters),
-            ("slices[0].parameters", self.slice_parameters),
-        ):
-            for name in params or {}:
-                if name not in method_names | model_names:
-                    raise RecipeError(
-                        f"{field}.{name}",
-                        f"unknown parameter for {spec.name}; "
-                        f"{did_you_mean(name, method_names | model_names)}allowed: {allowed}",
-                    )
-        for index, entry in enumerate(self.models or []):
-            for name in entry.parameters or {}:
-                field = f"models[{index}].parameters.{name}"
-                if name in method_names:
-                    raise RecipeError(
-                        field,
-                        f"{name} applies to the whole merge; move it to the top-level parameters",
-                    )
-                if name not in model_names:
-                    per_model = ", ".join(sorted(model_names)) or "none"
-                    raise RecipeError(
-                        field,
-                        f"unknown per-model parameter for {spec.name}; "
-                        f"{did_you_mean(name, model_names)}allowed: {per_model}",
-                    )
+    def _check_parameter_names(self, spec: MethodSpec, warnings: RecipeWarnings) -> None:
+        check_parameter_names(self, spec, warnings)
+        check_assumed_density(self, spec, warnings)
 
     @property
     def method(self) -> MethodSpec:
@@ -280,11 +297,35 @@ class Recipe(BaseModel):
         """
         entries = list(enumerate(self.models or []))
         if self.method.takes_base:
-            return [(i, e) for i, e in entries if not _same(e.model, self.base_model)]
-        listed = any(_same(e.model, self.base_model) for _, e in entries)
+            return [(i, e) for i, e in entries if not self.is_base(e.model)]
+        listed = any(self.is_base(e.model) for _, e in entries)
         if self.base_model is not None and not listed:
             entries.append((len(entries), ModelEntry(model=self.base_model)))
         return entries
+
+    def is_base(self, reference: ModelReference) -> bool:
+        """Whether ``reference`` names ``base_model``, however spelled: string or object
+        form, ``./base/`` for ``base``, a relative path for the absolute one (relative to
+        the folder the recipe was validated with)."""
+        if self.base_model is None:
+            return False
+        return _canonical(reference, self._base_dir) == _canonical(self.base_model, self._base_dir)
+
+    def base_only(self) -> bool:
+        """Whether the merge's only input is its base (listed in ``models``, nothing else).
+
+        As in mergekit, a task-vector method (one with a base and no fixed number of
+        models) then writes the base unchanged; for a ``base+adapter`` base, that is the
+        adapter merged into its base model.
+        """
+        spec = self.method
+        return (
+            spec.needs_base
+            and spec.max_models is None
+            and spec.min_models <= 1
+            and bool(self.models)
+            and not self.merged_models()
+        )
 
     def output_dtype(self) -> str | None:
         """``out_dtype``, else ``dtype``, canonical; None means the base's dtype."""
@@ -293,7 +334,9 @@ class Recipe(BaseModel):
 
     def fingerprint(self) -> str:
         """A stable hash of the recipe's meaning (key order and formatting ignored)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # `name` and `strict` change nothing merged; a renamed recipe is the same merge.
+        meaning = self.model_dump(mode="json", exclude={"name", "strict"})
+        canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -304,8 +347,17 @@ class Recipe(BaseModel):
         )
 
 
-def _same(a: ModelReference, b: ModelReference | None) -> bool:
-    return b is not None and str(a) == str(b)
+def _canonical(reference: ModelReference, base_dir: str | None) -> str:
+    # Each side of `base+adapter` as a normalized path. A Hub id is joined to base_dir as
+    # well, on both sides alike, so it still equals itself (and equals the local folder
+    # of that name, which is what a reference resolves to when that folder exists).
+    sides = []
+    for side in str(reference).split("+", 1):
+        text = os.path.expanduser(side.strip())
+        if base_dir is not None and text:
+            text = os.path.join(base_dir, text)
+        sides.append(os.path.normpath(text) if text else text)
+    return "+".join(sides)
 
 
 def parse_recipe(document: Mapping[str, Any], *, base_dir: Path | None = None) -> Recipe:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
+from merge_kernels.checkpoints.lora import LoraCheckpoint
 from merge_kernels.errors import InsufficientSpaceError, MergeCancelledError, RecipeError
 from merge_kernels.hub_precheck import check_hub_inputs
 from merge_kernels.input_hashes import InputHashes
@@ -169,11 +170,26 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
             out_dtype=options.out_dtype,
             vocabulary=vocabulary,
         )
+        if recipe.base_only():
+            plan.notes.append(base_only_note(inputs[0].checkpoint))
         check_tokenizer_source(recipe, inputs, options)
     except BaseException:
         close_inputs(inputs)
         raise
     return plan, inputs
+
+
+def base_only_note(base: Checkpoint) -> str:
+    """The plan's note for a merge of the base alone (see ``Recipe.base_only``)."""
+    if isinstance(base, LoraCheckpoint):
+        return (
+            f"the only input is the base {base.display_name}: the output is the adapter "
+            "merged into its base model (a LoRA bake-in), as mergekit writes it"
+        )
+    return (
+        f"the only input is the base {base.display_name}: the output is the base itself, "
+        "unchanged but for the output dtype, as mergekit writes it"
+    )
 
 
 def fingerprint(plan: MergePlan, options: MergeOptions) -> str:

@@ -131,6 +131,9 @@ def resolve_parameters(
         looked_up = model_tensor_names[position] if model_tensor_names else tensor_name
         values, origins = values_for(spec.model_param_names(), [own, *shared], looked_up)
         models.append(_validate(spec.model_params, values, origins))
+    if not models:
+        # The base alone (see Recipe.base_only): nothing is merged, so nothing to check.
+        return TensorParameters(method=method, models=())
     try:
         spec.check(method, tuple(models))
     except ValueError as error:
@@ -154,6 +157,11 @@ def _candidate_values(setting: ParameterSetting) -> list[Scalar]:
 def check_parameter_values(recipe: Recipe) -> None:
     """Validate every value written in the recipe, wherever it is and whichever tensor it is for.
 
+    Only values the method reads are checked: a parameter it does not use (accepted with a
+    warning, see :mod:`merge_kernels.parameter_names`), one given per model that applies to
+    the whole merge, and the parameters of a base that is not merged mean nothing here, so a
+    value that suits another method or mergekit must not fail.
+
     Raises:
         RecipeError: naming the field of the first invalid value.
     """
@@ -161,17 +169,23 @@ def check_parameter_values(recipe: Recipe) -> None:
 
     spec = recipe.method
     method_names = spec.method_param_names()
-    levels: list[tuple[str, Parameters | None]] = [
-        ("parameters", recipe.parameters),
-        ("slices[0].parameters", recipe.slice_parameters),
+    model_names = spec.model_param_names()
+    shared_names = method_names | model_names
+    levels: list[tuple[str, Parameters | None, set[str]]] = [
+        ("parameters", recipe.parameters, shared_names),
+        ("slices[0].parameters", recipe.slice_parameters, shared_names),
     ]
-    levels += [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models or [])]
+    levels += [
+        (f"models[{i}].parameters", e.parameters, model_names) for i, e in recipe.merged_models()
+    ]
     scopes: list[ParameterScope | None] = [None]
     if is_stacked(recipe):
-        levels = parameter_levels(recipe)
+        levels = [(field, params, shared_names) for field, params in parameter_levels(recipe)]
         scopes = [slice_.scope(spec, recipe) for slice_ in all_slices(recipe)]
-    for field, params in levels:
+    for field, params, read in levels:
         for name, setting in (params or {}).items():
+            if name not in read:
+                continue
             model = spec.params if name in method_names else spec.model_params
             for value in _candidate_values(setting):
                 _validate_one(model, name, value, f"{field}.{name}")

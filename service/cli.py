@@ -84,14 +84,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise
 
 
+def _load(args: argparse.Namespace) -> object:
+    """The recipe file as a recipe or a multi-document merge; warnings go to stderr."""
+    from merge_kernels.multi_merge import MultiMerge, load_merge_file
+
+    loaded = load_merge_file(Path(args.recipe), intermediate_dir=args.intermediate_dir)
+    for warning in loaded.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    if isinstance(loaded, MultiMerge):
+        print(
+            f"note: {len(loaded.steps)} merges; intermediate merges go to "
+            f"{loaded.intermediate_dir}/<name>",
+            file=sys.stderr,
+        )
+    return loaded
+
+
 def _merge(args: argparse.Namespace) -> int:
-    from merge_kernels.recipe import load_recipe
+    from merge_kernels.multi_merge import MultiMerge
+    from merge_kernels.recipe import Recipe
     from merge_kernels.runner import run_merge
     from service.progress_bar import ProgressBar
 
     check_output_folder(Path(args.out_dir), overwrite=args.overwrite)
     check_device_available(args.device)
-    recipe = load_recipe(Path(args.recipe))
+    loaded = _load(args)
+    if isinstance(loaded, MultiMerge):
+        return _merge_all(args, loaded)
+    assert isinstance(loaded, Recipe)
+    recipe = loaded
     bar = None if args.quiet else ProgressBar()
     evaluation = None
     if recipe.method.needs_evaluation or recipe.evaluator is not None:
@@ -128,13 +149,61 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_all(args: argparse.Namespace, merges: object) -> int:
+    """Run a multi-document file's merges in order; the final one writes OUT_DIR."""
+    from merge_kernels.multi_merge import MergeStep, MultiMerge
+    from merge_kernels.multi_merge_run import run_multi_merge
+    from service.progress_bar import ProgressBar
+
+    assert isinstance(merges, MultiMerge)
+    bar = None if args.quiet else ProgressBar()
+
+    def announce(step: MergeStep, target: Path, reused: bool) -> None:
+        if bar is not None:
+            print(file=sys.stderr)
+        doing = "kept from an earlier run:" if reused else "merging into"
+        print(f"{step.label}: {doing} {target}", file=sys.stderr)
+
+    results = run_multi_merge(
+        merges,
+        Path(args.out_dir),
+        _options(args),  # type: ignore[arg-type]
+        progress=bar,
+        announce=announce,
+    )
+    if bar is not None:
+        print(file=sys.stderr)
+    summary = [
+        {
+            "document": item.step.index,
+            "name": item.step.name,
+            "out_dir": str(item.result.out_dir),
+            "reused": item.reused,
+            "tensors": item.result.tensors,
+            "bytes_written": item.result.bytes_written,
+            "seconds": round(item.result.seconds, 3),
+        }
+        for item in results
+    ]
+    print(json.dumps({"out_dir": str(results[-1].result.out_dir), "merges": summary}, indent=2))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan report as JSON; exit 1 if the inputs are incompatible."""
-    from merge_kernels.recipe import load_recipe
+    from merge_kernels.multi_merge import MultiMerge
+    from merge_kernels.multi_merge_run import plan_multi_merge
+    from merge_kernels.recipe import Recipe
     from merge_kernels.runner import close_inputs, plan_merge
 
     check_device_available(args.device)
-    recipe = load_recipe(Path(args.recipe))
+    loaded = _load(args)
+    if isinstance(loaded, MultiMerge):
+        report = plan_multi_merge(loaded, None, _options(args))  # type: ignore[arg-type]
+        print(json.dumps(report, indent=2))
+        return 0 if report["ok"] else 1
+    assert isinstance(loaded, Recipe)
+    recipe = loaded
     plan, inputs = plan_merge(recipe, _options(args))  # type: ignore[arg-type]
     try:
         print(json.dumps(plan.report(), indent=2))
@@ -212,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--allow-pickle",
             action="store_true",
             help="accept .bin/.pt checkpoints via torch's weights-only loader",
+        )
+        sub.add_argument(
+            "--intermediate-dir",
+            type=Path,
+            default=None,
+            help="multi-document recipes: where named merges are written, each in a folder "
+            "of its name (default: RECIPE-intermediates beside the recipe file)",
         )
 
     merge = commands.add_parser("merge", help="merge a recipe into OUT_DIR")

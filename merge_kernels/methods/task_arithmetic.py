@@ -62,8 +62,9 @@ class SparseModelParams(WeightParams):
         None,
         gt=0.0,
         le=1.0,
-        description="Fraction of this model's task-vector entries to keep, in (0, 1]. "
-        "Required (the TIES paper uses 0.2); 1 keeps everything.",
+        description="Fraction of this model's task-vector entries to keep, in (0, 1] (the "
+        "TIES paper uses 0.2). Unset: 1, every entry kept (mergekit's default), with a "
+        "warning.",
     )
 
 
@@ -287,12 +288,7 @@ def check_normalized_weights(params: MethodParams, model_params: tuple[WeightPar
 
 
 def _check_density(params: MethodParams, model_params: tuple[SparseModelParams, ...]) -> None:
-    for position, p in enumerate(model_params):
-        if p.density is None:
-            raise ValueError(
-                f"density is required for model {position} (a fraction in (0, 1]; "
-                "the TIES paper uses 0.2, DARE papers 0.1 to 0.3)"
-            )
+    # An unset density means 1 (keep everything), as in mergekit; the recipe warns about it.
     if isinstance(params, TaskArithmeticParams):
         check_normalized_weights(params, model_params)
 

@@ -124,7 +124,17 @@ def _decode(body: bytes, content_type: str) -> object:
         if media_type in _JSON_TYPES or media_type.endswith("+json"):
             document: object = json.loads(body)
         elif media_type in _YAML_TYPES:
-            document = yaml.load(body, Loader=_NoAliasLoader)  # a SafeLoader without aliases
+            documents = list(yaml.load_all(body, Loader=_NoAliasLoader))  # SafeLoader, no aliases
+            if len(documents) > 1:
+                raise ApiError(
+                    422,
+                    "invalid_recipe",
+                    "multi-document recipe files (mergekit-multimerge, documents with `name`) "
+                    "are not accepted by the service: submit each merge on its own, or run the "
+                    "file with `tureen merge FILE OUT_DIR`",
+                    details={"field": "body"},
+                )
+            document = documents[0] if documents else None
         else:
             raise ApiError(
                 415,
@@ -221,6 +231,12 @@ async def read_recipe_request(request: Request, settings: SettingsDep) -> Recipe
     if not isinstance(document, dict):
         raise RecipeError(
             "recipe", "the body must be a mapping with merge_method, models, parameters..."
+        )
+    if "recipes" in document and "merge_method" not in document:
+        raise RecipeError(
+            "recipes",
+            "several merges in one request (mergekit-multimerge) are not accepted by the "
+            "service: submit each merge on its own, or run them with `tureen merge FILE OUT_DIR`",
         )
     recipe_document = {key: value for key, value in document.items() if key != "output"}
     output = _output_options(document.get("output"))

@@ -338,6 +338,12 @@ class PlanReport(BaseModel):
     ok: bool
     problems: list[str]
     notes: list[str]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the recipe gets away with, as mergekit accepts it (`field: "
+        "message`): parameters the method does not use, an assumed density. `strict: true` "
+        "in the recipe makes each an error.",
+    )
     inputs: list[PlanInput]
     output: PlanOutput
     peak_memory_bytes_estimate: int

@@ -292,6 +292,7 @@ class JobManager:
                 recipe=recipe.model_dump(mode="json"),
                 output=output,
                 created_at=utcnow(),
+                warnings=recipe.warnings(),
                 publish=(  # publishing to the Hub
                     Publisher.initial(output.publish, hub_token) if output.publish else None
                 ),

@@ -189,6 +189,12 @@ class Job(BaseModel):
         None, description="Seconds the successful run took (its last attempt)."
     )
     worker_pid: int | None = Field(None, description="Process id of the worker running it.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the recipe gets away with, as mergekit accepts it (`field: "
+        "message`): parameters the method does not use, an assumed density. `strict: true` "
+        "in the recipe makes each an error.",
+    )
     evaluation: dict[str, Any] | None = Field(  # scored merges and greedy soups
         None,
         description="The evaluation report of a greedy soup or of a merge with an evaluator: "

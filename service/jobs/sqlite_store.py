@@ -27,7 +27,7 @@ from service.jobs.models import Job, JobProgress, JobStatus
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError, JobStore
 
 _JSON_COLUMNS = frozenset(
-    {"recipe", "output", "progress", "error", "files", "publish", "evaluation"}
+    {"recipe", "output", "progress", "error", "files", "publish", "evaluation", "warnings"}
 )
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at"})
 _JOB_COLUMNS = tuple(Job.model_fields)

@@ -203,7 +203,10 @@ def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
         (recipe(parameters={"density": -0.1}), "parameters.density"),
         (recipe(parameters={"densty": 0.1}), "parameters.densty"),
         (
-            recipe(models=[{"model": "org/a", "parameters": {"density": 0.1, "normalize": True}}]),
+            recipe(
+                models=[{"model": "org/a", "parameters": {"density": 0.1, "normalize": True}}],
+                strict=True,
+            ),
             "models[0].parameters.normalize",
         ),
         (recipe(majority_sign_method="total"), "majority_sign_method"),

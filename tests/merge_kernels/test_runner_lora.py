@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from merge_kernels.recipe import parse_recipe
-from merge_kernels.runner import MergeOptions, run_merge
+from merge_kernels.runner import MergeOptions, close_inputs, plan_merge, run_merge
 from tests.merge_kernels.checkpoints.tiny_models import make_lora_adapter, save_tiny_llama
 
 
@@ -51,3 +51,31 @@ def test_task_arithmetic_of_lora_inputs_matches_peft(tmp_path: Path) -> None:
         assert torch.allclose(tensor, expected, atol=1e-6), name
     changed = [n for n in written if not torch.equal(written[n], base[n])]
     assert any("q_proj" in n for n in changed) and any("up_proj" in n for n in changed)
+
+
+def test_the_base_alone_as_base_plus_adapter_bakes_the_adapter_in(tmp_path: Path) -> None:
+    base_model = save_tiny_llama(tmp_path / "base", seed=0)
+    merged = make_lora_adapter(
+        base_model, tmp_path / "lora", seed=3, r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
+    for method, reference in (("task_arithmetic", "peft"), ("ties", "paper")):
+        recipe = parse_recipe(
+            {
+                "merge_method": method,
+                "base_model": "base+lora",
+                "models": [{"model": "base+lora", "parameters": {"weight": 0.3}}],
+                "parameters": {"normalize": True},
+                "reference": reference,
+            },
+            base_dir=tmp_path,
+        )
+        options = MergeOptions(base_dir=tmp_path)
+        plan, inputs = plan_merge(recipe, options)
+        close_inputs(inputs)
+        assert [item.role for item in plan.inputs] == ["base"]
+        assert any("LoRA bake-in" in note for note in plan.report()["notes"])
+        result = run_merge(recipe, tmp_path / f"out-{method}", options)
+        written = load_file(result.out_dir / "model.safetensors")
+        assert written.keys() == merged.keys()
+        for name, tensor in written.items():
+            assert torch.equal(tensor, merged[name]), name

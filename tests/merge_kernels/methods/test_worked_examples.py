@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from merge_kernels.methods.kernel import TensorContext
@@ -213,7 +212,21 @@ def test_dare_mask_depends_on_seed_model_and_tensor_name() -> None:
     assert not torch.equal(reference, drop(0, 0, "v"))
 
 
-def test_density_is_required_for_ties_except_under_mergekit_defaults() -> None:
-    with pytest.raises(ValueError, match="density is required"):
-        merge("ties", [t(1.0)], base=t(0.0))
-    assert torch.allclose(merge("ties", [t(1.0)], base=t(0.0), reference="mergekit"), t(1.0))
+def test_unset_density_keeps_every_entry_under_every_reference() -> None:
+    # mergekit's default density is 1: nothing is trimmed or dropped.
+    for method in ("ties", "dare_ties", "dare_linear"):
+        for reference in ("peft", "mergekit", "paper"):
+            # the paper's TIES trims per model, which only the runner can: trim per tensor
+            params = {"trim_scope": "tensor"} if (method, reference) == ("ties", "paper") else {}
+            merged = merge(
+                method, [t(1.0), t(-3.0)], base=t(0.0), params=params, reference=reference
+            )
+            kept = merge(
+                method,
+                [t(1.0), t(-3.0)],
+                base=t(0.0),
+                params=params,
+                model_params=[{"density": 1.0}, {"density": 1.0}],
+                reference=reference,
+            )
+            assert torch.equal(merged, kept), (method, reference)
