@@ -4,7 +4,8 @@ Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``, and the single-slice form of ``slices``), so a mergekit config for a
 supported method is accepted unchanged. tureen adds ``seed`` (DARE's masks),
-``reference`` (whose defaults unset options follow) and ``allow_non_finite`` (write a merge
+``reference`` (whose defaults unset options follow), ``compute_dtype`` (float32 math, or
+mergekit's in ``dtype``) and ``allow_non_finite`` (write a merge
 whose tensors hold NaN or infinities instead of failing). Validation is strict: every error
 names the field and says what is allowed; parameter numbers must be finite.
 """
@@ -99,12 +100,23 @@ class Recipe(BaseModel):
     layer_range: tuple[int, int] | None = Field(
         None, description="The slice's layer range (filled from `slices`), checked by the plan."
     )
-    dtype: str | None = Field(None, description="Dtype inputs are read as (float32 math anyway).")
+    dtype: str | None = Field(
+        None,
+        description="The output's dtype when out_dtype is unset; with compute_dtype: dtype "
+        "also the dtype inputs are converted to and merged in.",
+    )
     out_dtype: str | None = Field(None, description="Dtype of the merged tensors.")
     tokenizer_source: ModelReference | None = Field(
         None, description="`base` (default) or a model reference whose tokenizer is copied."
     )
     seed: int = Field(0, ge=0, description="Seed of DARE's random masks.")
+    compute_dtype: Literal["float32", "dtype"] | None = Field(
+        None,
+        description="What the kernels compute in: `float32` (inputs widened, one rounding "
+        "to the output dtype) or `dtype` (inputs converted to `dtype`, or kept in their "
+        "stored dtype when it is unset, and each method computed in mergekit's precision and "
+        "order). Unset: `dtype` with reference mergekit, else `float32`.",
+    )
     reference: Reference = Field(
         "peft", description="Whose defaults unset options follow: peft, mergekit or paper."
     )
