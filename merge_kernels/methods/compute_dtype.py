@@ -54,6 +54,7 @@ _NAMES = {
     "bf16": torch.bfloat16,
 }
 
+_ARITHMETIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ZERO_WEIGHT_SUM = 1e-8  # below this |Σ wᵢ| counts as 0 and is not divided by (mergekit)
 
 
@@ -69,7 +70,8 @@ def compute_dtype(recipe: Recipe, inputs: Sequence[torch.Tensor]) -> torch.dtype
     """The dtype a merge of ``inputs`` computes in.
 
     float32 unless the recipe computes in its dtype; then ``dtype``, or, when the recipe
-    leaves it unset, the inputs' stored dtypes promoted together (mergekit's rule).
+    leaves it unset, the inputs' stored dtypes promoted together (mergekit's rule; float32
+    for float8 inputs).
     """
     if not computes_in_dtype(recipe):
         return torch.float32
@@ -78,7 +80,8 @@ def compute_dtype(recipe: Recipe, inputs: Sequence[torch.Tensor]) -> torch.dtype
     dtype = inputs[0].dtype
     for tensor in inputs[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+    # float8 has almost no arithmetic in torch: such inputs are merged in float32
+    return dtype if dtype in _ARITHMETIC_DTYPES else torch.float32
 
 
 def merge_in_dtype(

@@ -130,6 +130,8 @@ def test_compute_dtype_follows_the_reference_unless_set() -> None:
     assert compute_dtype(recipe(reference="mergekit", dtype="fp16"), bf16) == torch.float16
     assert compute_dtype(recipe(reference="mergekit"), bf16) == torch.bfloat16
     assert compute_dtype(recipe(reference="mergekit"), mixed) == torch.float32  # promoted
+    fp8 = [torch.zeros(2, dtype=torch.float8_e4m3fn)] * 2
+    assert compute_dtype(recipe(reference="mergekit"), fp8) == torch.float32
     assert not computes_in_dtype(recipe(reference="mergekit", compute_dtype="float32"))
     assert compute_dtype(recipe(compute_dtype="dtype", dtype="bfloat16"), bf16) == torch.bfloat16
 
