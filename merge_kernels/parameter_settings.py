@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from merge_kernels.methods.kernel import Reference
+
 Scalar = bool | int | float | str
 Gradient = list[Scalar]
 
@@ -102,14 +104,20 @@ def layer_index(tensor_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def layer_position(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits in the stack, from 0 (first block) to 1 (last), as mergekit does.
+def layer_position(tensor_name: str, num_layers: int, reference: Reference = "peft") -> float:
+    """Where a tensor sits in the stack, from 0 (first block) to 1 (last): the ``t`` at which
+    a gradient is evaluated for it.
 
-    Block i of L sits at i / (L − 1). Tensors outside the blocks sit at 0 when they come
-    before them (embeddings) and at 1 otherwise (final norm, LM head).
+    Block i of L sits at i / (L − 1), and a single block at 1, as in mergekit. A tensor
+    outside the blocks sits where it acts: at 0 when it comes before them (embeddings) and at
+    1 otherwise (final norm, LM head), which is also what mergekit did until its
+    multi-module planner (March 2025). With ``reference: mergekit`` every tensor outside the
+    blocks sits at 0, as mergekit 0.1.5 plans its pre- and post-block weights with t = 0.
     """
     index = layer_index(tensor_name)
     if index is None:
+        if reference == "mergekit":
+            return 0.0
         return 0.0 if _EMBEDDING_PATTERN.search(tensor_name) else 1.0
     if num_layers <= 1:
         return 1.0

@@ -4,7 +4,9 @@ Soups, task arithmetic and TIES run, on the CPU, as fused loops over the inputs 
 stored dtype (:mod:`merge_kernels.fused`). Otherwise the inputs are
 converted to float32 (into buffers reused from piece to piece), the kernel gets its context
 (tensor name, seed, model indices, chunk offset, trim thresholds) and the result is cast
-once to the output dtype.
+once to the output dtype. A recipe that computes in its dtype (``compute_dtype: dtype``) has
+its inputs converted to that dtype instead and merged with mergekit's arithmetic
+(:mod:`merge_kernels.methods.compute_dtype`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from merge_kernels.finite_check import (
 from merge_kernels.fused import handles, ties_into, trim_thresholds, weighted_sum_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
+from merge_kernels.methods.compute_dtype import compute_dtype, computes_in_dtype, merge_in_dtype
 from merge_kernels.methods.kernel import MergeInputs, TensorContext, TrimState
 from merge_kernels.methods.magnitude_select import (
     NaNMagnitudeError,
@@ -115,6 +118,8 @@ class PieceMerger:
         if not tensor.params.models:  # the base alone (Recipe.base_only), as mergekit writes it
             return raw[0].to(torch_dtype(tensor.dtype))
         spec = self.plan.recipe.method
+        if computes_in_dtype(self.plan.recipe):
+            return self._compute_in_dtype(unit, raw)
         if self.device.type == "cpu" and spec.weighted_form is not None:
             fused = self._compute_fused(unit, raw)
             if fused is not None:
@@ -276,6 +281,40 @@ class PieceMerger:
             return merged
         host = torch.empty(merged.shape, dtype=out_dtype, pin_memory=True)
         return host.copy_(merged)  # into pinned memory: a DMA copy, not a staged one
+
+    def _compute_in_dtype(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor:
+        """The piece merged in the recipe's dtype with mergekit's arithmetic (no fused loop:
+        those compute in float32)."""
+        tensor = unit.tensor
+        assert tensor.params is not None
+        dtype = compute_dtype(self.plan.recipe, raw)
+        inputs = [piece.to(device=self.device, dtype=dtype) for piece in raw]
+        base = inputs[0] if tensor.has_base else None
+        context = TensorContext(
+            name=tensor.name,
+            seed=self.plan.recipe.seed,
+            model_indices=tensor.model_indices,
+            offset=unit.offset,
+            trims=self._trims_for(unit),
+        )
+        spec = self.plan.recipe.method
+        try:
+            merged = merge_in_dtype(
+                spec.name,
+                spec.kernel,
+                MergeInputs(
+                    base=base,
+                    models=inputs[1:] if tensor.has_base else inputs,
+                    model_params=tensor.params.models,
+                ),
+                tensor.params.method,
+                context,
+            )
+        except ValueError as error:
+            if isinstance(error, NaNMagnitudeError):
+                raise
+            raise RecipeError("parameters", f"{error} (tensor {tensor.name})") from None
+        return merged.to(device="cpu", dtype=torch_dtype(tensor.dtype))
 
     def _as_float32(self, position: int, piece: torch.Tensor) -> torch.Tensor:
         """``piece`` in float32 on the device, converted into a buffer kept per input.

@@ -353,7 +353,9 @@ def build_plan(
         floating = entry.dtype in _FLOAT_CODES
         dtype = _DTYPE_CODES[wanted] if (wanted and floating) else entry.dtype
         params = (
-            resolve_parameters(recipe, name, layer_position(name, layers)) if floating else None
+            resolve_parameters(recipe, name, layer_position(name, layers, recipe.reference))
+            if floating
+            else None
         )
         if not floating:
             plan.notes.append(

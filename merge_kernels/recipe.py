@@ -5,7 +5,8 @@ Its keys follow mergekit's configuration (``merge_method``, ``base_model``,
 ``tokenizer_source``, ``tokenizer``, ``chat_template``, layer stacking with ``slices`` and
 multi-module models with ``modules``), so a mergekit config for a supported method is
 accepted unchanged. tureen adds ``seed`` (DARE's masks), ``reference`` (whose defaults unset
-options follow), ``allow_non_finite`` (write a merge whose tensors hold NaN or infinities
+options follow), ``compute_dtype`` (float32 math, or mergekit's in ``dtype``),
+``allow_non_finite`` (write a merge whose tensors hold NaN or infinities
 instead of failing), ``name`` (a document's name in a multi-document file, see
 :mod:`merge_kernels.multi_merge`) and ``strict``. Every error names the field and says what
 is allowed; parameter numbers must be finite. Where mergekit is lenient (a parameter the
@@ -140,7 +141,11 @@ class Recipe(BaseModel):
     layer_range: tuple[int, int] | None = Field(
         None, description="The slice's layer range (filled from `slices`), checked by the plan."
     )
-    dtype: str | None = Field(None, description="Dtype inputs are read as (float32 math anyway).")
+    dtype: str | None = Field(
+        None,
+        description="The output's dtype when out_dtype is unset; with compute_dtype: dtype "
+        "also the dtype inputs are converted to and merged in.",
+    )
     out_dtype: str | None = Field(None, description="Dtype of the merged tensors.")
     tokenizer_source: ModelReference | None = Field(
         None,
@@ -154,6 +159,13 @@ class Recipe(BaseModel):
         None, description="A template name (chatml, llama3, ..., auto) or a Jinja template."
     )
     seed: int = Field(0, ge=0, description="Seed of DARE's random masks.")
+    compute_dtype: Literal["float32", "dtype"] | None = Field(
+        None,
+        description="What the kernels compute in: `float32` (inputs widened, one rounding "
+        "to the output dtype) or `dtype` (inputs converted to `dtype`, or kept in their "
+        "stored dtype when it is unset, and each method computed in mergekit's precision and "
+        "order). Unset: `dtype` with reference mergekit, else `float32`.",
+    )
     reference: Reference = Field(
         "peft", description="Whose defaults unset options follow: peft, mergekit or paper."
     )

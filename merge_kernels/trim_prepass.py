@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from merge_kernels.methods.compute_dtype import compute_dtype
 from merge_kernels.methods.kernel import TrimState
 from merge_kernels.methods.magnitude_select import (
     MagnitudeThreshold,
@@ -31,9 +32,15 @@ from merge_kernels.plan import MergePlan
 
 
 def task_vectors(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
-    """Each model's task vector over ``piece``, flattened, in float32."""
-    base, *models = (tensor.float() for tensor in read_piece(plan, piece))
-    return [(model - base).reshape(-1) for model in models]
+    """Each model's task vector over ``piece``, flattened, in float32.
+
+    A recipe that computes in its dtype subtracts in that dtype first, so the magnitudes
+    ranked are those of the task vectors the merge trims.
+    """
+    raw = read_piece(plan, piece)
+    dtype = compute_dtype(plan.recipe, raw)
+    base, *models = (tensor.to(dtype) for tensor in raw)
+    return [(model - base).float().reshape(-1) for model in models]
 
 
 def stream_trim_states(

@@ -12,8 +12,9 @@
 
 Defaults follow PEFT's ``merge_utils``. ``reference: mergekit`` elects signs on the
 weighted task vectors, divides by the sum of agreeing weights and rescales DARE by the L1
-norm; ``reference: paper`` trims one threshold per model, keeps every entry at the threshold
-and resolves zero votes by the majority sign.
+norm (and the merge computes in the recipe's dtype in mergekit's order of operations:
+:mod:`merge_kernels.methods.compute_dtype`); ``reference: paper`` trims one threshold per
+model, keeps every entry at the threshold and resolves zero votes by the majority sign.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class TiesParams(ConsensusParams):
     trim_ties: TieRule = Field(
         "exact_k",
         description="At the trim threshold keep exactly k entries, lowest flat index first "
-        "(`exact_k`, PEFT/mergekit) or every |τ| ≥ threshold (`threshold`, the paper).",
+        "(`exact_k`: k as PEFT and mergekit keep, whose topk/argsort leaves which tied "
+        "entries unspecified) or every |τ| ≥ threshold (`threshold`, the paper).",
     )
     trim_scope: Literal["tensor", "model"] = Field(
         "tensor",

@@ -156,13 +156,24 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
             Field(None, description="Instead of `models` or `slices`: per module."),
         ),
         "parameters": (whole | None, None),
-        "dtype": (DTypeName | None, Field(None, description="Dtype inputs are read as.")),
+        "dtype": (
+            DTypeName | None,
+            Field(None, description="The output's dtype if out_dtype is unset; see compute_dtype."),
+        ),
         "out_dtype": (DTypeName | None, Field(None, description="Dtype of the merged tensors.")),
         "tokenizer_source": (
             ModelReferenceDoc | None,
             Field(None, description="`base` (default) or a model whose tokenizer is copied."),
         ),
         "seed": (int, Field(0, ge=0, description="Seed of DARE's random masks.")),
+        "compute_dtype": (
+            Literal["float32", "dtype"] | None,
+            Field(
+                None,
+                description="`float32` (default) or `dtype`: merge in `dtype` as mergekit "
+                "does (the default with reference mergekit).",
+            ),
+        ),
         "reference": (
             Literal["peft", "mergekit", "paper"],
             Field("peft", description="Whose defaults unset options follow."),
