@@ -273,6 +273,16 @@ def _error(error: BaseException) -> str:
 
 def evaluate(path: Path, root: Path) -> CorpusResult:
     """Map, run with both engines and compare one corpus config."""
+    # Tiny tensors: thread start-up costs more than it saves, badly so on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _evaluate(path, root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(path: Path, root: Path) -> CorpusResult:
     documents = load_documents(path)
     result = CorpusResult(path.stem, [str(doc["merge_method"]) for doc in documents])
     mapped = map_config(documents, root / "shared", lambda name: _STAGE + name)
