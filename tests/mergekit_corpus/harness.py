@@ -123,9 +123,9 @@ def _stage_dir(out_root: Path, index: int, name: str | None) -> Path:
 
 def run_mergekit(mapped: MappedConfig, out_root: Path) -> Path:
     """Run every document with mergekit; returns the last output folder."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mergekit_run
-    from mergekit.options import MergeOptions as MergekitOptions
+    from mergekit.config import MergeConfiguration  # type: ignore[import-untyped]
+    from mergekit.merge import run_merge as mergekit_run  # type: ignore[import-untyped]
+    from mergekit.options import MergeOptions as MergekitOptions  # type: ignore[import-untyped]
 
     options = MergekitOptions(
         device="cpu",
@@ -174,8 +174,8 @@ def _config(folder: Path) -> dict[str, Any]:
 
 def _relative_l2(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     a, b = ours.double(), theirs.double()
-    scale = max(b.norm().item(), 1e-30)
-    return (a - b).norm().item() / scale
+    scale = max(float(b.norm().item()), 1e-30)
+    return float((a - b).norm().item()) / scale
 
 
 def _compare_structure(ours: Path, theirs: Path, comparison: Comparison) -> bool:

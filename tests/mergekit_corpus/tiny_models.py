@@ -79,7 +79,8 @@ def _base_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(_seed("base|" + name))
     if len(shape) == 1:
         return torch.ones(shape) + 0.1 * torch.randn(shape, generator=generator)
-    return torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+    drawn: torch.Tensor = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+    return drawn
 
 
 def _weights(spec: ModelSpec, shape: LlamaShape) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ def write_tokenizer(folder: Path, extra: list[str]) -> None:
     """A tiny word-level tokenizer: shared base words, then this model's extra tokens."""
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(BASE_VOCAB - 3)] + extra
     tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
