@@ -228,10 +228,13 @@ def known_layouts(checkpoint: Checkpoint) -> dict[str, ModuleLayout]:
 
     Raises:
         RecipeError: (field ``modules``) the checkpoint's ``model_type`` has no known
-            modules.
+            modules and it is not a single-module model (whose one module is ``default``).
     """
     model_type = str(checkpoint.config.get("model_type", ""))
     layouts = LAYOUTS.get(model_type)
+    if layouts is None and _single_stack(checkpoint):
+        # mergekit names the one module of a single-module architecture `default`.
+        return {"default": whole_model_layout(checkpoint)}
     if layouts is None:
         known = ", ".join(sorted(LAYOUTS))
         raise RecipeError(
@@ -241,6 +244,14 @@ def known_layouts(checkpoint: Checkpoint) -> dict[str, ModuleLayout]:
             "`slices` or `models` for a single-module model",
         )
     return {layout.name: layout for layout in layouts}
+
+
+def _single_stack(checkpoint: Checkpoint) -> bool:
+    try:
+        whole_model_layout(checkpoint)
+    except RecipeError:
+        return False
+    return True
 
 
 def whole_model_layout(checkpoint: Checkpoint) -> ModuleLayout:

@@ -305,13 +305,14 @@ def build_plan(
     if _stacks_layers(recipe, layers):
         from merge_kernels.stacked_plan import plan_stacked
 
-        plan_stacked(plan, chunk_elements, whole_trim_elements, wanted)
         if vocabulary is not None and _moves_rows(vocabulary, inputs):
             plan.problems.append(
                 "a tokenizer whose vocabulary differs from an input's (tokenizer_source: union "
                 "or a model with other tokens, or a tokenizer block adding tokens) cannot be "
                 "combined with slices or modules yet: use the base's tokenizer there"
             )
+            return plan
+        plan_stacked(plan, chunk_elements, whole_trim_elements, wanted)
         if plan.tensors or not plan.problems:  # a bad layer range plans no tensor: say only that
             _finish(plan, max_shard_bytes)
         return plan

@@ -147,16 +147,21 @@ def test_unknown_module_names_are_refused_with_a_suggestion(vl: dict[str, Any]) 
     assert caught.value.field == "modules.vision_towr"
 
 
-def test_modules_on_a_single_module_model_are_refused(tmp_path: Path) -> None:
+def test_a_single_module_model_has_only_the_default_module(tmp_path: Path) -> None:
     shape = LlamaShape(vocab_size=16, hidden_size=8, intermediate_size=8, num_attention_heads=2)
     llama = str(write_checkpoint(tmp_path / "llama", shape, seed=1))
     document = {
         "merge_method": "linear",
         "modules": {"text_decoder": {"models": [{"model": llama}]}},
     }
-    with pytest.raises(RecipeError, match="llama") as caught:
+    with pytest.raises(RecipeError, match="its modules: default") as caught:
         plan_merge(parse_recipe(document), MergeOptions())
-    assert caught.value.field == "modules"
+    assert caught.value.field == "modules.text_decoder"
+    # mergekit's name for the one module of a single-module model plans like `models`
+    document["modules"] = {"default": {"models": [{"model": llama}]}}
+    plan, inputs = plan_merge(parse_recipe(document), MergeOptions())
+    close_inputs(inputs)
+    assert not plan.problems and len(plan.tensors) == len(shape.tensors())
 
 
 def test_module_layer_range_errors_name_the_module(vl: dict[str, Any]) -> None:

@@ -199,10 +199,11 @@ def test_an_optional_base_is_opened_as_the_base(
         (
             {
                 "merge_method": "karcher",
+                "strict": True,
                 "models": [entry("m", weight=1.0)],
             },
             "models[0].parameters.weight",
-            "unknown per-model parameter",
+            "karcher does not use 'weight'",
         ),
     ],
 )
