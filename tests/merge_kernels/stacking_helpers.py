@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from safetensors.torch import load_file
 
-from merge_kernels import registry
-from merge_kernels.methods.kernel import MergeInputs, MethodParams, ModelParams, TensorContext
 from merge_kernels.recipe import parse_recipe
-from merge_kernels.registry import MethodSpec
 from merge_kernels.runner import MergeOptions, run_merge
 
 
@@ -56,41 +50,3 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
         error = torch.linalg.vector_norm(got.double() - expected.double())
         scale = torch.linalg.vector_norm(expected.double()).clamp_min(1e-30)
         assert error / scale <= 1e-6, f"{name}: relative L2 error {float(error / scale):.3g}"
-
-
-class _Scale(ModelParams):
-    scale: float | None = Field(None, description="Multiplies the source's tensors.")
-
-
-def _passthrough(inputs: MergeInputs, params: MethodParams, ctx: TensorContext) -> torch.Tensor:
-    (model,) = inputs.models
-    (own,) = inputs.model_params
-    scale = getattr(own, "scale", None)
-    return model.clone() if scale is None else model * scale
-
-
-@contextmanager
-def passthrough_method() -> Iterator[str]:
-    """The name ``passthrough``: the registered method, or a minimal stand-in for the test."""
-    try:
-        registry.get_method("passthrough")
-    except Exception:
-        spec = MethodSpec(
-            name="passthrough",
-            title="Passthrough (test stand-in)",
-            paper="mergekit's passthrough",
-            params=MethodParams,
-            model_params=_Scale,
-            kernel=_passthrough,
-            needs_base=False,
-            description="Copies its one source.",
-            max_models=1,
-            chunkable=lambda params: True,
-        )
-        registry._REGISTRY["passthrough"] = spec
-        try:
-            yield "passthrough"
-        finally:
-            registry._REGISTRY.pop("passthrough", None)
-        return
-    yield "passthrough"

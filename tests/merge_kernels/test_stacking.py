@@ -15,7 +15,6 @@ from tests.merge_kernels.stacking_helpers import (
     assert_same_tensors,
     config_of,
     mergekit_merge,
-    passthrough_method,
     tureen_merge,
 )
 
@@ -48,33 +47,31 @@ def _both(document: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dic
 
 
 def test_frankenmerge_of_one_model_matches_mergekit(models: dict[str, str], tmp_path: Path) -> None:
-    with passthrough_method() as method:
-        document = {
-            "merge_method": method,
-            "dtype": "float32",
-            "slices": [
-                {"sources": [{"model": models["a"], "layer_range": [0, 2]}]},
-                {"sources": [{"model": models["a"], "layer_range": [1, 3]}]},
-            ],
-        }
-        ours, theirs = _both(document, tmp_path)
+    document = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": models["a"], "layer_range": [0, 2]}]},
+            {"sources": [{"model": models["a"], "layer_range": [1, 3]}]},
+        ],
+    }
+    ours, theirs = _both(document, tmp_path)
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == 4
 
 
 def test_frankenmerge_of_two_models_of_different_depths_matches_mergekit(
     models: dict[str, str], tmp_path: Path
 ) -> None:
-    with passthrough_method() as method:
-        document = {
-            "merge_method": method,
-            "dtype": "float32",
-            "slices": [
-                {"sources": [{"model": models["a"], "layer_range": [0, 3]}]},
-                {"sources": [{"model": models["c"], "layer_range": [1, 3]}]},
-                {"sources": [{"model": models["a"], "layer_range": [3, 4]}]},
-            ],
-        }
-        ours, theirs = _both(document, tmp_path)
+    document = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": models["a"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": models["c"], "layer_range": [1, 3]}]},
+            {"sources": [{"model": models["a"], "layer_range": [3, 4]}]},
+        ],
+    }
+    ours, theirs = _both(document, tmp_path)
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == 6
 
 
