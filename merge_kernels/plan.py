@@ -248,9 +248,14 @@ def _mixed_kinds(
     )
 
 
-def _check_configs(plan: MergePlan) -> None:
+_MATCHING_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "model_type")
+
+
+def check_configs(plan: MergePlan, keys: Sequence[str] = _MATCHING_KEYS) -> None:
+    """A problem for every input whose config disagrees with the first input's on ``keys``
+    (``vocab_size`` is not compared when the merge builds its own vocabulary)."""
     reference = plan.inputs[0].checkpoint
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "model_type"):
+    for key in keys:
         if key == "vocab_size" and plan.vocabulary is not None:
             continue  # inputs' vocabularies are aligned to the built one
         expected = reference.config.get(key)
@@ -316,7 +321,7 @@ def build_plan(
         if plan.tensors or not plan.problems:  # a bad layer range plans no tensor: say only that
             _finish(plan, max_shard_bytes)
         return plan
-    _check_configs(plan)
+    check_configs(plan)
     indices = tuple(
         item.recipe_index if item.recipe_index is not None else position
         for position, item in enumerate(inputs)

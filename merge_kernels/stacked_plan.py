@@ -32,6 +32,7 @@ from merge_kernels.plan import (
     _chunking,
     _mixed_kinds,
     _source_for,
+    check_configs,
 )
 from merge_kernels.slices import PlannedSlice, Structure, input_references, structure_of
 from merge_kernels.suggestions import did_you_mean
@@ -141,16 +142,7 @@ def _layouts(
 
 def _check_configs(plan: MergePlan) -> None:
     # Layer counts may differ between stacked models; the rest must agree.
-    reference = plan.inputs[0].checkpoint
-    for key in ("vocab_size", "hidden_size", "model_type"):
-        expected = reference.config.get(key)
-        for item in plan.inputs[1:]:
-            value = item.checkpoint.config.get(key)
-            if expected is not None and value is not None and value != expected:
-                plan.problems.append(
-                    f"{item.checkpoint.display_name} has {key}={value} but "
-                    f"{reference.display_name} has {key}={expected}"
-                )
+    check_configs(plan, ("vocab_size", "hidden_size", "model_type"))
 
 
 def _groups(
