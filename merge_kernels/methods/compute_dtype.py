@@ -30,6 +30,11 @@ from typing import Any
 
 import torch
 
+from merge_kernels.methods.compute_dtype_sparse import (
+    breadcrumbs_in_dtype,
+    della_in_dtype,
+    sce_in_dtype,
+)
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.magnitude_select import apply_threshold_mask, top_k_magnitude_mask
 from merge_kernels.methods.steps import (
@@ -267,4 +272,9 @@ _ARITHMETIC: dict[str, Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
     "ties": _task_vector_merge,
     "dare_linear": _task_vector_merge,
     "dare_ties": _task_vector_merge,
+    "della": della_in_dtype,
+    "della_linear": della_in_dtype,
+    "breadcrumbs": breadcrumbs_in_dtype,
+    "breadcrumbs_ties": breadcrumbs_in_dtype,
+    "sce": sce_in_dtype,
 }

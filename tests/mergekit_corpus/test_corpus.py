@@ -80,11 +80,13 @@ _COMPUTE_DTYPE = (
 )
 # Configs tureen accepts whose output still differs from mergekit's beyond the tolerances,
 # and why. The test below fails when one of them starts to match, so the list only shrinks.
+# Entries tied in magnitude (TIES, Breadcrumbs) or variance (SCE) at a trim edge are not a
+# gap: mergekit's sorts leave their order unspecified, and the harness runs mergekit with
+# that order pinned to tureen's (``pinned_ties``), so such configs compare value for value.
 PARITY_GAPS = {
     name: _COMPUTE_DTYPE
     for name in (
-        "arcee_fusion_quoted_paths", "breadcrumbs_lambda_chat_template",
-        "breadcrumbs_saul_biomistral", "breadcrumbs_ties_gradients",
+        "arcee_fusion_quoted_paths",
         "karcher_named_first_union",
         "karcher_quoted_windows_paths", "mergekit_example_arcee_fusion",
         "model_stock_base_listed_comments", "model_stock_lora_adapters",
@@ -92,13 +94,9 @@ PARITY_GAPS = {
         "model_stock_slices", "model_stock_windows_paths", "multimerge_nuslerp_passthrough",
         "multislerp_base_chat_template", "nearswap_base_listed",
         "nearswap_esotericsage_gradient", "nearswap_named_first_tokenizer_model",
-        "ram_wizard_recipe", "ramplus_tl_wizard_recipe", "review13_breadcrumbs_ties",
-        "review13_model_stock_two", "review13_nuslerp_base", "review13_sce_lambda",
-        "sce_lora_base",
+        "ram_wizard_recipe", "ramplus_tl_wizard_recipe",
+        "review13_model_stock_two", "review13_nuslerp_base",
     )
-} | {
-    name: "not yet diagnosed: a fp16/bf16 TIES or linear config with gradients or a union"
-    for name in ("mergekit_example_ties", "mergekit_example_bio_merge")
 }  # fmt: skip
 # tokenizer_source: union, where mergekit gives the tokens new to the base ids in an order that
 # changes from run to run (it walks hash maps), so the rows of the vocabulary tensors are
@@ -219,7 +217,7 @@ def test_comparison_flags_a_changed_tensor(tmp_path: Path) -> None:
         folder.mkdir()
         save_file({"w": torch.full((4, 4), value)}, str(folder / "model.safetensors"))
         (folder / "config.json").write_text('{"num_hidden_layers": 1, "vocab_size": 4}')
-    same = compare(tmp_path / "ours", tmp_path / "ours", ["linear"], None, bf16=False)
+    same = compare(tmp_path / "ours", tmp_path / "ours", ["linear"], None)
     assert not same.problems
-    changed = compare(tmp_path / "ours", tmp_path / "theirs", ["linear"], None, bf16=False)
+    changed = compare(tmp_path / "ours", tmp_path / "theirs", ["linear"], None)
     assert changed.problems and "relative L2" in changed.problems[0]
