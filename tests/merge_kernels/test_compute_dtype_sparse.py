@@ -277,3 +277,64 @@ def test_breadcrumbs_in_bfloat16_rounds_at_each_step_unlike_float32() -> None:
     )
     _assert_same_bits(ours, theirs)
     assert not torch.equal(once, theirs)
+
+
+CONSENSUS = {
+    "weighted_election": st.booleans(),
+    "divisor": st.sampled_from(["count", "weight_sum"]),
+    "normalize": st.booleans(),
+    "majority_sign_method": st.sampled_from(["total", "frequency"]),
+    "zero_sign": st.sampled_from(["positive", "majority"]),
+    "lambda": st.sampled_from([1.0, 0.7]),
+}
+MAGPRUNE = {
+    "epsilon_span": st.sampled_from(["width", "half_width"]),
+    "rescale": st.booleans(),
+    "rescale_method": st.sampled_from(["inverse_probability", "l1"]),
+}
+OUTLIERS = {"outlier_rule": st.sampled_from(["always", "fit_density"]), "rescale": st.booleans()}
+LINEAR = {"normalize": st.booleans(), "lambda": st.sampled_from([1.0, 0.7])}
+OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+    "della": st.fixed_dictionaries({**CONSENSUS, **MAGPRUNE}),
+    "della_linear": st.fixed_dictionaries({**LINEAR, **MAGPRUNE}),
+    "breadcrumbs": st.fixed_dictionaries({**LINEAR, **OUTLIERS}),
+    "breadcrumbs_ties": st.fixed_dictionaries({**CONSENSUS, **OUTLIERS}),
+    "sce": st.fixed_dictionaries(
+        {
+            "select_topk": st.sampled_from([1.0, 0.5, 0.2]),
+            "select_among": st.sampled_from(["nonzero_variance", "all"]),
+        }
+    ),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(sorted(OPTIONS)), data=st.data())
+def test_float32_arithmetic_agrees_with_the_float32_kernels_for_every_option(
+    method: str, data: st.DataObject
+) -> None:
+    """In float32 the dtype path differs from tureen's own kernel only in the order of
+    operations, so every option must give the kernel's result up to float32 rounding."""
+    spec = get_method(method)
+    base, models = data.draw(tensors(data.draw(st.integers(1, 3))))
+    fields = spec.model_params.model_fields
+    per_model: list[dict[str, Any]] = []
+    for _ in models:
+        values: dict[str, Any] = {}
+        if "weight" in fields:
+            values["weight"] = data.draw(st.sampled_from([0.3, 1.0, 1.7]))
+        if "density" in fields:
+            values["density"] = data.draw(st.sampled_from([0.3, 0.5, 0.7, 1.0]))
+        if "gamma" in fields:
+            values["gamma"] = data.draw(st.sampled_from([0.0, 0.1, 0.3]))
+        if "epsilon" in fields:
+            values["epsilon"] = data.draw(st.sampled_from([0.0, 0.1, 0.2]))
+        per_model.append(values)
+    params = spec.params.model_validate(data.draw(OPTIONS[method]))
+    inputs = MergeInputs(base, models, [spec.model_params.model_validate(v) for v in per_model])
+    context = TensorContext(NAME, SEED)
+    expected = spec.kernel(inputs, params, context)
+    got = merge_in_dtype(method, spec.kernel, inputs, params, context)
+    assert got.dtype == torch.float32
+    scale = max(1.0, float(expected.abs().max()))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * scale), (method, params)
