@@ -174,6 +174,10 @@ class RayExecutor:
 
     def _options(self, group: ShardGroup) -> dict[str, Any]:
         return {
+            # Shard tasks are bound by memory and disk more than by CPU: spread over the
+            # nodes, they put every node's memory and disk to work (Ray's default packs
+            # tasks onto few nodes first).
+            "scheduling_strategy": "SPREAD",
             "num_cpus": self.num_cpus,
             "memory": group.memory,
             "max_retries": self.max_retries,
