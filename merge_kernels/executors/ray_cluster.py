@@ -225,6 +225,12 @@ class RayExecutor:
         if scope is not None:
             trims = self._model_trims(work, job_ref, scope)
         self._check_memory(groups)
+        log.info(
+            "merging %d shards in %d tasks on a Ray cluster of %d nodes",
+            len(pending),
+            len(groups),
+            sum(1 for node in ray.nodes() if node["Alive"]),
+        )
         remote = ray.remote(merge_shards_task)
         shard_of = {t.name: s.filename for s in plan.shards for t in s.tensors}
 
