@@ -311,3 +311,11 @@ def test_executor_names() -> None:
 
     with pytest.raises(RecipeError, match="did you mean 'ray'"):
         executor_for(MergeOptions(executor="rey"))
+
+
+def test_asking_for_ray_without_the_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(ExecutorUnavailableError, match=r"pip install 'tureen\[ray\]'"):
+        executor_for(MergeOptions(executor="ray"))
