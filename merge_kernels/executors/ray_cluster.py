@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from merge_kernels.errors import MergeCancelledError
 from merge_kernels.executors import ExecutorUnavailableError, ShardTaskLostError, ShardWork
 from merge_kernels.executors.local import shard_tensors
 from merge_kernels.executors.ray_tasks import (
@@ -251,6 +252,13 @@ class RayExecutor:
             self._run(work, groups, submit, record)
         finally:
             _clear_parts(work.staging.path)
+        missing = [s.filename for s in pending if s.filename not in work.staging.completed()]
+        if missing:  # never publish an output with a shard missing, whatever happened
+            raise ShardTaskLostError(
+                f"shards {', '.join(missing)} were not written; run the merge again to "
+                "resume after the others",
+                details={"executor": "ray", "shards": missing},
+            )
 
     def _model_trims(
         self, work: ShardWork, job_ref: Any, scope: TrimScope
@@ -337,7 +345,8 @@ class RayExecutor:
                 if work.should_cancel():
                     self._stop(running)
                     running = {}
-                    work.check_cancel()
+                    work.check_cancel()  # discards the staging folder and raises
+                    raise MergeCancelledError("the merge was cancelled")
         except BaseException:
             self._stop(running)
             raise

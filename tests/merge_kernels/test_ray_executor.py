@@ -24,6 +24,7 @@ import torch
 from ray.cluster_utils import Cluster
 from safetensors.torch import load_file, save_file
 
+from merge_kernels.errors import MergeCancelledError
 from merge_kernels.executors import ExecutorUnavailableError, executor_for
 from merge_kernels.executors.ray_cluster import RayExecutor, ShardGroup, shard_memory
 from merge_kernels.executors.ray_tasks import TaskReport
@@ -270,6 +271,19 @@ def test_a_run_after_the_driver_was_killed_resumes(
     assert result.shards_resumed == recorded
     assert len(executor.reports) == len(list(out.glob("*.safetensors"))) - recorded
     assert_same_output(tmp_path / "local" / "merged", out)
+
+
+def test_cancelling_stops_the_tasks_and_leaves_nothing(
+    cluster: Cluster, models: Path, tmp_path: Path
+) -> None:
+    executor = RayExecutor(task_bytes=1, max_in_flight=2)
+    out = tmp_path / "cancelled"
+    settings = MergeOptions(base_dir=models, max_shard_bytes=SHARD_BYTES, executor=executor)
+    with pytest.raises(MergeCancelledError):
+        run_merge(parse_recipe(TIES), out, settings, should_cancel=lambda: bool(executor.reports))
+    assert 1 <= len(executor.reports) < 12
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*"))
 
 
 def _most_at_once(reports: list[TaskReport]) -> int:
