@@ -181,6 +181,8 @@ class JobManager:
             device=self.settings.device,
             allowed_roots=self.settings.input_roots,
             base_dir=self.settings.inputs_dir,
+            executor=self.settings.executor,
+            ray_address=self.settings.ray_address,
         )
         return with_output_options(options, output) if output is not None else options
 
@@ -553,6 +555,8 @@ class JobManager:
             log_level=self.settings.log_level,
             public_url=self.settings.public_url,
             log_dir=self.log_dir,
+            executor=self.settings.executor,
+            ray_address=self.settings.ray_address,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:

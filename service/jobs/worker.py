@@ -362,6 +362,8 @@ def worker_command(
     log_level: str = "info",
     public_url: str | None = None,
     log_dir: Path | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -382,6 +384,8 @@ def worker_command(
         public_url: the service's address for evaluators (candidate download URLs).
         log_dir: where each job's log is kept (see :mod:`service.jobs.job_log`); None: the
             log goes to standard error only.
+        executor: where the shards are merged, ``local`` or ``ray``.
+        ray_address: the Ray cluster for ``ray`` (None: Ray's own default).
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -409,6 +413,10 @@ def worker_command(
         command += ["--public-url", public_url]
     if log_dir is not None:
         command += ["--log-dir", str(log_dir)]
+    if executor != "local":
+        command += ["--executor", executor]
+    if ray_address is not None:
+        command += ["--ray-address", ray_address]
     return [*command, "--log-level", log_level]
 
 
@@ -444,6 +452,8 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--public-url", default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--ray-address", default=None, help="the Ray cluster (executor ray)")
     return parser.parse_args(argv)
 
 
@@ -463,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed_roots=tuple(args.allow_root),
         base_dir=args.base_dir,
         keep_commit_record=True,  # dropped once the success is in the store
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
     hosts = tuple(args.evaluator_host)
     if not args.standby:
