@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from merge_kernels.methods.compute_dtype_geometric import ARITHMETIC as GEOMETRIC_ARITHMETIC
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.magnitude_select import apply_threshold_mask, top_k_magnitude_mask
 from merge_kernels.methods.steps import (
@@ -268,3 +269,4 @@ _ARITHMETIC: dict[str, Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
     "dare_linear": _task_vector_merge,
     "dare_ties": _task_vector_merge,
 }
+_ARITHMETIC.update(GEOMETRIC_ARITHMETIC)  # model_stock, ram, nuslerp, karcher, ...
