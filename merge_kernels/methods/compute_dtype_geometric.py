@@ -192,7 +192,7 @@ def karcher_in_dtype(
             # early: its last iteration ends (iterations left) mod (period) into the cycle
             mean = cycle[(params.max_iter - step - 1) % len(cycle)]
             break
-        recent.append(mean.clone())
+        recent.append(mean)  # each step makes a new tensor: no copy needed
         del recent[:-_CYCLE_MEMORY]
 
     scale = _sum([alpha * norm for alpha, norm in zip(alphas, norms, strict=True)])
