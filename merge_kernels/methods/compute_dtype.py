@@ -35,6 +35,7 @@ from merge_kernels.methods.compute_dtype_sparse import (
     della_in_dtype,
     sce_in_dtype,
 )
+from merge_kernels.methods.compute_dtype_geometric import ARITHMETIC as GEOMETRIC_ARITHMETIC
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.magnitude_select import apply_threshold_mask, top_k_magnitude_mask
 from merge_kernels.methods.steps import (
@@ -278,3 +279,4 @@ _ARITHMETIC: dict[str, Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
     "breadcrumbs_ties": breadcrumbs_in_dtype,
     "sce": sce_in_dtype,
 }
+_ARITHMETIC.update(GEOMETRIC_ARITHMETIC)  # model_stock, ram, nuslerp, karcher, ...

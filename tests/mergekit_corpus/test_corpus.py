@@ -74,42 +74,26 @@ REFUSED_KEYS = {
     # not a key: a feature not supported yet, named by the refusal
     "della_linear_modules_default": "cannot be combined with slices or modules yet",
 }
-_COMPUTE_DTYPE = (
-    "compute_dtype: dtype has no mergekit arithmetic for this method yet: its float32 kernel "
-    "runs on the converted inputs and rounds once, where mergekit rounds at each step"
-)
 # Configs tureen accepts whose output still differs from mergekit's beyond the tolerances,
 # and why. The test below fails when one of them starts to match, so the list only shrinks.
 # Entries tied in magnitude (TIES, Breadcrumbs) or variance (SCE) at a trim edge are not a
 # gap: mergekit's sorts leave their order unspecified, and the harness runs mergekit with
 # that order pinned to tureen's (``pinned_ties``), so such configs compare value for value.
 PARITY_GAPS = {
-    name: _COMPUTE_DTYPE
+    name: "mergekit writes this method's float32 result (its mask or its scales are float32) "
+    "in float32 when out_dtype is unset; tureen rounds it to dtype"
     for name in (
-        "arcee_fusion_quoted_paths",
-        "karcher_named_first_union",
-        "karcher_quoted_windows_paths", "mergekit_example_arcee_fusion",
-        "model_stock_base_listed_comments", "model_stock_lora_adapters",
-        "model_stock_named_tokenizer_source_model", "model_stock_neuralsynthesis",
-        "model_stock_slices", "model_stock_windows_paths", "multimerge_nuslerp_passthrough",
-        "multislerp_base_chat_template", "nearswap_base_listed",
-        "nearswap_esotericsage_gradient", "nearswap_named_first_tokenizer_model",
-        "ram_wizard_recipe", "ramplus_tl_wizard_recipe",
-        "review13_model_stock_two", "review13_nuslerp_base",
+        "arcee_fusion_quoted_paths", "mergekit_example_arcee_fusion", "ramplus_tl_wizard_recipe",
     )
 }  # fmt: skip
 # tokenizer_source: union, where mergekit gives the tokens new to the base ids in an order that
 # changes from run to run (it walks hash maps), so the rows of the vocabulary tensors are
 # compared by id against an unstable order: every other tensor must match.
-UNSTABLE_VOCABULARY = {"linear_union_llama3", "slerp_solar_48_layers_union"}
+UNSTABLE_VOCABULARY = {
+    "linear_union_llama3", "slerp_solar_48_layers_union", "karcher_named_first_union",
+}  # fmt: skip
 _VOCABULARY_TENSORS = {"model.embed_tokens.weight", "lm_head.weight"}
 
-# Run by `python -m tests.mergekit_corpus.report` but not in the suite: they ask for Karcher
-# iterations to tol 1e-9 (max_iter 9999 and 20000), which float32 never reaches, so tureen runs
-# every iteration for every tensor (minutes, where mergekit's bf16 loop stops early). Both
-# are accepted; karcher_final_named_inputs differs by compute dtype (see PARITY_GAPS' rule).
-SLOW = {"karcher_modules_slices", "karcher_final_named_inputs"}
-_FAST = [p for p in config_paths() if p.stem not in SLOW]
 
 _RESULTS: dict[Path, CorpusResult] = {}
 
@@ -123,14 +107,13 @@ def _result(path: Path, root: Path) -> CorpusResult:
 def test_listed_configs_exist() -> None:
     names = {path.stem for path in config_paths()}
     assert set(REFUSED_KEYS) <= names
-    assert set(SLOW) <= names
     assert set(PARITY_GAPS) <= names
     assert not set(REFUSED_KEYS) & set(PARITY_GAPS)
     assert names >= UNSTABLE_VOCABULARY
     assert not UNSTABLE_VOCABULARY & set(PARITY_GAPS)
 
 
-@pytest.mark.parametrize("path", _FAST, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", config_paths(), ids=lambda p: p.stem)
 def test_tureen_accepts_config_or_names_the_refused_key(path: Path, corpus_root: Path) -> None:
     result = _result(path, corpus_root)
     assert result.mergekit_error is None, result.summary()
@@ -142,7 +125,7 @@ def test_tureen_accepts_config_or_names_the_refused_key(path: Path, corpus_root:
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in _FAST if p.stem not in REFUSED_KEYS], ids=lambda p: p.stem
+    "path", [p for p in config_paths() if p.stem not in REFUSED_KEYS], ids=lambda p: p.stem
 )
 def test_tureen_output_matches_mergekit(path: Path, corpus_root: Path) -> None:
     result = _result(path, corpus_root)
