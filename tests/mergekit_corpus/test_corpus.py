@@ -74,18 +74,10 @@ REFUSED_KEYS = {
     # not a key: a feature not supported yet, named by the refusal
     "della_linear_modules_default": "cannot be combined with slices or modules yet",
 }
-# Configs tureen accepts whose output still differs from mergekit's beyond the tolerances,
-# and why. The test below fails when one of them starts to match, so the list only shrinks.
-# Entries tied in magnitude (TIES, Breadcrumbs) or variance (SCE) at a trim edge are not a
-# gap: mergekit's sorts leave their order unspecified, and the harness runs mergekit with
-# that order pinned to tureen's (``pinned_ties``), so such configs compare value for value.
-PARITY_GAPS = {
-    name: "mergekit writes this method's float32 result (its mask or its scales are float32) "
-    "in float32 when out_dtype is unset; tureen rounds it to dtype"
-    for name in (
-        "arcee_fusion_quoted_paths", "mergekit_example_arcee_fusion", "ramplus_tl_wizard_recipe",
-    )
-}  # fmt: skip
+# Every accepted config must match mergekit. Entries tied in magnitude (TIES, Breadcrumbs) or
+# variance (SCE) at a trim edge are not an exception: mergekit's sorts leave their order
+# unspecified, and the harness runs mergekit with that order pinned to tureen's
+# (``pinned_ties``), so such configs compare value for value.
 # tokenizer_source: union, where mergekit gives the tokens new to the base ids in an order that
 # changes from run to run (it walks hash maps), so the rows of the vocabulary tensors are
 # compared by id against an unstable order: every other tensor must match.
@@ -107,10 +99,7 @@ def _result(path: Path, root: Path) -> CorpusResult:
 def test_listed_configs_exist() -> None:
     names = {path.stem for path in config_paths()}
     assert set(REFUSED_KEYS) <= names
-    assert set(PARITY_GAPS) <= names
-    assert not set(REFUSED_KEYS) & set(PARITY_GAPS)
     assert names >= UNSTABLE_VOCABULARY
-    assert not UNSTABLE_VOCABULARY & set(PARITY_GAPS)
 
 
 @pytest.mark.parametrize("path", config_paths(), ids=lambda p: p.stem)
@@ -129,17 +118,12 @@ def test_tureen_accepts_config_or_names_the_refused_key(path: Path, corpus_root:
 )
 def test_tureen_output_matches_mergekit(path: Path, corpus_root: Path) -> None:
     result = _result(path, corpus_root)
-    gap = PARITY_GAPS.get(path.stem)
     if path.stem in UNSTABLE_VOCABULARY:
         assert result.accepted and result.comparison is not None, result.summary()
         differing = {problem.split(":")[0] for problem in result.comparison.problems}
         assert differing <= _VOCABULARY_TENSORS, result.summary()
-    elif gap is None:
-        assert result.ok, result.summary()
     else:
-        assert result.accepted and not result.ok, (
-            f"{path.stem} now matches mergekit: remove it from PARITY_GAPS ({gap})"
-        )
+        assert result.ok, result.summary()
 
 
 def test_mapping_rewrites_every_reference_to_a_local_folder(tmp_path: Path) -> None:
