@@ -171,7 +171,9 @@ def _form(ties: str) -> ConsensusForm:
 @fused_only
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000), density=st.sampled_from([0.1, 0.2, 0.6]))
-def test_the_fused_trim_finds_the_threshold_and_the_last_kept_tie(seed: int, density: float) -> None:
+def test_the_fused_trim_finds_the_threshold_and_the_last_kept_tie(
+    seed: int, density: float
+) -> None:
     base, model = heavy_pair(seed, 120_000)
     tau = _tau(base, model)
     k = int(density * tau.numel())
