@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from merge_kernels.checkpoints.confinement import PathOutsideRootsError
-from merge_kernels.checkpoints.reference import reference_from_value
+from merge_kernels.checkpoints.opening import resolve_local_path
+from merge_kernels.checkpoints.reference import LocalRef, LoraRef, reference_from_value
 from merge_kernels.errors import CheckpointNotFoundError, RecipeError, TureenError
 from merge_kernels.multi_merge import MultiMerge
 from merge_kernels.recipe import Recipe
@@ -158,12 +159,11 @@ def check_paths(documents: Sequence[Mapping[str, Any]], settings: ServiceSetting
         CheckpointNotFoundError: a path no file system can hold, naming its field.
     """
     names = document_names(documents)
-    roots = settings.input_roots
     for index, document in enumerate(documents):
         for field, value in _references(document, f"{MERGES_KEY}[{index}]"):
             for side in _unchecked_sides(value, names):
                 try:
-                    reference_from_value(side, base_dir=settings.inputs_dir, allowed_roots=roots)
+                    _check_side(side, settings)
                 except CheckpointNotFoundError as error:
                     if isinstance(error, PathOutsideRootsError) or (
                         error.details.get("reason") == "invalid_path"
@@ -171,6 +171,17 @@ def check_paths(documents: Sequence[Mapping[str, Any]], settings: ServiceSetting
                         raise _in_field(error, field) from None
                 except (RecipeError, TypeError, ValueError):
                     pass  # malformed: the recipe's validation names the problem
+
+
+def _check_side(side: Any, settings: ServiceSettings) -> None:
+    inputs, roots = settings.inputs_dir, settings.input_roots
+    reference = reference_from_value(side, base_dir=inputs, allowed_roots=roots)
+    # Object forms ({"path": ...}) are confined only when opened: confine them now.
+    local = [reference] if isinstance(reference, LocalRef) else []
+    if isinstance(reference, LoraRef):
+        local = [part for part in (reference.base, reference.adapter) if isinstance(part, LocalRef)]
+    for part in local:
+        resolve_local_path(part.path, base_dir=inputs, allowed_roots=roots)
 
 
 def _in_field(error: TureenError, field: str) -> TureenError:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merge_kernels.checkpoints import open_checkpoint
 from merge_kernels.errors import TureenError
 from merge_kernels.io.disk_space import require_space
 from merge_kernels.io.safetensors_header import header_limits
@@ -28,6 +29,7 @@ from merge_kernels.multi_merge import MergeStep, MultiMerge
 from merge_kernels.plan import MergePlan, PlannedInput
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
+from merge_kernels.slices import input_references
 from service.evaluation.config import build_evaluator
 from service.hub import Publisher
 from service.jobs import job_log
@@ -298,30 +300,48 @@ class JobManager:
         )
 
     def plan_stage(
-        self, step: MergeStep, output: OutputOptions
+        self, step: MergeStep, output: OutputOptions, intermediate_dir: Path
     ) -> tuple[MergePlan, list[PlannedInput]] | None:
-        """Plan one stage of a multi-document merge, or None while it reads another stage's
-        output (not written before the job runs); errors name the stage.
+        """Plan one stage of a multi-document merge; errors name the stage.
+
+        A stage that reads another stage's output (``intermediate_dir/name``, not written
+        before the job runs) cannot be planned yet: its other inputs are opened (headers
+        only), so that every file under them is checked against the roots now, and None is
+        returned.
 
         Raises:
             As :meth:`plan`, the message and details naming the stage.
         """
-        if step.needs:
-            return None
         try:
-            return self.plan(step.recipe, output)
+            if not step.needs:
+                return self.plan(step.recipe, output)
+            options = self.engine_options(output)
+            with header_limits(self.settings.header_limits()):
+                for _, _, reference in input_references(step.recipe):
+                    if not str(reference).startswith(f"{intermediate_dir}/"):
+                        with open_checkpoint(
+                            reference,
+                            allowed_roots=options.allowed_roots,
+                            allow_pickle=options.allow_pickle,
+                            base_dir=options.base_dir,
+                        ) as checkpoint:
+                            # Read through the confinement, as a plan reads them.
+                            _ = (checkpoint.config, checkpoint.entries())
+            return None
         except TureenError as error:
             raise in_stage(error, step) from None
 
     def validate_stages(self, merges: MultiMerge, output: OutputOptions) -> None:
         """:meth:`validate` every stage that can be planned before the job runs: those that
-        read only the request's checkpoints. The others are planned as they start.
+        read only the request's checkpoints. The others are planned as they start; their
+        other inputs are opened now (see :meth:`plan_stage`).
 
         Raises:
             As :meth:`validate`, the message and details naming the stage.
         """
         for step in merges.steps:
             if step.needs:
+                self.plan_stage(step, output, merges.intermediate_dir)
                 continue
             try:
                 self.validate(step.recipe, output)

@@ -49,7 +49,7 @@ def multi_plan_report(body: MultiRecipeRequest, manager: JobManager) -> dict[str
     """
     stages = []
     for step in body.merges.steps:
-        planned = manager.plan_stage(step, body.output)
+        planned = manager.plan_stage(step, body.output, body.merges.intermediate_dir)
         report = None
         if planned is not None:
             plan, inputs = planned
