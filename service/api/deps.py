@@ -237,6 +237,13 @@ async def read_recipe_request(
         )
     if MERGES_KEY in document and "merge_method" not in document:
         return _multi_request(document, settings)
+    if "recipes" in document and "merge_method" not in document:
+        raise RecipeError(
+            "recipes",
+            f"several merges in one request (mergekit-multimerge) go under `{MERGES_KEY}`: "
+            f'{{"{MERGES_KEY}": [recipe, ...], "output": {{...}}}}, or send them as several '
+            "YAML documents",
+        )
     recipe_document = {key: value for key, value in document.items() if key != "output"}
     output = _output_options(document.get("output"))
     canonical = json.dumps(
