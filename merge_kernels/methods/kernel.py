@@ -91,7 +91,9 @@ class TrimState:
     Attributes:
         threshold: the exact k-th largest magnitude over the whole scope and the tie rule.
         ties_before: how many entries equal to the threshold came before this chunk in the
-            scope's flat order (decides which tied entries ``exact_k`` keeps).
+            scope's flat order (decides which tied entries ``exact_k`` keeps). Exact up to
+            ``threshold.keep_at_value``; past it any larger count means the same (no tied
+            entry of the chunk is kept), and a pre-pass may stop counting there.
     """
 
     threshold: MagnitudeThreshold
