@@ -16,7 +16,9 @@ that names a Hub repository: whoever wrote it meant that revision, and mergekit'
 branch is a moving target that no later run reproduces anyway, so the revision is used
 (the warning says so). It is refused when the name already carries another
 ``@revision``. Beside a local folder or a ``base+adapter`` reference it has no effect, as
-in mergekit.
+in mergekit. mergekit's object form of a reference, ``{model: NAME | {path, revision},
+lora: ...}``, is read as the string form ``path@revision+lora``; ``override_architecture``
+in it is refused.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def _top_level(document: dict[str, Any], walk: _Walk) -> dict[str, Any]:
         else:
             continue  # unknown: the recipe's validation refuses it with a "did you mean"
         del document[key]
+    if "base_model" in document:
+        document["base_model"] = _mergekit_reference(document["base_model"], "base_model", walk)
     _parameters(document, "parameters", "parameters", walk)
     _entries(document, "models", "", "model", walk)
     _entries(document, "slices", "", "slice", walk)
@@ -151,6 +155,9 @@ def _container(value: Any, path: str, kind: str, walk: _Walk) -> Any:
         return value  # the recipe's validation says what the place needs
     allowed: frozenset[str] = getattr(walk.layout, kind)
     cleaned = dict(value)
+    for key in ("model", "base_model"):
+        if key in cleaned and key in allowed:
+            cleaned[key] = _mergekit_reference(cleaned[key], f"{path}.{key}", walk)
     place = f"in {path}"
     for key in [key for key in cleaned if key not in allowed]:
         if key == "revision" and kind in ("model", "source"):
@@ -208,8 +215,51 @@ def _parameter_remedy(name: str, home: str | None, spec: MethodSpec | None) -> s
     return f"put it under `{where}:` for {spec.name} to use it"
 
 
-def _revision(entry: dict[str, Any], path: str, walk: _Walk) -> None:
-    """Fold ``revision`` into the entry's Hub model, or note that it has no effect."""
+def _mergekit_reference(value: Any, path: str, walk: _Walk) -> Any:
+    """mergekit's object form of a reference, ``{model: ..., lora: ...}`` with each side a
+    name or ``{path: ..., revision: ...}``, as the string form (other values unchanged)."""
+    if not isinstance(value, Mapping) or "model" not in value:
+        return value
+    if "override_architecture" in value:
+        raise RecipeError(
+            f"{path}.override_architecture",
+            "not supported: tureen reads each checkpoint's architecture from its config.json",
+        )
+    if set(value) - {"model", "lora", "revision"}:
+        return value  # the recipe's validation names what is wrong
+    sides = [_model_path(value["model"], f"{path}.model", walk)]
+    if value.get("lora") is not None:
+        sides.append(_model_path(value["lora"], f"{path}.lora", walk))
+    if any(side is None for side in sides):
+        return value
+    entry: dict[str, Any] = {"model": "+".join(str(side) for side in sides)}
+    if "revision" in value:  # beside `model`, where mergekit ignores it
+        entry["revision"] = value["revision"]
+        _revision(entry, path, walk)
+    return entry["model"]
+
+
+def _model_path(value: Any, path: str, walk: _Walk) -> str | None:
+    # mergekit's ModelPath: a name, or {path, revision}, whose revision mergekit reads.
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping) or not isinstance(value.get("path"), str):
+        return None
+    if set(value) - {"path", "revision"}:
+        return None
+    entry: dict[str, Any] = {"model": value["path"], "revision": value.get("revision")}
+    if entry["revision"] is not None:
+        _revision(entry, path, walk, mergekit_reads=True)
+    return str(entry["model"])
+
+
+def _revision(
+    entry: dict[str, Any], path: str, walk: _Walk, *, mergekit_reads: bool = False
+) -> None:
+    """Fold ``revision`` into the entry's Hub model, or note that it has no effect.
+
+    ``mergekit_reads``: the revision stands where mergekit reads it too (no warning then).
+    """
     field_path = f"{path}.revision"
     revision = entry["revision"]
     model = entry.get("model")
@@ -245,12 +295,15 @@ def _revision(entry: dict[str, Any], path: str, walk: _Walk) -> None:
         ) from None
     # The string form, as the warning tells to write it: the same meaning and fingerprint.
     entry["model"] = str(honoured)
+    if mergekit_reads:
+        return
+    key = "base_model" if path.endswith("base_model") else "model"
     walk.found.append(
         (
             field_path,
             f"mergekit ignores `revision` beside a model and reads the default branch; "
             f"tureen reads {ref.repo} at revision {revision!r}, as written, so the output "
-            f"can differ from mergekit's (write `model: {honoured}`, mergekit's way to "
+            f"can differ from mergekit's (write `{key}: {honoured}`, mergekit's way to "
             "name a revision, to silence this)",
         )
     )

@@ -295,3 +295,23 @@ def test_a_read_revision_merges_that_revision(
     merged = _merge(document, tmp_path / "out")
     expected = load_file(str(tagged / "model.safetensors"))
     assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+def test_mergekit_object_references_and_their_revisions() -> None:
+    # mergekit reads `{path, revision}`; it ignores `revision` beside `model` in the object.
+    read = parse_recipe(sce(base_model={"model": {"path": "org/base", "revision": "v1"}}))
+    assert read.base_model == "org/base@v1" and read.warnings() == []
+    beside = parse_recipe(sce(base_model={"model": "org/base", "revision": "v1"}))
+    assert beside.base_model == "org/base@v1"
+    (warning,) = beside.warnings()
+    assert warning.startswith("base_model.revision: ") and "`base_model: org/base@v1`" in warning
+    lora = parse_recipe(
+        sce(models=[{"model": {"model": "org/a", "lora": {"path": "org/l", "revision": "v2"}}}])
+    )
+    assert lora.models is not None and lora.models[0].model == "org/a+org/l@v2"
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(sce(base_model={"model": "org/base@v3", "revision": "v1"}))
+    assert caught.value.field == "base_model.revision"
+    with pytest.raises(RecipeError, match="not supported") as caught:
+        parse_recipe(sce(base_model={"model": "org/base", "override_architecture": "X"}))
+    assert caught.value.field == "base_model.override_architecture"
