@@ -88,7 +88,7 @@ def remove_misplaced_keys(
 
     Returns:
         The cleaned document (a ``revision`` honoured on a Hub model is folded into its
-        reference) and ``(field, message)`` warnings, in document order.
+        reference) and ``(field, message)`` warnings, the top level's first.
 
     Raises:
         RecipeError: a ``revision`` that contradicts the ``@revision`` of its model's name,
