@@ -18,8 +18,19 @@ concurrently, without hashing or fsyncing each shard (one ``sync`` at the end): 
 machine this writes a set at the disk's speed, where drawing on the CPU takes minutes for tens
 of GB. Such sets are marked with the device and never mistaken for CPU-drawn ones.
 
+With ``--deltas bf16-ties`` the fine-tunes are those of a real bf16 fine-tune instead: the
+base is drawn as N(0, 0.02²) and stored in the dtype, and each fine-tune is the stored base
+plus noise N(0, (0.01·0.02)²), rounded to the dtype. The noise is about one unit in the last
+place of a bf16 weight, so each task vector takes few distinct values and the k-th largest
+magnitude of a TIES trim (density 0.2) is shared by a large share of the entries (about a
+sixth of them): heavy ties at the threshold. These sets are drawn with the same random
+streams on any device (CPU generator), are named with a ``-bf16ties`` suffix and never mistaken
+for the default ones.
+
 Usage: ``python bench/generate.py --model-gb 3 [--finetunes 3] [--dtype bf16]
-[--shard-size 2GB] [--data bench/data] [--draw-on cuda]``; prints the set's folder.
+[--shard-size 2GB] [--data bench/data] [--draw-on cuda] [--deltas bf16-ties]``; prints the
+set's folder. A small set for a 2-core machine: ``--model-gb 0.5`` (one layer beside the
+embeddings, about 250 M parameters per model).
 """
 
 from __future__ import annotations
@@ -54,6 +65,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 BASE_SEED = 0
 DELTA_SCALE = 0.01
+# --deltas: how the fine-tunes differ from the base (see the module docstring).
+DELTAS = ("scaled", "bf16-ties")
+TIES_BASE_STD = 0.02  # bf16-ties: the base's standard deviation...
+TIES_NOISE_STD = 0.01 * TIES_BASE_STD  # ...and the fine-tunes' noise, about one bf16 ulp
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ def _marker(
     seed: int,
     base_seed: int | None,
     draw_on: str | None = None,
+    deltas: str = "scaled",
 ) -> dict[str, object]:
     marker: dict[str, object] = {
         "format": 1,
@@ -107,6 +123,10 @@ def _marker(
     }
     if draw_on is not None:
         marker["drawn_on"] = draw_on
+    if deltas != "scaled":  # the default sets' markers stay as they were
+        marker["deltas"] = deltas
+        marker["base_std"] = TIES_BASE_STD
+        marker["noise_std"] = TIES_NOISE_STD
     return marker
 
 
@@ -118,6 +138,23 @@ def _up_to_date(folder: Path, marker: dict[str, object]) -> bool:
         return bool(json.loads(path.read_text()) == marker)
     except (OSError, ValueError):
         return False
+
+
+def _draw_tied(
+    name: str, shape: tuple[int, ...], seed: int, base_seed: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """One tensor of a ``bf16-ties`` model, in ``dtype``: the base N(0, 0.02²) stored in the
+    dtype, or a fine-tune: that stored base plus N(0, (0.01·0.02)²), rounded to the dtype."""
+    key = sum(name.encode()) * 7919 + len(name)
+    generator = torch.Generator().manual_seed(
+        (base_seed if base_seed is not None else seed) * 1_000_003 + key
+    )
+    base = torch.randn(shape, generator=generator).mul_(TIES_BASE_STD).to(dtype)
+    if base_seed is None:
+        return base
+    generator.manual_seed(seed * 1_000_003 + key + 1)
+    noise = torch.randn(shape, generator=generator).mul_(TIES_NOISE_STD)
+    return noise.add_(base.float()).to(dtype)
 
 
 def _draw(
@@ -160,11 +197,13 @@ def write_drawn_checkpoint(
     dtype: torch.dtype,
     max_shard_bytes: int,
     device: torch.device,
+    deltas: str = "scaled",
 ) -> None:
     """Write a synthetic checkpoint whose tensors are drawn on ``device``.
 
     Shards are laid out as :func:`merge_kernels.synthetic.write_checkpoint` lays them out and
     written with ``pwrite`` at their planned offsets; nothing is hashed or fsynced here.
+    ``bf16-ties`` deltas are drawn on the CPU whatever ``device`` is.
     """
     folder.mkdir(parents=True, exist_ok=True)
     names = shape.tensors()
@@ -177,7 +216,11 @@ def write_drawn_checkpoint(
             _pwrite_all(fd, memoryview(spec.header), 0)
             os.ftruncate(fd, spec.size)
             for tensor in spec.tensors:
-                drawn = _draw(tensor.name, by_name[tensor.name], seed, base_seed, device)
+                dims = by_name[tensor.name]
+                if deltas == "bf16-ties":
+                    drawn = _draw_tied(tensor.name, dims, seed, base_seed, dtype)
+                else:
+                    drawn = _draw(tensor.name, dims, seed, base_seed, device)
                 host = drawn.to(dtype).cpu().contiguous().reshape(-1)
                 _pwrite_all(fd, host.view(torch.uint8).numpy().data, spec.offsets[tensor.name][0])
         finally:
@@ -197,15 +240,27 @@ def _write_model(
     seed: int,
     base_seed: int | None,
     draw_on: str | None = None,
+    deltas: str = "scaled",
 ) -> bool:
     """Write one checkpoint unless an identical one is there; True if it was written."""
-    marker = _marker(shape, dtype, shard_bytes, seed, base_seed, draw_on)
+    marker = _marker(shape, dtype, shard_bytes, seed, base_seed, draw_on, deltas)
     if _up_to_date(folder, marker):
         return False
     if folder.exists():
         shutil.rmtree(folder)
     started = time.monotonic()
-    if draw_on is None:
+    if deltas != "scaled":
+        write_drawn_checkpoint(
+            folder,
+            shape,
+            seed=seed,
+            base_seed=base_seed,
+            dtype=DTYPES[dtype],
+            max_shard_bytes=shard_bytes,
+            device=torch.device(draw_on or "cpu"),
+            deltas=deltas,
+        )
+    elif draw_on is None:
         write_checkpoint(
             folder,
             shape,
@@ -242,20 +297,27 @@ def ensure_dataset(
     shard_bytes: int = 2 * 1000**3,
     data: Path = DEFAULT_DATA,
     draw_on: str | None = None,
+    deltas: str = "scaled",
 ) -> DataSet:
     """Generate (or find already generated) a base and ``finetunes`` fine-tunes.
 
     With ``draw_on`` (a torch device such as ``"cuda"``) the tensors are drawn on that device
     and the models written concurrently (see the module docstring), then synced once.
+    ``deltas`` is ``scaled`` (the default sets) or ``bf16-ties`` (heavy ties at the TIES
+    threshold, see the module docstring).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    if deltas not in DELTAS:
+        raise ValueError(f"unknown deltas {deltas!r}; use one of {DELTAS}")
     dtype = str(DTYPES[dtype]).removeprefix("torch.")
     shape = shape_for_bytes(int(model_gb * 1000**3), DTYPES[dtype])
     name = set_name(model_gb, dtype, shard_bytes)
     if draw_on is not None:
         draw_on = torch.device(draw_on).type
         name = f"{name}-{draw_on}"
+    if deltas == "bf16-ties":
+        name = f"{name}-bf16ties"
     folder = data / name
     base = folder / "base"
     tuned = [folder / f"finetune-{index}" for index in range(1, finetunes + 1)]
@@ -263,11 +325,15 @@ def ensure_dataset(
     jobs += [(path, index, BASE_SEED) for index, path in enumerate(tuned, start=1)]
     if draw_on is None:
         for path, seed, base_seed in jobs:
-            _write_model(path, shape, dtype, shard_bytes, seed=seed, base_seed=base_seed)
+            _write_model(
+                path, shape, dtype, shard_bytes, seed=seed, base_seed=base_seed, deltas=deltas
+            )
     else:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             futures = [
-                pool.submit(_write_model, path, shape, dtype, shard_bytes, seed, base_seed, draw_on)
+                pool.submit(
+                    _write_model, path, shape, dtype, shard_bytes, seed, base_seed, draw_on, deltas
+                )
                 for path, seed, base_seed in jobs
             ]
             written = [future.result() for future in futures]
@@ -289,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draw-on", help="draw the weights with torch on this device (e.g. cuda); faster"
     )
+    parser.add_argument(
+        "--deltas",
+        choices=DELTAS,
+        default="scaled",
+        help="bf16-ties: fine-tunes one bf16 ulp from the base (heavy ties at the TIES threshold)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     dataset = ensure_dataset(
@@ -298,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_bytes=args.shard_size,
         data=args.data,
         draw_on=args.draw_on,
+        deltas=args.deltas,
     )
     total = sum(checkpoint_bytes(m) for m in dataset.models)
     print(

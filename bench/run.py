@@ -35,6 +35,8 @@ recipe or round, and a markdown table is printed.
 For GPUs and tight time budgets (``bench/gpu_run.py`` drives it so): ``--tureen-args`` and
 ``--mergekit-args`` add arguments (write them as ``--tureen-args=--device cuda``);
 ``--mergekit-variant NAME=ARGS`` adds mergekit under another tool name with other arguments;
+``--tureen-variant NAME=DIR`` adds tureen from another source tree (say an export of an earlier
+commit, with its built extension) under another tool name, for before/after runs side by side;
 ``--order round`` runs round 0 of every recipe before round 1; ``--rewarm round`` reads the
 inputs once per round instead of before every merge; ``--compare-first`` compares the first
 runs' outputs; ``--deadline-s`` leaves out what would not end in time.
@@ -488,6 +490,8 @@ class Bench:
     env: dict[str, str]
     source: Path
     tool_args: dict[str, list[str]] = field(default_factory=dict)
+    # Tools that are tureen from another source snapshot (name -> snapshot folder).
+    tureen_sources: dict[str, Path] = field(default_factory=dict)
     deadline: float | None = None
     compare_device: str = "cpu"
     evict_kept: bool = True
@@ -508,9 +512,19 @@ class Bench:
             path.write_text(recipe_yaml(recipe, self.data))
         return path
 
+    def is_tureen(self, tool: str) -> bool:
+        return tool == "tureen" or tool in self.tureen_sources
+
+    def env_for(self, tool: str) -> dict[str, str]:
+        """The environment of a run: a tureen variant imports its own snapshot."""
+        source = self.tureen_sources.get(tool)
+        if source is None:
+            return self.env
+        return dict(self.env, PYTHONPATH=str(source))
+
     def command(self, tool: str, config: Path, out: Path) -> list[str]:
         extra = self.tool_args.get(tool, ["--lazy-unpickle"] if tool == "mergekit" else [])
-        if tool == "tureen":
+        if self.is_tureen(tool):
             command = [sys.executable, "-m", "service.cli", "merge", str(config), str(out)]
             return [*command, "--quiet", *extra]
         assert self.mergekit is not None
@@ -536,7 +550,7 @@ class Bench:
         if other:
             return max(other)
         kin = [r for r in self.runs if r.ok and r.tool != "tureen" and r.recipe == recipe]
-        return kin[-1].wall_s + kin[-1].sync_after_s if tool != "tureen" and kin else None
+        return kin[-1].wall_s + kin[-1].sync_after_s if not self.is_tureen(tool) and kin else None
 
     def read_pass(self, recipe: str, round_: int) -> None:
         last = [f.read_s for f in self.floor if f.read_s is not None]
@@ -574,15 +588,15 @@ class Bench:
         drop_file(out)
         command = self.command(tool, config, out)
         logs = self.work / "logs" / f"{recipe}-{tool}-{round_}"
-        cwd = self.source if tool == "tureen" else REPO
-        result = measure(command, logs, self.env, cwd, timeout=self.remaining())
+        cwd = self.tureen_sources.get(tool, self.source if tool == "tureen" else REPO)
+        result = measure(command, logs, self.env_for(tool), cwd, timeout=self.remaining())
         started = time.monotonic()
         os.sync()
         sync_s = time.monotonic() - started
         files = sorted(out.glob("*.safetensors")) if out.is_dir() else []
         ok = result.returncode == 0 and bool(files)
         reported = None
-        if tool == "tureen" and ok:
+        if self.is_tureen(tool) and ok:
             try:
                 report = json.loads(result.stdout_tail[result.stdout_tail.index("{") :])
                 reported = float(report["seconds"])
@@ -907,9 +921,19 @@ def markdown(summary: dict[str, object], tools: Sequence[str]) -> str:
     variants = [t for t in tools if t not in TOOLS]
     if variants:
         lines.append(
-            f"Rows of {', '.join(variants)} (mergekit with other options) give that tool's own "
-            "ratios against tureen."
+            f"Rows of {', '.join(variants)} (mergekit with other options, or tureen from "
+            "another source tree) give that tool's own ratios against tureen."
         )
+    if "linear" in recipes and "ties" in recipes:
+        pairs = []
+        for tool in tools:
+            linear, ties = recipes["linear"].get(tool), recipes["ties"].get(tool)
+            if isinstance(linear, dict) and isinstance(ties, dict):
+                wall = _ratio(ties["median_wall_s"], linear["median_wall_s"])
+                cpu = _ratio(ties["median_cpu_s"], linear["median_cpu_s"])
+                pairs.append(f"{tool} {_fmt(wall, 2, '×')} (CPU {_fmt(cpu, 2, '×')})")
+        if pairs:
+            lines.append("TIES ÷ linear, median wall (CPU): " + ", ".join(pairs) + ".")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for check in summary["targets"]:  # type: ignore[attr-defined]
         met = {True: "yes", False: "**no**", None: "not measured"}[check["met"]]
@@ -917,15 +941,16 @@ def markdown(summary: dict[str, object], tools: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def snapshot_tureen(target: Path) -> dict[str, object]:
-    """Copy tureen's packages into ``target`` so that every run measures the same code.
+def snapshot_tureen(target: Path, source: Path = REPO) -> dict[str, object]:
+    """Copy tureen's packages (from ``source``) into ``target`` so that every run measures the
+    same code.
 
     Returns the commit, the uncommitted changes to those packages, and a hash of the copy.
     """
     digest = hashlib.sha256()
     for package in SNAPSHOT_PACKAGES:
         shutil.copytree(
-            REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__")
+            source / package, target / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     for path in sorted(target.rglob("*.py")):
         digest.update(str(path.relative_to(target)).encode())
@@ -1029,6 +1054,19 @@ def parse_tool_counts(items: Sequence[str], option: str, tools: Sequence[str]) -
     return found
 
 
+def parse_tureen_variants(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=DIR`` items: tureen run from another source tree under another name."""
+    found: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder or name in (*TOOLS, "tureen"):
+            raise SystemExit(f"--tureen-variant: expected NAME=DIR with a new NAME, got {item!r}")
+        if not all((Path(folder) / package).is_dir() for package in SNAPSHOT_PACKAGES):
+            raise SystemExit(f"--tureen-variant: {folder} lacks {', '.join(SNAPSHOT_PACKAGES)}")
+        found[name] = folder
+    return found
+
+
 def parse_variants(items: Sequence[str]) -> dict[str, list[str]]:
     """``NAME=ARGS`` items: mergekit run under another name with other arguments."""
     found: dict[str, list[str]] = {}
@@ -1052,6 +1090,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument(
         "--draw-on", help="generate missing inputs with torch on this device (see generate.py)"
+    )
+    parser.add_argument(
+        "--deltas",
+        choices=["scaled", "bf16-ties"],
+        default="scaled",
+        help="the inputs' fine-tune deltas (bf16-ties: heavy ties at the TIES threshold; "
+        "see generate.py)",
     )
     parser.add_argument("--mergekit", type=Path, help="path to mergekit-yaml")
     parser.add_argument("--recipes", default=",".join(RECIPES))
@@ -1085,6 +1130,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME=ARGS",
         help="also run mergekit as tool NAME with these arguments (list NAME in --tools)",
+    )
+    parser.add_argument(
+        "--tureen-variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run tureen from the packages in DIR as tool NAME (list NAME in --tools); "
+        "e.g. an earlier commit's merge_kernels/, service/ and training/ with its extension",
     )
     parser.add_argument(
         "--tool-repeats",
@@ -1141,7 +1194,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # so a stopped benchmark stops its merge too
 
     variants = parse_variants(args.mergekit_variant)
-    known = (*TOOLS, *variants)
+    tureen_variants = {
+        name: Path(folder) for name, folder in parse_tureen_variants(args.tureen_variant).items()
+    }
+    known = (*TOOLS, *variants, *tureen_variants)
     recipes = [r for r in args.recipes.split(",") if r]
     tools = [t for t in args.tools.split(",") if t]
     for recipe in recipes:
@@ -1150,7 +1206,8 @@ def main(argv: list[str] | None = None) -> int:
     for tool in tools:
         if tool not in known:
             parser.error(f"unknown tool {tool!r}; choose from {known}")
-    if any(t != "tureen" for t in tools) and (args.mergekit is None or not args.mergekit.exists()):
+    mergekits = [t for t in tools if t != "tureen" and t not in tureen_variants]
+    if mergekits and (args.mergekit is None or not args.mergekit.exists()):
         parser.error("--mergekit /path/to/mergekit-yaml is needed (see bench/setup_mergekit.sh)")
     fewer = {
         "mergekit": parse_repeats(args.mergekit_repeats, "--mergekit-repeats"),
@@ -1181,6 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_bytes=args.shard_size,
         data=args.data,
         draw_on=args.draw_on,
+        deltas=args.deltas,
     )
     work = args.data / "work"
     if work.exists():
@@ -1190,7 +1248,12 @@ def main(argv: list[str] | None = None) -> int:
     tureen_source = snapshot_tureen(source)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
+    tureen_sources: dict[str, Path] = {}
+    for name, folder in tureen_variants.items():
+        tureen_sources[name] = work / f"{name}-src"
+        snapshot_tureen(tureen_sources[name], folder)
     tool_args = {"tureen": shlex.split(args.tureen_args), **variants}
+    tool_args.update({name: tool_args["tureen"] for name in tureen_variants})
     tool_args["mergekit"] = shlex.split(args.mergekit_args)
     bench = Bench(
         data=data,
@@ -1199,6 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
         source=source,
         tool_args=tool_args,
+        tureen_sources=tureen_sources,
         deadline=None if args.deadline_s is None else begun + args.deadline_s,
         compare_device=args.compare_device,
         evict_kept=not args.keep_outputs_cached,
@@ -1233,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model_bytes": [checkpoint_bytes(m) for m in data.models],
                 "warm_up_read_s": warm_s,
                 "drawn_on": args.draw_on,
+                "deltas": args.deltas,
             },
             "method": {
                 "timing": "wall time from process start to exit, start-up and imports included",

@@ -13,7 +13,13 @@ bf16 delta (1 GB = 2^29 elements), as the median over ``--repeats`` runs per ten
 - ``StreamingMagnitudeSelect``: one threshold over the whole model (both passes).
 - ``keep_mask``: the DARE mask of each tensor.
 
-Usage: ``python bench/select_bench.py [--gb 1.0] [--tensor-mib 64] [--repeats 3]``.
+The base is N(0, 0.02²) in bf16; each fine-tune adds noise of standard deviation 0.001
+(``--deltas scaled``) or 0.0002 (``--deltas bf16-ties``: about one bf16 ulp, as
+``bench/generate.py --deltas bf16-ties`` draws it; the task vector then takes few distinct
+values and about a sixth of its entries tie at the density-0.2 threshold).
+
+Usage: ``python bench/select_bench.py [--gb 1.0] [--tensor-mib 64] [--repeats 3]
+[--deltas bf16-ties]``.
 
 On a machine whose cores other busy processes share, set ``OMP_WAIT_POLICY=PASSIVE``: by
 default idle OpenMP workers spin at every barrier, and with more runnable threads than
@@ -102,7 +108,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--skip-baselines", action="store_true", help="time only ours")
     parser.add_argument("--device", default="cpu", help="where the tensors live (cpu, cuda)")
+    parser.add_argument(
+        "--deltas",
+        choices=["scaled", "bf16-ties"],
+        default="scaled",
+        help="fine-tune noise: 1e-3 (scaled) or 2e-4 (bf16-ties: heavy ties at the threshold)",
+    )
     args = parser.parse_args()
+    noise_std = 2e-4 if args.deltas == "bf16-ties" else 1e-3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -112,7 +125,7 @@ def main() -> None:
     bases, tunes = [], []
     for shape in shapes:
         base = (torch.randn(shape, generator=generator) * 0.02).bfloat16()
-        noise = torch.randn(shape, generator=generator) * 1e-3
+        noise = torch.randn(shape, generator=generator) * noise_std
         bases.append(base.to(device))
         tunes.append((base.float() + noise).bfloat16().to(device))
         del noise
@@ -124,7 +137,7 @@ def main() -> None:
     print(f"cpus {os.cpu_count()}, load average at start {os.getloadavg()}")
     print(
         f"{len(shapes)} tensors {shapes[0]} / {shapes[-1]}, {total:,} elements = {gb:.3f} GB"
-        f" of bf16; density {args.density}; median of {args.repeats}"
+        f" of bf16 ({args.deltas} deltas); density {args.density}; median of {args.repeats}"
     )
     print(f"peak RSS after building the inputs: {rss_inputs:,.0f} MiB; device {device}")
     if device.type == "cuda":

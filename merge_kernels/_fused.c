@@ -78,7 +78,7 @@ static inline void store(void *p, int64_t j, int dtype, float v) {
 #define WEIGHTED_PAIRS(X) TIES_PAIRS(X)
 #endif
 
-/* The input dtypes of the one-input passes (the trim's bracket, the tie count). */
+/* The input dtypes of the one-input passes (the trim's bracket, the tie search). */
 #if HAS_F16
 #define INPUT_DTYPES(X) X(BF16) X(F32) X(F16)
 #else
@@ -262,17 +262,22 @@ static PyObject *py_weighted(PyObject *self, PyObject *args) {
  * TIES: the magnitude trim with given thresholds, the sign election and the disjoint mean.
  *
  * Per entry, as merge_kernels/methods/steps.py does it with torch:
- *   ti = xi - b;  keep_i = |ti| > thr_i, or |ti| == thr_i and (rule "threshold", or under
- *   exact_k one of the first keep_at_i such entries in flat order);  tt_i = ti * keep_i
+ *   ti = xi - b;  keep_i = |ti| > thr_i, or |ti| == thr_i and the entry's index is at most
+ *   cutoff_i (the last tied entry kept: under exact_k the first keep_at_i tied entries in
+ *   flat order are kept, which is every tied entry up to the keep_at_i-th one; under the
+ *   "threshold" rule cutoff_i >= n keeps them all);  tt_i = ti * keep_i
  *   e_i = tt_i (or tt_i * wi, weighted election);  vote = e_0 + e_1 + ... (or the sum of
  *   sign(e_i));  gamma = vote >= 0 ? 1 : -1;  agree_i = e_i * gamma > 0
  *   total = fma(tt_i * agree_i, wi, total) from +0;  divided by max(count of agreeing, 1),
  *   or by the sum of agreeing weights (1 where it is 0), or not at all;
  *   out = fma(total, lambda, b).
  * Magnitudes are compared as bit patterns with the sign cleared, as the torch path does.
+ * Which tied entries survive is thus a comparison of indices, branch-free like the rest:
+ * whatever the number of ties, the loop is one vectorised pass. It also counts each
+ * model's tied entries (the next piece's "ties before").
  */
 enum { DIV_COUNT = 0, DIV_WEIGHT_SUM = 1, DIV_NONE = 2 };
-#define TIE_BLOCK 64
+#define TIE_BLOCK 1024 /* entries per block: tie counts and the NaN check are summed per block */
 
 typedef struct {
     const void *x[MAX_INPUTS];
@@ -280,12 +285,12 @@ typedef struct {
     void *out;
     float w[MAX_INPUTS];
     uint32_t thr[MAX_INPUTS];
-    int64_t keep_at[MAX_INPUTS]; /* exact_k: tied entries kept in all */
-    int64_t seen[MAX_INPUTS];    /* tied entries met so far (in: before this piece) */
+    int64_t cutoff[MAX_INPUTS]; /* the last index whose tie is kept (-1: none) */
+    int64_t ties[MAX_INPUTS];   /* out: entries at the threshold, kept or not */
     float lambda;
     int64_t n;
     int k, in_dtype, out_dtype;
-    int threshold_rule, weighted_election, frequency, divisor;
+    int weighted_election, frequency, divisor;
     int nan_seen;
 } ties_args;
 
@@ -363,74 +368,34 @@ static inline __attribute__((always_inline)) void ties_loop(
     const void *base = a->base;
     void *out = a->out;
     for (int64_t start = 0; start < n; start += TIE_BLOCK) {
-        const int64_t stop = n - start < TIE_BLOCK ? n : start + TIE_BLOCK;
-        /* Under exact_k a block keeps all its tied entries while the budget lasts and none
-         * after; only the block where it runs out keeps some, and goes entry by entry. To
-         * know which, a block first counts its ties, but only while some budget is left:
-         * ties are kept lowest index first, so most of a tensor comes after that. */
-        uint32_t all[MAX_INPUTS] = {0};
-        int partial = 0, open = 0;
-        for (int i = 0; i < k; i++) open |= !a->threshold_rule && a->seen[i] < a->keep_at[i];
-        if (open) {
-            uint32_t nan = 0;
-            uint32_t ties[MAX_INPUTS] = {0};
-            for (int64_t j = start; j < stop; j++) {
-                const float b = load(base, j, in_dtype);
-                for (int i = 0; i < k; i++) {
-                    const uint32_t m = magnitude_bits(load(x[i], j, in_dtype) - b);
-                    ties[i] += (m == thr[i]);
-                    nan |= (m > 0x7F800000u);
-                }
-            }
-            if (nan) {
-                a->nan_seen = 1;
-                return;
-            }
-            for (int i = 0; i < k; i++) {
-                if (a->threshold_rule || a->seen[i] + ties[i] <= a->keep_at[i]) all[i] = 1;
-                else if (a->seen[i] >= a->keep_at[i]) all[i] = 0;
-                else partial = 1;
-            }
-        } else {
-            for (int i = 0; i < k; i++) all[i] = (uint32_t)a->threshold_rule;
+        const int32_t len = (int32_t)(n - start < TIE_BLOCK ? n - start : TIE_BLOCK);
+        /* Each model's cutoff relative to the block, clamped to [-1, len]: 32-bit lanes. */
+        int32_t last[MAX_INPUTS];
+        for (int i = 0; i < k; i++) {
+            const int64_t rel = a->cutoff[i] - start;
+            last[i] = (int32_t)(rel < -1 ? -1 : (rel > len ? len : rel));
         }
-        if (!partial) { /* the common case: a comparison per model, vectorised */
-            uint32_t nan = 0;
-            uint32_t ties[MAX_INPUTS] = {0};
-            for (int64_t j = start; j < stop; j++) {
-                const float b = load(base, j, in_dtype);
-                float t[MAX_INPUTS], keepf[MAX_INPUTS];
-                for (int i = 0; i < k; i++) {
-                    t[i] = load(x[i], j, in_dtype) - b;
-                    const uint32_t m = magnitude_bits(t[i]);
-                    keepf[i] = ((m > thr[i]) | (all[i] & (m == thr[i]))) ? 1.0f : 0.0f;
-                    ties[i] += (m == thr[i]);
-                    nan |= (m > 0x7F800000u);
-                }
-                store(out, j, out_dtype, ties_combine(&c, k, t, keepf, b));
-            }
-            if (nan) {
-                a->nan_seen = 1;
-                return;
-            }
-            for (int i = 0; i < k; i++) a->seen[i] += ties[i];
-            continue;
-        }
-        for (int64_t j = start; j < stop; j++) { /* entries at a threshold, in flat order */
+        uint32_t nan = 0;
+        uint32_t ties[MAX_INPUTS] = {0};
+        for (int32_t q = 0; q < len; q++) {
+            const int64_t j = start + q;
             const float b = load(base, j, in_dtype);
             float t[MAX_INPUTS], keepf[MAX_INPUTS];
             for (int i = 0; i < k; i++) {
                 t[i] = load(x[i], j, in_dtype) - b;
                 const uint32_t m = magnitude_bits(t[i]);
-                int keep = m > thr[i];
-                if (m == thr[i]) {
-                    keep = a->threshold_rule || a->seen[i] < a->keep_at[i];
-                    a->seen[i]++;
-                }
-                keepf[i] = keep ? 1.0f : 0.0f;
+                const uint32_t at = m == thr[i];
+                keepf[i] = ((m > thr[i]) | (at & (q <= last[i]))) ? 1.0f : 0.0f;
+                ties[i] += at;
+                nan |= (m > 0x7F800000u);
             }
             store(out, j, out_dtype, ties_combine(&c, k, t, keepf, b));
         }
+        if (nan) {
+            a->nan_seen = 1;
+            return;
+        }
+        for (int i = 0; i < k; i++) a->ties[i] += ties[i];
     }
 }
 
@@ -451,11 +416,17 @@ static ties_fn pick_ties(int in_dtype, int out_dtype) {
 /* ---------------------------------------------------------------------------------------
  * The trim threshold's bracket pass over one model: |x - b| against a bracket (lo, hi).
  * Counts the entries above hi, at hi and at lo, and collects those strictly inside into
- * cand (up to cap of them; the returned inside count may be larger).
+ * cand, in flat order (up to cap of them; the returned inside count may be larger). With
+ * chunk_counts, it also records per chunk of BRACKET_CHUNK entries how many were at hi, at
+ * lo and inside (three rows of int32): whichever of them turns out to be the threshold,
+ * the tied entry where exact_k stops keeping is then found without another pass.
  */
+#define BRACKET_CHUNK 2048
+
 typedef struct {
     const void *x, *base;
     float *cand;
+    int32_t *chunk_counts; /* NULL, or 3 rows of ceil(n / BRACKET_CHUNK) */
     int64_t n, cap;
     uint32_t lo, hi; /* magnitude bit patterns, lo < hi */
     int in_dtype;
@@ -472,8 +443,10 @@ static inline __attribute__((always_inline)) void bracket_loop(bracket_args *a, 
     const int64_t n = a->n, cap = a->cap;
     /* Counts over a chunk in vector registers, then, only where the chunk has entries
      * inside the bracket, a look at each group of 16 for the ones to collect. */
-    enum { CHUNK = 2048, GROUP = 16 };
+    enum { CHUNK = BRACKET_CHUNK, GROUP = 16 };
     uint32_t mags[CHUNK];
+    int32_t *rows = a->chunk_counts;
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
     for (int64_t start = 0; start < n; start += CHUNK) {
         const int64_t len = n - start < CHUNK ? n - start : CHUNK;
         uint32_t c_above = 0, c_hi = 0, c_lo = 0, c_in = 0, c_nan = 0;
@@ -491,6 +464,12 @@ static inline __attribute__((always_inline)) void bracket_loop(bracket_args *a, 
         at_hi += c_hi;
         at_lo += c_lo;
         nan |= c_nan;
+        if (rows != NULL) {
+            const int64_t chunk = start / CHUNK;
+            rows[chunk] = (int32_t)c_hi;
+            rows[chunks + chunk] = (int32_t)c_lo;
+            rows[2 * chunks + chunk] = (int32_t)c_in;
+        }
         if (!c_in) continue;
         int64_t j = 0;
         for (; j + GROUP <= len; j += GROUP) {
@@ -531,23 +510,25 @@ static void (*pick_bracket(int in_dtype))(bracket_args *) {
 }
 
 PyDoc_STRVAR(bracket_doc,
-             "bracket(x, base, dtype, n, lo_bits, hi_bits, cand, cap)\n\n"
+             "bracket(x, base, dtype, n, lo_bits, hi_bits, cand, cap, chunk_counts=0)\n\n"
              "Over |x - base|: (above hi, at hi, at lo, inside, nan_seen); the magnitudes "
-             "strictly inside (lo, hi) go to cand (float32, up to cap of them; cand has "
-             "room for cap + 1).");
+             "strictly inside (lo, hi) go to cand in flat order (float32, up to cap of them; "
+             "cand has room for cap + 1). chunk_counts (int32, 3 rows of "
+             "ceil(n / BRACKET_CHUNK), or 0) gets per chunk the entries at hi, at lo, inside.");
 
 static PyObject *py_bracket(PyObject *self, PyObject *args) {
     bracket_args a;
     memset(&a, 0, sizeof(a));
-    PyObject *x_obj, *base_obj, *cand_obj;
+    PyObject *x_obj, *base_obj, *cand_obj, *rows_obj = NULL;
     long long n, cap;
     unsigned long lo, hi;
-    if (!PyArg_ParseTuple(args, "OOiLkkOL", &x_obj, &base_obj, &a.in_dtype, &n, &lo, &hi,
-                          &cand_obj, &cap))
+    if (!PyArg_ParseTuple(args, "OOiLkkOL|O", &x_obj, &base_obj, &a.in_dtype, &n, &lo, &hi,
+                          &cand_obj, &cap, &rows_obj))
         return NULL;
     a.x = PyLong_AsVoidPtr(x_obj);
     a.base = PyLong_AsVoidPtr(base_obj);
     a.cand = (float *)PyLong_AsVoidPtr(cand_obj);
+    if (rows_obj != NULL) a.chunk_counts = (int32_t *)PyLong_AsVoidPtr(rows_obj);
     if (PyErr_Occurred()) return NULL;
     if (a.x == NULL || a.base == NULL || (a.cand == NULL && cap > 0) || lo >= hi) {
         PyErr_SetString(PyExc_ValueError, "bracket: null pointer or empty bracket");
@@ -570,78 +551,95 @@ static PyObject *py_bracket(PyObject *self, PyObject *args) {
 
 
 /* ---------------------------------------------------------------------------------------
- * How many entries have |x - b| exactly at a threshold (bit pattern): the ties a piece
- * meets before a given entry, so that a TIES merge can be split between threads.
+ * Where the r-th entry (1-based, in flat order) with |x - b| at a threshold sits: the last
+ * tied entry that exact_k keeps in a piece whose tie budget is r. Stops there; reads the
+ * whole piece only when it holds fewer than r such entries.
  */
 typedef struct {
     const void *x, *base;
-    int64_t n;
+    int64_t n, r;
     uint32_t thr;
-    int64_t count;
-} count_args;
+    int64_t index, count; /* out: the index or -1; the tied entries met up to it */
+} locate_args;
 
-static inline __attribute__((always_inline)) void count_loop(count_args *a, const int in_dtype) {
+static inline __attribute__((always_inline)) void locate_loop(locate_args *a, const int in_dtype) {
     const void *x = a->x, *base = a->base;
     const uint32_t thr = a->thr;
     int64_t count = 0;
+    a->index = -1;
     enum { CHUNK = 4096 };
     for (int64_t start = 0; start < a->n; start += CHUNK) {
         const int64_t stop = a->n - start < CHUNK ? a->n : start + CHUNK;
         uint32_t c = 0;
         for (int64_t j = start; j < stop; j++)
             c += magnitude_bits(load(x, j, in_dtype) - load(base, j, in_dtype)) == thr;
-        count += c;
+        if (count + c < a->r) {
+            count += c;
+            continue;
+        }
+        for (int64_t j = start; j < stop; j++) {
+            count += magnitude_bits(load(x, j, in_dtype) - load(base, j, in_dtype)) == thr;
+            if (count == a->r) {
+                a->index = j;
+                break;
+            }
+        }
+        break;
     }
     a->count = count;
 }
 
-#define DEFINE_COUNT(IN) \
-    CLONES static void count_##IN(count_args *a) { count_loop(a, IN); }
-INPUT_DTYPES(DEFINE_COUNT)
+#define DEFINE_LOCATE(IN) \
+    CLONES static void locate_##IN(locate_args *a) { locate_loop(a, IN); }
+INPUT_DTYPES(DEFINE_LOCATE)
 
-static void (*pick_count(int in_dtype))(count_args *) {
+static void (*pick_locate(int in_dtype))(locate_args *) {
 #define PICK(IN) \
-    if (in_dtype == IN) return count_##IN;
+    if (in_dtype == IN) return locate_##IN;
     INPUT_DTYPES(PICK)
 #undef PICK
     return NULL;
 }
 
-PyDoc_STRVAR(count_doc,
-             "count_at(x, base, dtype, n, thr_bits)\n\n"
-             "How many of n entries have |x - base| with the magnitude bit pattern thr_bits.");
+PyDoc_STRVAR(locate_doc,
+             "locate_tie(x, base, dtype, n, thr_bits, r)\n\n"
+             "(index, count): the index of the r-th of n entries (r >= 1, flat order) whose "
+             "|x - base| has the magnitude bit pattern thr_bits and count = r, or (-1, how "
+             "many there are) when there are fewer.");
 
-static PyObject *py_count_at(PyObject *self, PyObject *args) {
-    count_args a;
+static PyObject *py_locate_tie(PyObject *self, PyObject *args) {
+    locate_args a;
     memset(&a, 0, sizeof(a));
     PyObject *x_obj, *base_obj;
     int dtype;
-    long long n;
+    long long n, r;
     unsigned long thr;
-    if (!PyArg_ParseTuple(args, "OOiLk", &x_obj, &base_obj, &dtype, &n, &thr)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOiLkL", &x_obj, &base_obj, &dtype, &n, &thr, &r)) return NULL;
     a.x = PyLong_AsVoidPtr(x_obj);
     a.base = PyLong_AsVoidPtr(base_obj);
     if (PyErr_Occurred()) return NULL;
-    if (a.x == NULL || a.base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "count_at: null pointer");
+    if (a.x == NULL || a.base == NULL || r < 1) {
+        PyErr_SetString(PyExc_ValueError, "locate_tie: null pointer or r < 1");
         return NULL;
     }
     a.n = (int64_t)n;
+    a.r = (int64_t)r;
     a.thr = (uint32_t)thr;
-    void (*fn)(count_args *) = pick_count(dtype);
+    void (*fn)(locate_args *) = pick_locate(dtype);
     if (fn == NULL) {
-        PyErr_SetString(PyExc_ValueError, "count_at: unsupported dtype code");
+        PyErr_SetString(PyExc_ValueError, "locate_tie: unsupported dtype code");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS fn(&a);
-    Py_END_ALLOW_THREADS return PyLong_FromLongLong((long long)a.count);
+    Py_END_ALLOW_THREADS return Py_BuildValue("LL", (long long)a.index, (long long)a.count);
 }
 
 PyDoc_STRVAR(ties_doc,
-             "ties(out, out_dtype, inputs, base, in_dtype, weights, thresholds, keep_at, seen, "
-             "threshold_rule, weighted_election, frequency, divisor, lam, n)\n\n"
+             "ties(out, out_dtype, inputs, base, in_dtype, weights, thresholds, cutoffs, "
+             "weighted_election, frequency, divisor, lam, n)\n\n"
              "The TIES merge of n entries into out, given each model's trim threshold (bit "
-             "pattern), tie budget and ties met before; returns (seen after, nan_seen).");
+             "pattern) and the last index whose tied entry is kept (-1: none, n or more: all); "
+             "returns (each model's count of tied entries, nan_seen).");
 
 static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *what) {
     PyObject *fast = sequence_of(seq, expected, what);
@@ -661,13 +659,12 @@ static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *w
 static PyObject *py_ties(PyObject *self, PyObject *args) {
     ties_args a;
     memset(&a, 0, sizeof(a));
-    PyObject *out_obj, *inputs, *base_obj, *weights, *thresholds, *keep_at, *seen;
+    PyObject *out_obj, *inputs, *base_obj, *weights, *thresholds, *cutoffs;
     double lambda;
     long long n;
-    if (!PyArg_ParseTuple(args, "OiOOiOOOOppiidL", &out_obj, &a.out_dtype, &inputs, &base_obj,
-                          &a.in_dtype, &weights, &thresholds, &keep_at, &seen,
-                          &a.threshold_rule, &a.weighted_election, &a.frequency, &a.divisor,
-                          &lambda, &n))
+    if (!PyArg_ParseTuple(args, "OiOOiOOOppidL", &out_obj, &a.out_dtype, &inputs, &base_obj,
+                          &a.in_dtype, &weights, &thresholds, &cutoffs, &a.weighted_election,
+                          &a.frequency, &a.divisor, &lambda, &n))
         return NULL;
     a.out = PyLong_AsVoidPtr(out_obj);
     a.base = PyLong_AsVoidPtr(base_obj);
@@ -681,8 +678,7 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     int64_t thr[MAX_INPUTS];
     if (parse_int64s(thresholds, thr, a.k, "ties thresholds") < 0) return NULL;
     for (int i = 0; i < a.k; i++) a.thr[i] = (uint32_t)thr[i];
-    if (parse_int64s(keep_at, a.keep_at, a.k, "ties keep_at") < 0) return NULL;
-    if (parse_int64s(seen, a.seen, a.k, "ties seen") < 0) return NULL;
+    if (parse_int64s(cutoffs, a.cutoff, a.k, "ties cutoffs") < 0) return NULL;
     if (a.divisor < DIV_COUNT || a.divisor > DIV_NONE) {
         PyErr_SetString(PyExc_ValueError, "ties: unknown divisor");
         return NULL;
@@ -695,10 +691,10 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS fn(&a);
-    Py_END_ALLOW_THREADS PyObject *after = PyTuple_New(a.k);
-    if (after == NULL) return NULL;
-    for (int i = 0; i < a.k; i++) PyTuple_SET_ITEM(after, i, PyLong_FromLongLong(a.seen[i]));
-    return Py_BuildValue("Ni", after, a.nan_seen);
+    Py_END_ALLOW_THREADS PyObject *counts = PyTuple_New(a.k);
+    if (counts == NULL) return NULL;
+    for (int i = 0; i < a.k; i++) PyTuple_SET_ITEM(counts, i, PyLong_FromLongLong(a.ties[i]));
+    return Py_BuildValue("Ni", counts, a.nan_seen);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -816,7 +812,7 @@ static PyMethodDef methods[] = {
     {"weighted", py_weighted, METH_VARARGS, weighted_doc},
     {"ties", py_ties, METH_VARARGS, ties_doc},
     {"bracket", py_bracket, METH_VARARGS, bracket_doc},
-    {"count_at", py_count_at, METH_VARARGS, count_doc},
+    {"locate_tie", py_locate_tie, METH_VARARGS, locate_doc},
     {"crc32", py_crc32, METH_VARARGS, crc32_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -852,6 +848,7 @@ PyMODINIT_FUNC PyInit__fused(void) {
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "HAS_F16", HAS_F16) < 0 ||
         PyModule_AddIntConstant(m, "MAX_INPUTS", MAX_INPUTS) < 0 ||
+        PyModule_AddIntConstant(m, "BRACKET_CHUNK", BRACKET_CHUNK) < 0 ||
         PyModule_AddIntConstant(m, "HAS_CLMUL", clmul_ok) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -198,18 +198,19 @@ def _float(bits: int) -> float:
     return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item())
 
 
-def trim_threshold(
-    model: torch.Tensor, base: torch.Tensor, k: int
-) -> tuple[MagnitudeThreshold, int] | None:
-    """The k-th largest |model − base| and its tie count, as
-    :func:`~merge_kernels.methods.magnitude_select.magnitude_threshold_with_ties` finds it
-    on the float32 task vector, without materialising the task vector.
+def trim_threshold(model: torch.Tensor, base: torch.Tensor, k: int) -> FusedTrim | None:
+    """The k-th largest |model − base|, its tie count and the last tied entry exact_k keeps,
+    as :func:`~merge_kernels.methods.magnitude_select.magnitude_threshold_with_ties` finds
+    them on the float32 task vector, without materialising the task vector.
 
     A strided sample brackets the k-th largest magnitude; one fused pass counts the entries
-    above the bracket and at its ends and collects those inside, and the k-th is selected
-    among those. Returns None when the loop cannot answer (no extension, unsupported
-    inputs, a small tensor, NaN, or the sample's bracket missed): the caller then selects
-    on the torch path, which is exact too.
+    above the bracket and at its ends and collects those inside (in flat order, with how
+    many each chunk of ``BRACKET_CHUNK`` entries held at each end and inside), and the k-th
+    is selected among those. The tied entry where exact_k stops keeping is then found from
+    the chunk counts and a look at one chunk: however many entries tie, no second pass.
+    Returns None when the loop cannot answer (no extension, unsupported inputs, a small
+    tensor, NaN, or the sample's bracket missed): the caller then selects on the torch path,
+    which is exact too.
     """
     n = model.numel()
     if (
@@ -238,29 +239,104 @@ def trim_threshold(
     lo = min(lo, hi - 1)
     cap = max(n // 8, 1)
     candidates = torch.empty(cap + 1, dtype=torch.float32)  # the loop may write slot cap
+    chunk = _fused.BRACKET_CHUNK
+    rows = torch.empty(3, -(-n // chunk), dtype=torch.int32)  # at hi, at lo, inside
     above, at_hi, at_lo, inside, nan = _fused.bracket(
-        model.data_ptr(), base.data_ptr(), code, n, lo, hi, candidates.data_ptr(), cap
+        model.data_ptr(),
+        base.data_ptr(),
+        code,
+        n,
+        lo,
+        hi,
+        candidates.data_ptr(),
+        cap,
+        rows.data_ptr(),
     )
     if nan or inside > cap:
         return None
+    ties = _TieFinder(flat_model, flat_base, rows, chunk)
     if k <= above:
         return None  # the bracket is too low
     if k <= above + at_hi:
-        return MagnitudeThreshold(_float(hi), k - above, k), at_hi
+        keep = k - above
+        return FusedTrim(
+            MagnitudeThreshold(_float(hi), keep, k), at_hi, ties.at_end(0, hi, keep, at_hi)
+        )
     if k <= above + at_hi + inside:
         pool = candidates[:inside]
         rank_in_pool = k - above - at_hi  # 1 = the largest in the pool
         value = pool.kthvalue(inside - rank_in_pool + 1).values
         greater = above + at_hi + int((pool > value).sum())
-        return MagnitudeThreshold(float(value), k - greater, k), int((pool == value).sum())
+        tied = torch.nonzero(pool == value).view(-1)
+        keep = k - greater
+        cutoff = n if keep == tied.numel() else ties.inside(int(tied[keep - 1]), lo, hi)
+        return FusedTrim(MagnitudeThreshold(float(value), keep, k), tied.numel(), cutoff)
     if k <= above + at_hi + inside + at_lo:
-        return MagnitudeThreshold(_float(lo), k - above - at_hi - inside, k), at_lo
+        keep = k - above - at_hi - inside
+        return FusedTrim(
+            MagnitudeThreshold(_float(lo), keep, k), at_lo, ties.at_end(1, lo, keep, at_lo)
+        )
     return None  # the bracket is too high
+
+
+@dataclass(frozen=True)
+class FusedTrim:
+    """One model's trim threshold over a whole tensor, as :func:`trim_threshold` finds it.
+
+    Attributes:
+        threshold: the k-th largest magnitude and the number of tied entries exact_k keeps.
+        count_at_value: every entry whose magnitude equals the threshold, kept or not.
+        cutoff: the flat index of the last tied entry exact_k keeps (``numel`` when it keeps
+            them all): what :func:`ties_into` needs to keep them in one pass.
+    """
+
+    threshold: MagnitudeThreshold
+    count_at_value: int
+    cutoff: int
+
+
+@dataclass(frozen=True)
+class _TieFinder:
+    """Finds a tied entry from the bracket pass's per-chunk counts and one chunk's entries."""
+
+    model: torch.Tensor  # flat
+    base: torch.Tensor
+    rows: torch.Tensor  # int32 (3, chunks): at hi, at lo, inside
+    chunk: int
+
+    def _bits(self, index: int) -> tuple[int, torch.Tensor]:
+        start = index * self.chunk
+        stop = min(self.model.numel(), start + self.chunk)
+        tau = torch.sub(self.model[start:stop].float(), self.base[start:stop].float())
+        return start, tau.view(torch.int32) & 0x7FFFFFFF
+
+    def _chunk_of(self, row: int, rank: int) -> tuple[int, int]:
+        """The chunk holding the ``rank``-th (1-based) entry counted in ``row``, and its rank
+        within that chunk."""
+        running = self.rows[row].to(torch.int64).cumsum(0)
+        index = int(torch.searchsorted(running, torch.tensor([rank])).item())
+        before = int(running[index - 1]) if index else 0
+        return index, rank - before
+
+    def at_end(self, row: int, bits: int, keep: int, count: int) -> int:
+        """The last kept tie when the threshold is the bracket end counted in ``row``."""
+        if keep == count:
+            return self.model.numel()
+        index, rank = self._chunk_of(row, keep)
+        start, mags = self._bits(index)
+        return start + int(torch.nonzero(mags == bits).view(-1)[rank - 1])
+
+    def inside(self, position: int, lo: int, hi: int) -> int:
+        """The flat index of the candidate at ``position`` (0-based) of the collected pool."""
+        index, rank = self._chunk_of(2, position + 1)
+        start, mags = self._bits(index)
+        inside = torch.nonzero((mags > lo) & (mags < hi)).view(-1)
+        return start + int(inside[rank - 1])
 
 
 def trim_thresholds(
     models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
-) -> list[tuple[MagnitudeThreshold, int] | None]:
+) -> list[FusedTrim | None]:
     """:func:`trim_threshold` for each model, the models in parallel threads."""
     parallel = (os.cpu_count() or 1) > 1 and base.numel() >= _SPLIT_FROM
     calls = [functools.partial(trim_threshold, m, base, k) for m, k in zip(models, ks, strict=True)]
@@ -274,8 +350,15 @@ def ties_into(
     form: ConsensusForm,
     weights: Sequence[float],
     trims: Sequence[TrimState],
+    cutoffs: Sequence[int | None] | None = None,
 ) -> list[int] | None:
     """The TIES merge of ``models`` over ``base`` into ``out``, given each model's trim.
+
+    Args:
+        cutoffs: per model, where known, the index in this piece of the last tied entry
+            exact_k keeps (-1 for none, ``numel`` or more for all), as :class:`FusedTrim`
+            has it. Where it is not known (None) and the piece's tie budget is open, it is
+            found by a scan that stops at that entry.
 
     Returns:
         Each model's count of entries at its threshold up to the end of this piece (the
@@ -296,33 +379,29 @@ def ties_into(
         return [state.ties_before for state in trims]
     extension = _fused
     size = dtype.itemsize
-    parts = _parts(numel)
-    # Under exact_k each part must know how many tied entries came before it.
-    before = [[state.ties_before for state in trims]]
-    if len(parts) > 1 and not form.threshold_rule:
+    known = list(cutoffs) if cutoffs is not None else [None] * len(trims)
 
-        def count(model: torch.Tensor, threshold: int, start: int, stop: int) -> int:
-            return int(
-                extension.count_at(
-                    model.data_ptr() + start * size,
-                    base.data_ptr() + start * size,
-                    in_code,
-                    stop - start,
-                    threshold,
-                )
-            )
+    def last_kept(index: int) -> int:
+        state, model = trims[index], models[index]
+        if state.threshold.k == 0:
+            return -1
+        if form.threshold_rule:
+            return numel
+        found = known[index]
+        if found is not None:
+            return found
+        budget = state.threshold.keep_at_value - state.ties_before
+        if budget <= 0:
+            return -1
+        at, _ = extension.locate_tie(
+            model.data_ptr(), base.data_ptr(), in_code, numel, thresholds[index], budget
+        )
+        return int(at) if at >= 0 else numel  # fewer ties than the budget: all kept
 
-        counted = [
-            [_pool().submit(count, m, t, *part) for m, t in zip(models, thresholds, strict=True)]
-            for part in parts[:-1]
-        ]
-        for part_counts in counted:
-            before.append([b + f.result() for b, f in zip(before[-1], part_counts, strict=True)])
-    else:
-        before += [before[0]] * (len(parts) - 1)
+    lasts = _run_all([functools.partial(last_kept, i) for i in range(len(trims))])
 
-    def run(start: int, stop: int, seen: list[int]) -> tuple[list[int], int]:
-        after, nan = extension.ties(
+    def run(start: int, stop: int) -> tuple[list[int], int]:
+        counts, nan = extension.ties(
             out.data_ptr() + start * out.dtype.itemsize,
             out_code,
             [m.data_ptr() + start * size for m in models],
@@ -330,25 +409,18 @@ def ties_into(
             in_code,
             [float(w) for w in weights],
             thresholds,
-            [state.threshold.keep_at_value for state in trims],
-            seen,
-            form.threshold_rule,
+            [last - start for last in lasts],
             form.weighted_election,
             form.frequency,
             form.divisor,
             form.scale,
             stop - start,
         )
-        return list(after), nan
+        return list(counts), nan
 
-    results = _run_all(
-        [functools.partial(run, *part, seen) for part, seen in zip(parts, before, strict=True)]
-    )
+    results = _run_all([functools.partial(run, *part) for part in _parts(numel)])
     if any(nan for _, nan in results):
         return None
-    if form.threshold_rule:  # the parts counted from the same start: add up what they met
-        return [
-            state.ties_before + sum(after[i] - state.ties_before for after, _ in results)
-            for i, state in enumerate(trims)
-        ]
-    return results[-1][0]
+    return [
+        state.ties_before + sum(counts[i] for counts, _ in results) for i, state in enumerate(trims)
+    ]

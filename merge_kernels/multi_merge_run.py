@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from merge_kernels.errors import MergeCancelledError
 from merge_kernels.multi_merge import MergeStep, MultiMerge
 from merge_kernels.runner import (
+    CancelCheck,
     MergeOptions,
     MergeResult,
     ProgressCallback,
@@ -54,6 +56,7 @@ def run_multi_merge(
     *,
     progress: ProgressCallback | None = None,
     announce: Any = None,
+    should_cancel: CancelCheck | None = None,
 ) -> list[StepResult]:
     """Run every merge of ``merges`` in order; the final one writes ``out_dir``.
 
@@ -63,16 +66,21 @@ def run_multi_merge(
         options: how to run every merge.
         progress: passed to each merge.
         announce: called with ``(step, output_folder, reused)`` before each merge runs.
+        should_cancel: polled before each merge and within it (see ``run_merge``); True
+            stops the run, leaving the merges finished so far for a later run to keep.
 
     Returns:
         One result per merge, in the order they ran.
 
     Raises:
         The errors of :func:`~merge_kernels.runner.run_merge`, for the merge that failed.
+        MergeCancelledError: ``should_cancel`` said so.
     """
     options = options or MergeOptions()
     results = []
     for step in merges.steps:
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelledError("the merges were cancelled; no output was written")
         target = merges.output_of(step, Path(out_dir))
         own = step_options(step, options)
         done = None if step.final else committed_result(step.recipe, target, own)
@@ -81,7 +89,7 @@ def run_multi_merge(
         if done is not None:
             results.append(StepResult(step, done, reused=True))
             continue
-        result = run_merge(step.recipe, target, own, progress=progress)
+        result = run_merge(step.recipe, target, own, progress=progress, should_cancel=should_cancel)
         results.append(StepResult(step, result, reused=False))
     return results
 

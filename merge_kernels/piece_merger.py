@@ -157,26 +157,35 @@ class PieceMerger:
         if not handles("ties", torch_dtype(tensor.dtype), models, raw):
             return None  # before finding thresholds that the torch path would find again
         trims = self._trims_for(unit)
+        cutoffs: list[int | None] | None = None
         if trims is None and tensor.trim == "kernel":
-            trims = self._tensor_thresholds(models, base, tensor.params.models)
+            trims, cutoffs = self._tensor_thresholds(models, base, tensor.params.models)
         if trims is None:
             return None
         weights = [float(getattr(p, "weight", 1.0)) for p in tensor.params.models]
         out = self._output(unit, raw[0].shape)
-        return out if ties_into(out, base, models, form, weights, trims) is not None else None
+        merged = ties_into(out, base, models, form, weights, trims, cutoffs)
+        return out if merged is not None else None
 
     @staticmethod
     def _tensor_thresholds(
         models: list[torch.Tensor], base: torch.Tensor, params: tuple[object, ...]
-    ) -> tuple[TrimState, ...]:
-        """Each model's trim threshold over a whole tensor: fused where it can be."""
+    ) -> tuple[tuple[TrimState, ...], list[int | None]]:
+        """Each model's trim threshold over a whole tensor: fused where it can be. With it,
+        where known, the index of the last tied entry exact_k keeps (see ``ties_into``)."""
         ks = [trim_count(getattr(p, "density", None) or 1.0, base.numel()) for p in params]
-        states = []
+        states: list[TrimState] = []
+        cutoffs: list[int | None] = []
         for model, k, found in zip(models, ks, trim_thresholds(models, base, ks), strict=True):
-            if found is None:
-                found = magnitude_threshold_with_ties(torch.sub(model.float(), base.float()), k)
-            states.append(TrimState(found[0], 0))
-        return tuple(states)
+            if found is not None:
+                states.append(TrimState(found.threshold, 0))
+                cutoffs.append(found.cutoff)
+                continue
+            tau = torch.sub(model.float(), base.float())
+            threshold, tied = magnitude_threshold_with_ties(tau, k)
+            states.append(TrimState(threshold, 0))
+            cutoffs.append(base.numel() if threshold.keep_at_value == tied else None)
+        return tuple(states), cutoffs
 
     def _output(self, unit: Piece, shape: torch.Size) -> torch.Tensor:
         """The next output buffer in turn, as ``unit``'s output dtype and ``shape`` (grown as

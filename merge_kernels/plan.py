@@ -19,6 +19,7 @@ from merge_kernels.io.dtypes import itemsize
 from merge_kernels.io.safetensors_header import TensorEntry
 from merge_kernels.io.shard_plan import OutputTensor, ShardSpec, index_json, plan_shards
 from merge_kernels.layer_map import LayerMap
+from merge_kernels.methods.compute_dtype import result_dtype
 from merge_kernels.parameter_settings import layer_position
 from merge_kernels.recipe import Recipe
 from merge_kernels.registry import MethodSpec
@@ -200,6 +201,18 @@ def embedding_name(entries: Mapping[str, TensorEntry]) -> str | None:
     return _embedding_name(entries)
 
 
+def _written_dtype(recipe: Recipe, notes: list[str]) -> str | None:
+    """The dtype the floating tensors are written in (None: each input tensor's own)."""
+    float32 = result_dtype(recipe)
+    if float32 is not None:
+        notes.append(
+            f"{recipe.merge_method} computed in the recipe's dtype gives float32 tensors, "
+            "written as float32 as mergekit does; set out_dtype to write another dtype"
+        )
+        return float32
+    return recipe.output_dtype() or None
+
+
 def _is_tied(config: Mapping[str, object]) -> bool:
     # transformers' default is tied unless the config says otherwise
     return bool(config.get("tie_word_embeddings", True))
@@ -304,8 +317,7 @@ def build_plan(
     reference = inputs[0].checkpoint
     reference_entries = reference.entries()
     plan.tie_word_embeddings = _is_tied(reference.config) and _LM_HEAD not in reference_entries
-    wanted = recipe.output_dtype() or None
-    wanted = out_dtype or wanted
+    wanted = out_dtype or _written_dtype(recipe, plan.notes)
     layers = _num_layers(reference.config, list(reference_entries))
     if _stacks_layers(recipe, layers):
         from merge_kernels.stacked_plan import plan_stacked

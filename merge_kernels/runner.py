@@ -14,16 +14,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from merge_kernels.checkpoints import Checkpoint, open_checkpoint
 from merge_kernels.checkpoints.lora import LoraCheckpoint
 from merge_kernels.errors import InsufficientSpaceError, MergeCancelledError, RecipeError
+from merge_kernels.executors import ShardExecutor, ShardWork, executor_for
 from merge_kernels.hub_precheck import check_hub_inputs
 from merge_kernels.input_hashes import InputHashes
 from merge_kernels.io.disk_space import (
@@ -32,7 +30,6 @@ from merge_kernels.io.disk_space import (
     is_disk_full,
     require_space,
 )
-from merge_kernels.io.shard_writer import ShardWriter
 from merge_kernels.io.staging import StagingDir, write_json_atomic
 from merge_kernels.model_card import (
     CardExtras,
@@ -40,15 +37,12 @@ from merge_kernels.model_card import (
     write_config,
     write_model_card,
 )
-from merge_kernels.piece_merger import PieceMerger
-from merge_kernels.pieces import Piece, pieces_of, read_piece
 from merge_kernels.plan import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_SHARD_BYTES,
     DEFAULT_WHOLE_TRIM_ELEMENTS,
     MergePlan,
     PlannedInput,
-    TensorPlan,
     build_plan,
 )
 from merge_kernels.recipe import ModelReference, Recipe
@@ -80,6 +74,10 @@ class MergeOptions:
         keep_commit_record: leave the commit record beside the output (see
             :mod:`merge_kernels.io.staging`) for a caller that records the success itself and
             then calls :meth:`StagingDir.forget_commit`; otherwise it is dropped at once.
+        executor: where the shards are merged: ``local`` (this process), ``ray`` (tasks of
+            a Ray cluster), or an executor object (:mod:`merge_kernels.executors`).
+        ray_address: the Ray cluster ``ray`` connects to (None: ``RAY_ADDRESS``, else a
+            cluster started on this machine, else a new local one).
     """
 
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -93,6 +91,8 @@ class MergeOptions:
     overwrite: bool = False
     space_reserve_bytes: int = DEFAULT_RESERVE_BYTES
     keep_commit_record: bool = False
+    executor: str | ShardExecutor = "local"
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -358,15 +358,19 @@ def _execute(
                 )
             )
 
+    def cancelled() -> bool:
+        return should_cancel is not None and should_cancel()
+
     def check_cancel() -> None:
-        if should_cancel is not None and should_cancel():
+        if cancelled():
             staging.discard()
             raise MergeCancelledError("the merge was cancelled; no output was written")
 
     # The model card's input hashes are computed beside the merge, not after it.
     with InputHashes([item.checkpoint for item in plan.inputs]) as hashes:
         report(None, "trim thresholds")
-        _merge_shards(plan, staging, done, options, check_cancel, counters, report)
+        work = ShardWork(plan, staging, done, options, check_cancel, cancelled, counters, report)
+        executor_for(options).merge_shards(work)
         check_cancel()
         _write_companions(plan, staging.path, options)
         provenance = [
@@ -391,88 +395,6 @@ def _execute(
         seconds=time.monotonic() - started,
         provenance=provenance,
     )
-
-
-def _merge_shards(
-    plan: MergePlan,
-    staging: StagingDir,
-    done: Collection[str],
-    options: MergeOptions,
-    check_cancel: Callable[[], None],
-    counters: dict[str, int],
-    report: Callable[[str | None], None],
-) -> None:
-    """Merge and write every shard not already ``done``, recording each as it finishes."""
-    merger = PieceMerger(plan, options.device, check_cancel)
-    merger.prepare_model_trims()
-    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-read")
-    writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-write")
-    with readers, writers:
-        for shard in plan.shards:
-            names = {t.name for t in shard.tensors}
-            tensors = [t for t in plan.tensors if t.name in names]
-            if shard.filename in done:
-                counters["tensors"] += len(tensors)
-                counters["bytes"] += shard.size
-                report(None)
-                continue
-            with ShardWriter(staging.path, shard) as writer:
-                counters["bytes"] += len(shard.header)
-                _write_shard(
-                    plan,
-                    tensors,
-                    writer,
-                    merger,
-                    (readers, writers),
-                    check_cancel,
-                    counters,
-                    report,
-                )
-                digest = writer.finish()
-            staging.mark_shard_done(shard.filename, digest)
-
-
-def _write_shard(
-    plan: MergePlan,
-    tensors: list[TensorPlan],
-    writer: ShardWriter,
-    merger: PieceMerger,
-    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
-    check_cancel: Callable[[], None],
-    counters: dict[str, int],
-    report: Callable[[str | None], None],
-) -> None:
-    """Read ahead, merge, and write behind: IO on two threads overlaps the kernel."""
-    readers, writers = pools
-    units = [piece for tensor in tensors for piece in pieces_of(tensor)]
-    pending: Future[list[torch.Tensor]] | None = (
-        readers.submit(read_piece, plan, units[0]) if units else None
-    )
-    written: Future[None] | None = None
-    for position, unit in enumerate(units):
-        check_cancel()
-        assert pending is not None
-        raw = pending.result()
-        following = units[position + 1] if position + 1 < len(units) else None
-        pending = readers.submit(read_piece, plan, following) if following is not None else None
-        merged = merger.compute(unit, raw)
-        del raw
-        if written is not None:
-            written.result()  # one write in flight at most: memory stays bounded
-        written = writers.submit(_write, writer, unit, merged)
-        counters["bytes"] += merged.numel() * merged.element_size()
-        if unit.stop is None or unit.stop == unit.tensor.shape[0]:
-            counters["tensors"] += 1
-        report(unit.tensor.name)
-    if written is not None:
-        written.result()
-
-
-def _write(writer: ShardWriter, unit: Piece, merged: torch.Tensor) -> None:
-    if unit.start is None:
-        writer.write(unit.tensor.name, merged)
-    else:
-        writer.write_rows(unit.tensor.name, unit.start, merged)
 
 
 def _write_companions(plan: MergePlan, folder: Path, options: MergeOptions) -> None:

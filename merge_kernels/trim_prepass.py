@@ -8,9 +8,12 @@ Two cases need them:
 
 Either way the scope is a stream of pieces (tensors or row chunks). A streaming radix select
 reads each model's task vector over the stream in two passes; when entries tie at the
-threshold and ``exact_k`` must choose among them, one more pass counts, for every piece,
-the tied entries before it in the stream's flat order. The merge then trims each piece with
-:func:`apply_threshold_mask` and gets exactly the mask a whole-scope trim would give.
+threshold and ``exact_k`` must choose among them, the tied entries before each piece in the
+stream's flat order are counted, but only up to the piece where the last kept tie lies:
+past it every piece keeps none, whatever the exact count, so the counting pass stops there
+(on bf16 task vectors, whose ties at the threshold are many, a fraction of the stream). The
+merge then trims each piece with :func:`apply_threshold_mask` (or the fused loop) and gets
+exactly the mask a whole-scope trim would give.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from merge_kernels.methods.magnitude_select import (
     MagnitudeThreshold,
     StreamingMagnitudeSelect,
     TieRule,
-    apply_threshold_mask,
 )
 from merge_kernels.pieces import Piece, PieceKey, read_piece
 from merge_kernels.plan import MergePlan
@@ -88,8 +90,12 @@ def _with_ties_before(
     ties: TieRule,
     check_cancel: Callable[[], None],
 ) -> dict[PieceKey, tuple[TrimState, ...]]:
-    # Which tied entries exact_k keeps depends on how many came earlier in the flat order.
-    count = ties == "exact_k" and any(_partial_ties(t) for t in thresholds)
+    """Each piece's trim states, with the tied entries before it (exact_k).
+
+    Which tied entries exact_k keeps depends on how many came earlier in the flat order,
+    but only until ``keep_at_value`` of them have: a model's count stops there, and the
+    pieces after it get that count (at least ``keep_at_value``: they keep no tie).
+    """
     seen = [0] * len(thresholds)
     states: dict[PieceKey, tuple[TrimState, ...]] = {}
     for piece in pieces:
@@ -97,8 +103,19 @@ def _with_ties_before(
             TrimState(threshold=threshold, ties_before=before)
             for threshold, before in zip(thresholds, seen, strict=True)
         )
-        if count:
-            check_cancel()
-            for index, tau in enumerate(task_vectors(plan, piece)):
-                _, seen[index] = apply_threshold_mask(tau, thresholds[index], seen[index])
+        open_budget = [
+            ties == "exact_k" and _partial_ties(t) and before < t.keep_at_value
+            for t, before in zip(thresholds, seen, strict=True)
+        ]
+        if not any(open_budget):
+            continue
+        check_cancel()
+        for index, tau in enumerate(task_vectors(plan, piece)):
+            if open_budget[index]:
+                seen[index] += _count_at(tau, thresholds[index])
     return states
+
+
+def _count_at(tau: torch.Tensor, threshold: MagnitudeThreshold) -> int:
+    """How many entries of ``tau`` have the threshold's magnitude (NaN is never one)."""
+    return int(torch.eq(tau.abs(), threshold.value).sum())

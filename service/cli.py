@@ -53,6 +53,8 @@ def _options(args: argparse.Namespace) -> object:
         allow_pickle=args.allow_pickle,
         base_dir=Path(args.recipe).resolve().parent,
         overwrite=getattr(args, "overwrite", False),
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
 
 
@@ -281,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--allow-pickle",
             action="store_true",
             help="accept .bin/.pt checkpoints via torch's weights-only loader",
+        )
+        sub.add_argument(
+            "--executor",
+            choices=["local", "ray"],
+            default="local",
+            help="where the output shards are merged: local (this process, the default) or "
+            "ray (one task per shard on a Ray cluster; pip install 'tureen[ray]')",
+        )
+        sub.add_argument(
+            "--ray-address",
+            default=None,
+            metavar="ADDR",
+            help="--executor ray: the cluster to connect to, e.g. 10.0.0.5:6379 (default: "
+            "RAY_ADDRESS, else a cluster started on this machine, else a new local one)",
         )
         sub.add_argument(
             "--intermediate-dir",

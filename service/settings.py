@@ -106,6 +106,12 @@ class ServiceSettings(BaseSettings):
         docs: serve a documentation page at ``/docs`` (self-contained: nothing loaded from
             other hosts). The page asks for a token to read ``/openapi.json``, which needs
             one whenever ``api_tokens`` is set, docs on or off.
+        executor: where a merge job's output shards are merged: ``local`` (in the job's
+            worker process) or ``ray`` (one task per shard on a Ray cluster that shares the
+            input and output folders; needs ``pip install 'tureen[ray]'``).
+        ray_address: with ``executor = "ray"``, the cluster to connect to (e.g.
+            ``10.0.0.5:6379``); None: ``RAY_ADDRESS``, else a cluster started on this
+            machine, else a new local one.
     """
 
     model_config = SettingsConfigDict(
@@ -134,6 +140,8 @@ class ServiceSettings(BaseSettings):
     max_header_bytes: int = Field(16 * 1024 * 1024, ge=1, le=MAX_HEADER_BYTES)
     max_header_tensors: int = Field(200_000, ge=1)
     docs: bool = False
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     @field_validator("allow_roots", "api_tokens", "evaluator_hosts", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Arcee Fusion: keep the other model's changes only where they matter most.
 
 mergekit 0.1.5 (``merge_methods/arcee_fusion.py``; "Meet MergeKit v0.1: Arcee Fusion",
-arcee.ai blog). With θ₀ the base and θ₁ the one other model, per tensor, in float32:
+arcee.ai blog). With θ₀ the base and θ₁ the one other model, per tensor:
 
 1. Importance: ``|θ₁ − θ₀| · KL(softmax(θ₁) ‖ softmax(θ₀))``, the softmaxes over the last
    dimension (each row of a matrix, the whole vector of a 1-D tensor), 1e-8 added to both
@@ -14,6 +14,14 @@ mergekit estimates the quantiles of a tensor of more than 10⁶ entries from 10�
 drawn at random (an unseeded draw, so its result varies from run to run); tureen takes the
 exact order statistics of every entry, which are what that draw estimates and which equal
 mergekit's on tensors up to 10⁶ entries.
+
+The mask is the same on every device, bit for bit: the one KL value per row is computed on
+the CPU (transcendental functions and reductions round differently on CUDA), and every
+other step is exact on any device: elementwise IEEE arithmetic, comparisons, and order
+statistics (``kthvalue`` returns an entry of the tensor, the same one whatever the
+algorithm). The steps run in the inputs' dtype, in mergekit's order, so that
+``compute_dtype: dtype`` runs this kernel as it is on bfloat16 or float16 inputs (the mask,
+and so the result, is float32 there, as in mergekit).
 """
 
 from __future__ import annotations
@@ -31,11 +39,22 @@ class ArceeFusionParams(MethodParams):
     """Arcee Fusion has no parameters."""
 
 
-def importance_scores(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|θ₁ − θ₀| times the KL divergence of the rows' softmaxes (one value per row)."""
+def row_divergences(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(θ₁) ‖ softmax(θ₀)) of each row (along the last axis), shape (..., 1).
+
+    Computed on the CPU whatever the inputs' device: the exponentials, logarithms and row
+    sums are the only steps whose last bits differ between CPU and CUDA, and a score a bit
+    off could fall on the other side of the threshold.
+    """
+    model, base = model.cpu(), base.cpu()
     p = torch.softmax(model, dim=-1) + _KL_EPS
     q = torch.softmax(base, dim=-1) + _KL_EPS
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def importance_scores(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|θ₁ − θ₀| times the KL divergence of the rows' softmaxes (one value per row)."""
+    kl = row_divergences(model, base).to(model.device)
     return (model - base).abs() * kl
 
 

@@ -30,6 +30,12 @@ from typing import Any
 
 import torch
 
+from merge_kernels.methods.compute_dtype_geometric import ARITHMETIC as GEOMETRIC_ARITHMETIC
+from merge_kernels.methods.compute_dtype_sparse import (
+    breadcrumbs_in_dtype,
+    della_in_dtype,
+    sce_in_dtype,
+)
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.magnitude_select import apply_threshold_mask, top_k_magnitude_mask
 from merge_kernels.methods.steps import (
@@ -82,6 +88,21 @@ def compute_dtype(recipe: Recipe, inputs: Sequence[torch.Tensor]) -> torch.dtype
         dtype = torch.promote_types(dtype, tensor.dtype)
     # float8 has almost no arithmetic in torch: such inputs are merged in float32
     return dtype if dtype in _ARITHMETIC_DTYPES else torch.float32
+
+
+# mergekit's methods whose result is float32 whatever the inputs' dtype (a float32 mask or
+# float32 scales promote it); with out_dtype unset, mergekit writes that float32 result as is.
+_FLOAT32_RESULT = frozenset({"arcee_fusion", "ramplus_tl"})
+
+
+def result_dtype(recipe: Recipe) -> str | None:
+    """The dtype mergekit writes a merge's tensors in when the recipe leaves ``out_dtype``
+    unset and computes in its dtype: ``"float32"`` for the methods whose result is float32
+    (``arcee_fusion``, ``ramplus_tl``), else None (the recipe's output dtype applies)."""
+    float32 = recipe.merge_method in _FLOAT32_RESULT
+    if float32 and recipe.out_dtype is None and computes_in_dtype(recipe):
+        return "float32"
+    return None
 
 
 def merge_in_dtype(
@@ -267,4 +288,10 @@ _ARITHMETIC: dict[str, Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
     "ties": _task_vector_merge,
     "dare_linear": _task_vector_merge,
     "dare_ties": _task_vector_merge,
+    "della": della_in_dtype,
+    "della_linear": della_in_dtype,
+    "breadcrumbs": breadcrumbs_in_dtype,
+    "breadcrumbs_ties": breadcrumbs_in_dtype,
+    "sce": sce_in_dtype,
 }
+_ARITHMETIC.update(GEOMETRIC_ARITHMETIC)  # model_stock, ram, nuslerp, karcher, ...

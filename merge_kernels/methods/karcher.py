@@ -13,7 +13,12 @@ Per tensor, flattened, in float32:
    point is their normalized weighted sum (the first direction if that sum's norm < tol).
 3. At most ``max_iter`` times: the tangent vector Σ αᵢ·θᵢ/sin θᵢ·(uᵢ − cos θᵢ·m) over the
    directions at angle θᵢ ≥ tol from the mean m; stop once its norm is below ``tol``,
-   else step along the great circle by that norm and renormalize.
+   else step along the great circle by that norm and renormalize. Unlike mergekit, the
+   loop also stops once that norm has not reached a new low for 3 steps: it is then at
+   float32's rounding floor (about 1e-7), which a ``tol`` like 1e-9 never gets under, and
+   mergekit's further steps move the mean by rounding noise alone (under
+   ``compute_dtype: dtype`` mergekit's loop is followed exactly, see
+   :mod:`merge_kernels.methods.compute_dtype_geometric`).
 4. The result is the mean direction times Σ αᵢ‖θᵢ‖ over all inputs (the zero-norm ones
    count in this average norm with their original weights, as in mergekit).
 """
@@ -27,6 +32,8 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, NoModelParams, TensorContext
 from merge_kernels.registry import MethodSpec, register
+
+_PATIENCE = 3  # steps without a smaller tangent after which the iteration has stalled
 
 
 class KarcherParams(MethodParams):
@@ -75,6 +82,7 @@ def karcher_mean(
     mean_norm = torch.linalg.vector_norm(mean)
     mean = directions[0].clone() if float(mean_norm) < tol else mean / mean_norm
 
+    smallest, stalled = float("inf"), 0
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for weight, unit in zip(weights, directions, strict=True):
@@ -86,6 +94,14 @@ def karcher_mean(
         tangent_norm = torch.linalg.vector_norm(tangent)
         if float(tangent_norm) < tol:
             break
+        # At the mean, what is left of the tangent is rounding error, which no step
+        # reduces: once it has not shrunk for a few steps, more steps only wander.
+        if float(tangent_norm) < smallest:
+            smallest, stalled = float(tangent_norm), 0
+        else:
+            stalled += 1
+            if stalled == _PATIENCE:
+                break
         mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
         unit_norm = torch.linalg.vector_norm(mean)
         if float(unit_norm) > tol:

@@ -4,7 +4,9 @@ mergekit 0.1.5 (``merge_methods/multislerp.py``; C. Goddard, "Multi-SLERP",
 goddard.blog/posts/multislerp-wow-what-a-cool-idea). The base is optional: when
 ``base_model`` is given the task vectors ``θᵢ − θ₀`` are interpolated and the base added back.
 
-Per tensor, each input flattened to one vector, in float32:
+Per tensor, each input flattened to one vector, in the inputs' dtype (float32, or the
+recipe's under ``compute_dtype: dtype``: the steps are mergekit's, in its order, so that
+the kernel as it is gives mergekit's rounding in bfloat16 or float16 too):
 
 1. One model alone is returned unchanged (the base is not added to it).
 2. Weights are divided by their sum when ``normalize_weights`` (the default).

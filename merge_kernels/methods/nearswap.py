@@ -9,7 +9,9 @@ the one other model::
 
 so entries that differ by at most ``t`` become b's, and larger differences move towards b
 by ``t`` over the difference: the base is kept where the models disagree. ``t`` ≤ 0 keeps
-the base. The math runs in float32.
+the base. The math runs in the inputs' dtype (float32, or the recipe's under
+``compute_dtype: dtype``), in mergekit's order, so that the kernel as it is gives
+mergekit's rounding in bfloat16 or float16 too.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ The vectors interpolated are chosen by two switches:
 Per vector: directions are normalized with norms clamped at 1e-7, ``cos θ`` is clamped to
 [−1, 1], and where ``1 − cos²θ ≤ eps²`` (eps = 1e-8: parallel or antiparallel) the result is
 the linear ``(1 − t)·v₀ + t·v₁``; elsewhere it is
-``(sin((1 − t)θ)·v₀ + sin(tθ)·v₁) / sin θ``. The math runs in float32.
+``(sin((1 − t)θ)·v₀ + sin(tθ)·v₁) / sin θ``. The math runs in the inputs' dtype (float32,
+or the recipe's under ``compute_dtype: dtype``), step for step in mergekit's order, so that
+the kernel as it is gives mergekit's rounding in bfloat16 or float16 too.
 """
 
 from __future__ import annotations

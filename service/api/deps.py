@@ -17,12 +17,14 @@ from pydantic_core import ErrorDetails
 
 from merge_kernels.errors import RecipeError, TureenError
 from merge_kernels.recipe import Recipe
+from service.api.multi_recipe import MultiRecipeRequest, parse_multi_request
 from service.api.schemas import merge_request_adapter
 from service.api.text_fields import check_text_fields
 from service.auth import token_accepted
 from service.errors import ApiError
 from service.jobs.manager import JobManager
 from service.jobs.models import OutputOptions
+from service.jobs.stages import MERGES_KEY
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -125,16 +127,11 @@ def _decode(body: bytes, content_type: str) -> object:
             document: object = json.loads(body)
         elif media_type in _YAML_TYPES:
             documents = list(yaml.load_all(body, Loader=_NoAliasLoader))  # SafeLoader, no aliases
-            if len(documents) > 1:
-                raise ApiError(
-                    422,
-                    "invalid_recipe",
-                    "multi-document recipe files (mergekit-multimerge, documents with `name`) "
-                    "are not accepted by the service: submit each merge on its own, or run the "
-                    "file with `tureen merge FILE OUT_DIR`",
-                    details={"field": "body"},
-                )
-            document = documents[0] if documents else None
+            documents = [item for item in documents if item is not None]
+            # Several documents: a multi-document recipe (mergekit-multimerge), as JSON has it.
+            document = (
+                {MERGES_KEY: documents} if len(documents) > 1 else next(iter(documents), None)
+            )
         else:
             raise ApiError(
                 415,
@@ -224,19 +221,28 @@ def _output_options(value: object) -> OutputOptions:
         raise RecipeError(field, first["msg"]) from None
 
 
-async def read_recipe_request(request: Request, settings: SettingsDep) -> RecipeRequest:
-    """Read and validate the recipe body (JSON or YAML) and its ``output`` options."""
+async def read_recipe_request(
+    request: Request, settings: SettingsDep
+) -> RecipeRequest | MultiRecipeRequest:
+    """Read and validate the recipe body (JSON or YAML) and its ``output`` options.
+
+    Several YAML documents, or JSON ``{"merges": [...]}``, are a multi-document recipe
+    (see :mod:`service.api.multi_recipe`).
+    """
     body = await request.body()
     document = _decode(body, request.headers.get("content-type", ""))
     if not isinstance(document, dict):
         raise RecipeError(
             "recipe", "the body must be a mapping with merge_method, models, parameters..."
         )
+    if MERGES_KEY in document and "merge_method" not in document:
+        return _multi_request(document, settings)
     if "recipes" in document and "merge_method" not in document:
         raise RecipeError(
             "recipes",
-            "several merges in one request (mergekit-multimerge) are not accepted by the "
-            "service: submit each merge on its own, or run them with `tureen merge FILE OUT_DIR`",
+            f"several merges in one request (mergekit-multimerge) go under `{MERGES_KEY}`: "
+            f'{{"{MERGES_KEY}": [recipe, ...], "output": {{...}}}}, or send them as several '
+            "YAML documents",
         )
     recipe_document = {key: value for key, value in document.items() if key != "output"}
     output = _output_options(document.get("output"))
@@ -250,4 +256,32 @@ async def read_recipe_request(request: Request, settings: SettingsDep) -> Recipe
     return RecipeRequest(recipe, output, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-RecipeRequestDep = Annotated[RecipeRequest, Depends(read_recipe_request)]
+def _multi_request(document: dict[str, Any], settings: ServiceSettings) -> MultiRecipeRequest:
+    documents = document[MERGES_KEY]
+    unknown = sorted(str(key) for key in document if key not in (MERGES_KEY, "output"))
+    if unknown:
+        raise RecipeError(
+            unknown[0],
+            f"a request of several merges holds `{MERGES_KEY}` (the recipes) and `output` only",
+        )
+    if not isinstance(documents, list) or len(documents) < 2:
+        raise RecipeError(
+            MERGES_KEY, "give a list of two or more recipes (one merge is a recipe on its own)"
+        )
+    merges, output, recipes = parse_multi_request(
+        documents,
+        document.get("output"),
+        settings,
+        parse=lambda recipe: parse_service_recipe(dict(recipe), settings),
+        read_output=_output_options,
+    )
+    canonical = json.dumps(
+        {MERGES_KEY: recipes, "output": output.model_dump(mode="json")},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return MultiRecipeRequest(merges, output, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+RecipeRequestDep = Annotated[RecipeRequest | MultiRecipeRequest, Depends(read_recipe_request)]

@@ -198,6 +198,15 @@ def _recipe_model(spec: MethodSpec) -> type[BaseModel]:
             OutputOptions | None,
             Field(None, description="Where and how to write the result (not for plans)."),
         ),
+        "name": (
+            str | None,
+            Field(
+                None,
+                description="In a multi-document recipe, the merge's name (letters, digits, "
+                "`_`, `-` and `.`, up to 128, not starting with `-` or `.`): other recipes "
+                "may use it as a model. The final merge has none. Ignored in a single recipe.",
+            ),
+        ),
     }
     return _model(f"{prefix}Recipe", f"A {spec.title} recipe ({spec.paper}).", fields)
 
@@ -264,7 +273,34 @@ def merge_request_schema(ref_template: str) -> tuple[dict[str, Any], dict[str, A
         if method in needs_base:
             rules = [_INPUTS_RULE, _BASE_RULE] if needs_base[method] else [_INPUTS_RULE]
             definition["allOf"] = [dict(rule) for rule in rules]
+    definitions[MULTI_MERGE_REQUEST_SCHEMA_NAME] = _multi_merge_request_schema(
+        ref_template.format(model=MERGE_REQUEST_SCHEMA_NAME),
+        ref_template.format(model=OutputOptions.__name__),
+    )
     return schema, definitions
+
+
+def _multi_merge_request_schema(recipe_ref: str, output_ref: str) -> dict[str, Any]:
+    return {
+        "title": MULTI_MERGE_REQUEST_SCHEMA_NAME,
+        "description": "Several merges as one job (mergekit-multimerge), the JSON form of a "
+        "multi-document YAML recipe. A recipe with a `name` may be another's model "
+        "(`model: name`, `name+adapter`); the one without a name (or, if all have one, the "
+        "one no other reads) is the final merge, whose output is the job's. The others are "
+        "intermediates, private to the job. `output` may instead be given in the final recipe.",
+        "type": "object",
+        "properties": {
+            "merges": {
+                "type": "array",
+                "minItems": 2,
+                "items": {"$ref": recipe_ref},
+                "description": "The recipes, in any order: they run in dependency order.",
+            },
+            "output": {"$ref": output_ref},
+        },
+        "required": ["merges"],
+        "additionalProperties": False,
+    }
 
 
 class JobList(BaseModel):
@@ -360,6 +396,30 @@ class PlanReport(BaseModel):
     peak_memory_bytes_estimate: int
 
 
+class StagePlan(BaseModel):
+    """The plan of one stage of a multi-document recipe."""
+
+    index: int = Field(description="The recipe's position in the request (`merges[i]`).")
+    name: str | None = Field(None, description="The recipe's `name`; none for the final one.")
+    final: bool = Field(description="Whether this merge writes the job's output.")
+    reads: list[str] = Field(description="Names of the stages whose outputs it reads.")
+    plan: PlanReport | None = Field(
+        description="Its plan; null for a stage that reads another's output, planned only "
+        "when the job runs it (its inputs do not exist before)."
+    )
+
+
+class MultiPlanReport(BaseModel):
+    """The plans of a multi-document recipe's stages, in the order they would run."""
+
+    ok: bool
+    stages: list[StagePlan]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Every stage's recipe warnings, each prefixed with the stage's name.",
+    )
+
+
 class Health(BaseModel):
     """Liveness."""
 
@@ -382,11 +442,18 @@ class ProgressEvent(BaseModel):
 
 
 MERGE_REQUEST_SCHEMA_NAME = "MergeRequest"
+MULTI_MERGE_REQUEST_SCHEMA_NAME = "MultiMergeRequest"
 
 
 def recipe_body_openapi(description: str) -> dict[str, Any]:
-    """``openapi_extra`` documenting a recipe body, as JSON or YAML."""
-    schema = {"$ref": f"#/components/schemas/{MERGE_REQUEST_SCHEMA_NAME}"}
+    """``openapi_extra`` documenting a recipe body, as JSON or YAML: one recipe, or several
+    (a multi-document recipe)."""
+    schema = {
+        "oneOf": [
+            {"$ref": f"#/components/schemas/{MERGE_REQUEST_SCHEMA_NAME}"},
+            {"$ref": f"#/components/schemas/{MULTI_MERGE_REQUEST_SCHEMA_NAME}"},
+        ]
+    }
     return {
         "requestBody": {
             "required": True,

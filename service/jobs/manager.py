@@ -19,18 +19,23 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from merge_kernels.checkpoints import open_checkpoint
 from merge_kernels.errors import TureenError
 from merge_kernels.io.disk_space import require_space
 from merge_kernels.io.safetensors_header import header_limits
+from merge_kernels.multi_merge import MergeStep, MultiMerge
 from merge_kernels.plan import MergePlan, PlannedInput
 from merge_kernels.recipe import Recipe
 from merge_kernels.runner import MergeOptions, close_inputs, plan_merge
+from merge_kernels.slices import input_references
 from service.evaluation.config import build_evaluator
 from service.hub import Publisher
 from service.jobs import job_log
-from service.jobs.models import Job, JobError, JobStatus, OutputOptions
+from service.jobs.models import Job, JobError, JobStage, JobStatus, OutputOptions
 from service.jobs.sqlite_store import utcnow
+from service.jobs.stages import in_stage, recipe_record, stage_records, stage_warnings
 from service.jobs.store import (
     IdempotencyConflictError,
     JobNotFoundError,
@@ -181,6 +186,8 @@ class JobManager:
             device=self.settings.device,
             allowed_roots=self.settings.input_roots,
             base_dir=self.settings.inputs_dir,
+            executor=self.settings.executor,
+            ray_address=self.settings.ray_address,
         )
         return with_output_options(options, output) if output is not None else options
 
@@ -283,16 +290,124 @@ class JobManager:
                     raise IdempotencyConflictError(idempotency_key, job.id)
                 return job, False
         self.validate(recipe, output)
+        return self._create(
+            recipe.model_dump(mode="json"),
+            output,
+            warnings=recipe.warnings(),
+            stages=None,
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+            hub_token=hub_token,
+            method=recipe.merge_method,
+        )
+
+    def plan_stage(
+        self, step: MergeStep, output: OutputOptions, intermediate_dir: Path
+    ) -> tuple[MergePlan, list[PlannedInput]] | None:
+        """Plan one stage of a multi-document merge; errors name the stage.
+
+        A stage that reads another stage's output (``intermediate_dir/name``, not written
+        before the job runs) cannot be planned yet: its other inputs are opened (headers
+        only), so that every file under them is checked against the roots now, and None is
+        returned.
+
+        Raises:
+            As :meth:`plan`, the message and details naming the stage.
+        """
+        try:
+            if not step.needs:
+                return self.plan(step.recipe, output)
+            options = self.engine_options(output)
+            with header_limits(self.settings.header_limits()):
+                for _, _, reference in input_references(step.recipe):
+                    if not str(reference).startswith(f"{intermediate_dir}/"):
+                        with open_checkpoint(
+                            reference,
+                            allowed_roots=options.allowed_roots,
+                            allow_pickle=options.allow_pickle,
+                            base_dir=options.base_dir,
+                        ) as checkpoint:
+                            # Read through the confinement, as a plan reads them.
+                            _ = (checkpoint.config, checkpoint.entries())
+            return None
+        except TureenError as error:
+            raise in_stage(error, step) from None
+
+    def validate_stages(self, merges: MultiMerge, output: OutputOptions) -> None:
+        """:meth:`validate` every stage that can be planned before the job runs: those that
+        read only the request's checkpoints. The others are planned as they start; their
+        other inputs are opened now (see :meth:`plan_stage`).
+
+        Raises:
+            As :meth:`validate`, the message and details naming the stage.
+        """
+        for step in merges.steps:
+            if step.needs:
+                self.plan_stage(step, output, merges.intermediate_dir)
+                continue
+            try:
+                self.validate(step.recipe, output)
+            except TureenError as error:
+                raise in_stage(error, step) from None
+
+    def submit_stages(
+        self,
+        merges: MultiMerge,
+        output: OutputOptions,
+        *,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+        hub_token: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Validate a multi-document merge and queue it as one job (see :meth:`submit`).
+
+        The job's stages run in ``merges``' order; only the final one writes the output.
+
+        Raises:
+            As :meth:`submit`, errors of a stage naming it.
+        """
+        if idempotency_key is not None:
+            found = self.store.find_idempotent(idempotency_key)
+            if found is not None:
+                job, known_hash = found
+                if known_hash != body_hash:
+                    raise IdempotencyConflictError(idempotency_key, job.id)
+                return job, False
+        self.validate_stages(merges, output)
+        return self._create(
+            recipe_record(merges),
+            output,
+            warnings=stage_warnings(merges),
+            stages=stage_records(merges),
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+            hub_token=hub_token,
+            method=" then ".join(step.recipe.merge_method for step in merges.steps),
+        )
+
+    def _create(
+        self,
+        recipe: dict[str, Any],
+        output: OutputOptions,
+        *,
+        warnings: list[str],
+        stages: list[JobStage] | None,
+        idempotency_key: str | None,
+        body_hash: str | None,
+        hub_token: str | None,
+        method: str,
+    ) -> tuple[Job, bool]:
         with self._lock:  # no two submissions may claim the same output name
             if output.name is not None:
                 self._check_output_name(output.name)
             job = Job(
                 id=uuid.uuid4().hex,
                 status=JobStatus.QUEUED,
-                recipe=recipe.model_dump(mode="json"),
+                recipe=recipe,
                 output=output,
                 created_at=utcnow(),
-                warnings=recipe.warnings(),
+                warnings=warnings,
+                stages=stages,
                 publish=(  # publishing to the Hub
                     Publisher.initial(output.publish, hub_token) if output.publish else None
                 ),
@@ -303,7 +418,7 @@ class JobManager:
             if created and output.publish is not None:
                 self.publisher.remember(job.id, hub_token)
         if created:
-            log.info("job %s queued (%s)", job.id, recipe.merge_method)
+            log.info("job %s queued (%s)", job.id, method)
             self._wake.set()
         return job, created
 
@@ -553,6 +668,8 @@ class JobManager:
             log_level=self.settings.log_level,
             public_url=self.settings.public_url,
             log_dir=self.log_dir,
+            executor=self.settings.executor,
+            ray_address=self.settings.ray_address,
         )
 
     def _spawn(self, job: Job) -> subprocess.Popen[bytes]:

@@ -43,6 +43,11 @@ class JobProgress(BaseModel):
     steps_total: int | None = Field(None, description="Training: optimizer steps planned.")
     loss: float | None = Field(None, description="Training: loss of the last step.")
     # -- end training jobs ---------------------------------------------------------------
+    stage: str | None = Field(
+        None,
+        description="Multi-document jobs: the stage being run, its `name` (or `merges[i]` "
+        "for the unnamed final merge).",
+    )
 
 
 class JobError(BaseModel):
@@ -160,6 +165,43 @@ class JobPublish(BaseModel):
 # -- end publishing ---------------------------------------------------------------------------
 
 
+class StageState(StrEnum):
+    """Where one stage of a multi-document job is."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    REUSED = "reused"  # an earlier attempt of the job had finished it; kept as it was
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStage(BaseModel):
+    """One merge of a multi-document job (mergekit-multimerge), in the order they run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="The document's position in the request (`merges[i]`).")
+    name: str | None = Field(None, description="The document's `name`; none for the final one.")
+    final: bool = Field(
+        False,
+        description="Whether this merge writes the job's output; the others are "
+        "intermediates, private to the job and removed once it succeeds.",
+    )
+    reads: list[str] = Field(
+        default_factory=list, description="Names of the stages whose outputs this one reads."
+    )
+    state: StageState = StageState.PENDING
+    progress: JobProgress = Field(default_factory=JobProgress)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def label(self) -> str:
+        """The stage as messages name it: its name, or ``merges[i]`` when it has none."""
+        return self.name if self.name is not None else f"merges[{self.index}]"
+
+
 class Job(BaseModel):
     """A merge job."""
 
@@ -202,6 +244,11 @@ class Job(BaseModel):
     )
     publish: JobPublish | None = Field(  # publishing to the Hugging Face Hub
         None, description="Publication of the output to the Hugging Face Hub, when asked for."
+    )
+    stages: list[JobStage] | None = Field(  # multi-document recipes
+        None,
+        description="A multi-document recipe's merges, in the order they run (none for a "
+        "single recipe). The job's `progress` follows the running stage.",
     )
     updated_at: datetime | None = Field(None, description="When the record last changed.")
     version: int = Field(

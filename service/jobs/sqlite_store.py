@@ -27,7 +27,10 @@ from service.jobs.models import Job, JobProgress, JobStatus
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError, JobStore
 
 _JSON_COLUMNS = frozenset(
-    {"recipe", "output", "progress", "error", "files", "publish", "evaluation", "warnings"}
+    {
+        *("recipe", "output", "progress", "error", "files", "publish", "evaluation"),
+        *("warnings", "stages"),
+    }
 )
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at"})
 _JOB_COLUMNS = tuple(Job.model_fields)

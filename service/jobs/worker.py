@@ -50,6 +50,7 @@ from service.jobs import job_log
 from service.jobs.failures import job_error
 from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
 from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.stages import discard_intermediates, is_multi_document
 from service.jobs.store import JobStore
 from service.jobs.worker_pool import READY
 
@@ -95,12 +96,13 @@ def candidate_url(public_url: str | None, job_id: str) -> Callable[[Path], str] 
 
 def discard_staging(output: Path) -> None:
     """Remove the partial work of a failed or cancelled job writing ``output``: its staging
-    folder, any greedy-soup candidates and any commit record."""
+    folder, any greedy-soup candidates or intermediate merges, and any commit record."""
     # Only the folder's path matters for discarding; the fingerprint is not consulted.
     staging = StagingDir(output, "discard")
     staging.discard()
     staging.forget_commit()
     shutil.rmtree(scratch_folder(output), ignore_errors=True)
+    discard_intermediates(output)  # a multi-document job's
 
 
 def forget_commit(output: Path) -> None:
@@ -138,8 +140,13 @@ def record_if_committed(store: JobStore, job: Job, output: Path, options: MergeO
         return False
     options = with_output_options(options, job.output)
     try:
-        recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
-        result = committed_result(recipe, output, options)
+        if is_multi_document(job.recipe):
+            from service.jobs.stage_run import committed_stages_result  # it imports this
+
+            result = committed_stages_result(job, output, options)
+        else:
+            recipe = parse_job_recipe(job.recipe, base_dir=options.base_dir or Path.cwd())
+            result = committed_result(recipe, output, options)
     except Exception:  # the inputs are gone or changed: the output cannot be vouched for
         log.warning("cannot check the published output of job %s", job.id, exc_info=True)
         return False
@@ -148,6 +155,7 @@ def record_if_committed(store: JobStore, job: Job, output: Path, options: MergeO
     log.info("job %s had published its output before its worker ended", job.id)
     store.update(job.id, **succeeded_fields(job, result))
     forget_commit(output)
+    discard_intermediates(output)
     return True
 
 
@@ -200,9 +208,13 @@ class ProgressWriter:
             eta_seconds=0.0 if progress.phase == "done" else self._eta(progress, now),
         )
         try:
-            self.store.update(self.job_id, progress=snapshot)
+            self.store.update(self.job_id, **self.fields(snapshot))
         except Exception:  # a lost progress report must not fail the merge
             log.warning("could not record progress of job %s", self.job_id, exc_info=True)
+
+    def fields(self, snapshot: JobProgress) -> dict[str, object]:
+        """The job's fields that record ``snapshot``."""
+        return {"progress": snapshot}
 
 
 class CancelPoll:
@@ -294,6 +306,10 @@ def run_job(
         log.warning("job %s is not running; nothing to do", job_id)
         return job.status if job is not None else JobStatus.FAILED
     options = with_output_options(options, job.output)
+    if is_multi_document(job.recipe):
+        from service.jobs.stage_run import run_stage_job  # it imports this module
+
+        return run_stage_job(store, job, output, options)
     writer = ProgressWriter(store, job_id)
     error: JobError | None = None
     try:
@@ -362,6 +378,8 @@ def worker_command(
     log_level: str = "info",
     public_url: str | None = None,
     log_dir: Path | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[str]:
     """The command line that runs one job in a worker process of this one.
 
@@ -382,6 +400,8 @@ def worker_command(
         public_url: the service's address for evaluators (candidate download URLs).
         log_dir: where each job's log is kept (see :mod:`service.jobs.job_log`); None: the
             log goes to standard error only.
+        executor: where the shards are merged, ``local`` or ``ray``.
+        ray_address: the Ray cluster for ``ray`` (None: Ray's own default).
 
     Returns:
         The argument list for ``subprocess.Popen``.
@@ -409,6 +429,10 @@ def worker_command(
         command += ["--public-url", public_url]
     if log_dir is not None:
         command += ["--log-dir", str(log_dir)]
+    if executor != "local":
+        command += ["--executor", executor]
+    if ray_address is not None:
+        command += ["--ray-address", ray_address]
     return [*command, "--log-level", log_level]
 
 
@@ -444,6 +468,8 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--public-url", default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--ray-address", default=None, help="the Ray cluster (executor ray)")
     return parser.parse_args(argv)
 
 
@@ -463,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed_roots=tuple(args.allow_root),
         base_dir=args.base_dir,
         keep_commit_record=True,  # dropped once the success is in the store
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
     hosts = tuple(args.evaluator_host)
     if not args.standby:

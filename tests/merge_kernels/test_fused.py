@@ -244,9 +244,20 @@ def test_trim_threshold_is_the_exact_selection(
     base, model = _task_pair(seed, n, dtype, step)
     k = int(density * n)
     found = trim_threshold(model, base, k)
-    expected = magnitude_threshold_with_ties(model.float() - base.float(), k)
+    tau = model.float() - base.float()
+    expected = magnitude_threshold_with_ties(tau, k)
     # None hands the selection to the torch path; an answer must be the exact one.
-    assert found is None or found == expected
+    if found is not None:
+        assert (found.threshold, found.count_at_value) == expected
+        assert found.cutoff == _last_kept_tie(tau, *expected)
+
+
+def _last_kept_tie(tau: torch.Tensor, threshold: Any, count: int) -> int:
+    """The flat index of the last tied entry exact_k keeps (numel when it keeps them all)."""
+    if threshold.keep_at_value == count:
+        return tau.numel()
+    tied = torch.nonzero(tau.abs().view(-1) == threshold.value).view(-1)
+    return int(tied[threshold.keep_at_value - 1])
 
 
 def test_trim_threshold_answers_typical_task_vectors() -> None:
@@ -256,7 +267,9 @@ def test_trim_threshold_answers_typical_task_vectors() -> None:
         for density in (0.1, 0.2, 0.5):
             k = int(density * 500_000)
             found = trim_threshold(model, base, k)
-            assert found == magnitude_threshold_with_ties(model.float() - base.float(), k)
+            expected = magnitude_threshold_with_ties(model.float() - base.float(), k)
+            assert found is not None
+            assert (found.threshold, found.count_at_value) == expected
 
 
 def test_trim_threshold_declines_what_torch_does_better() -> None:

@@ -496,3 +496,25 @@ def test_models_sharing_no_tensor_shape_are_a_plan_problem(models: Path, tmp_pat
         merge(models, document, tmp_path / "out")
     assert any("would write nothing" in p for p in caught.value.problems)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"reference": "mergekit"}, torch.float32),  # mergekit writes its float32 result
+        ({"reference": "mergekit", "out_dtype": "bfloat16"}, torch.bfloat16),
+        ({"compute_dtype": "float32"}, torch.bfloat16),  # tureen's default: the dtype
+    ],
+)
+def test_float32_result_methods_write_float32_only_as_mergekit_does(
+    models: Path, tmp_path: Path, settings: dict[str, Any], expected: torch.dtype
+) -> None:
+    recipe = {
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "models": [{"model": "ft1"}, {"model": "ft2"}],
+        "dtype": "bfloat16",
+    }
+    merge(models, recipe | settings, tmp_path / "out")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert {tensor.dtype for tensor in written.values()} == {expected}

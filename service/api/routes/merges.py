@@ -25,6 +25,7 @@ from service.api.files import (
     resolve_output_file,
 )
 from service.api.job_logs import LOG_RESPONSES, LOG_SUMMARY_DOC, log_response
+from service.api.multi_recipe import MultiRecipeRequest
 from service.api.schemas import FileList, JobList, recipe_body_openapi
 from service.api.text_fields import check_text_fields
 from service.errors import ApiError, error_responses
@@ -49,7 +50,10 @@ HubToken = Annotated[
 _SUBMIT_DOC = (
     "The recipe document itself (mergekit-style keys), as JSON or YAML, plus an optional "
     "`output` key. Local checkpoints must lie inside the service's allowed folders; "
-    "relative paths are relative to `data_dir/inputs`."
+    "relative paths are relative to `data_dir/inputs`. Several merges in one job "
+    '(mergekit-multimerge): several YAML documents, or JSON `{"merges": [recipe, ...], '
+    '"output": {...}}`; a recipe with a `name` may be a later recipe\'s model, and the one '
+    "without a name is the final merge, the job's output."
 )
 
 
@@ -83,16 +87,32 @@ async def submit_merge(
 
     With `output.publish`, the job goes on to `publishing` once merged, then back to
     `succeeded` with `publish.state` `published` (and the commit) or `failed`.
+
+    A multi-document recipe (several YAML documents, or JSON `{"merges": [...]}`) is one
+    job: its `stages` run in dependency order and only the final merge is its output.
     """
-    job, created = await run_in_threadpool(
-        lambda: manager.submit(
-            body.recipe,
-            body.output,
-            idempotency_key=idempotency_key,
-            body_hash=body.body_hash,
-            hub_token=hub_token,
+    if isinstance(body, MultiRecipeRequest):
+        merges = body.merges
+        job, created = await run_in_threadpool(
+            lambda: manager.submit_stages(
+                merges,
+                body.output,
+                idempotency_key=idempotency_key,
+                body_hash=body.body_hash,
+                hub_token=hub_token,
+            )
         )
-    )
+    else:
+        recipe = body.recipe
+        job, created = await run_in_threadpool(
+            lambda: manager.submit(
+                recipe,
+                body.output,
+                idempotency_key=idempotency_key,
+                body_hash=body.body_hash,
+                hub_token=hub_token,
+            )
+        )
     response.status_code = 202 if created else 200
     response.headers["Location"] = _location(job)
     return job

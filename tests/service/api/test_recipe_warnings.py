@@ -33,18 +33,18 @@ def test_plans_and_jobs_carry_the_recipes_warnings(client: httpx.Client, models_
     assert strict.json()["error"]["details"]["field"] == "parameters.epsilon"
 
 
-def test_multi_document_bodies_are_refused_naming_the_feature(
+def test_multi_document_bodies_are_planned_and_recipes_points_to_merges(
     client: httpx.Client, models_root: Path
 ) -> None:
     first = {**ties_recipe(models_root), "name": "one"}
     text = yaml.safe_dump_all([first, ties_recipe(models_root)])
-    for path in ("/v1/merges", "/v1/plans"):
-        response = client.post(path, content=text, headers={"Content-Type": "application/yaml"})
-        assert response.status_code == 422
-        assert "mergekit-multimerge" in response.json()["error"]["message"]
+    response = client.post("/v1/plans", content=text, headers={"Content-Type": "application/yaml"})
+    assert response.status_code == 200, response.text
+    assert [stage["name"] for stage in response.json()["stages"]] == ["one", None]
     response = client.post("/v1/merges", json={"recipes": [first]})
     assert response.status_code == 422
     assert response.json()["error"]["details"]["field"] == "recipes"
+    assert "`merges`" in response.json()["error"]["message"]
     # one document with a name is an ordinary recipe
     single = client.post("/v1/plans", json=first)
     assert single.status_code == 200, single.text
