@@ -101,8 +101,8 @@ def check_parameter_names(recipe: Recipe, spec: MethodSpec, warnings: RecipeWarn
         hint = did_you_mean(name, allowed) or did_you_mean(name, known)
         raise RecipeError(
             field,
-            f"unknown parameter {name!r}: no merge method takes it; "
-            f"{hint}{spec.name} takes: {_listed(allowed)}",
+            f"unknown parameter {name!r}: no merge method takes it (mergekit ignores it "
+            f"silently; remove it or correct it); {hint}{spec.name} takes: {_listed(allowed)}",
         )
 
     def unused(name: str) -> str:

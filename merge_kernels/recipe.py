@@ -29,6 +29,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -38,6 +39,7 @@ from pydantic import (
 from merge_kernels.checkpoints.reference import HubRef, LocalRef, LoraRef
 from merge_kernels.errors import RecipeError
 from merge_kernels.methods.kernel import Reference
+from merge_kernels.misplaced_keys import KeyLayout, remove_misplaced_keys
 from merge_kernels.parameter_names import (
     RecipeWarnings,
     check_assumed_density,
@@ -187,7 +189,8 @@ class Recipe(BaseModel):
     strict: bool = Field(
         False,
         description="Refuse what is otherwise accepted with a warning: parameters the method "
-        "does not use, the base's parameters, an assumed density.",
+        "does not use, the base's parameters, an assumed density, known keys where mergekit "
+        "ignores them.",
     )
     _warnings: tuple[str, ...] = PrivateAttr(default=())
     _base_dir: str | None = PrivateAttr(default=None)
@@ -249,6 +252,25 @@ class Recipe(BaseModel):
         self._check_parameter_values()
         self._warnings = tuple(warnings.items)
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _without_misplaced_keys(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Recipe], info: ValidationInfo
+    ) -> Recipe:
+        # Defined last, so it wraps every other validator: the keys mergekit ignores
+        # where they stand are taken out (with a warning each) before anything is checked.
+        if not isinstance(data, Mapping):
+            return handler(data)
+        context = info.context if isinstance(info.context, Mapping) else {}
+        data, found = remove_misplaced_keys(data, _key_layout(), context)
+        recipe = handler(data)
+        if found:
+            warnings = RecipeWarnings(recipe.strict)
+            for field, message in found:
+                warnings.add(field, message)
+            recipe._warnings = (*warnings.items, *recipe._warnings)
+        return recipe
 
     def warnings(self) -> list[str]:
         """What the recipe got away with (``field: message``), as mergekit would accept it.
@@ -359,6 +381,20 @@ class Recipe(BaseModel):
         )
 
 
+def _key_layout() -> KeyLayout:
+    def keys(model: type[BaseModel]) -> frozenset[str]:
+        return frozenset(info.alias or name for name, info in model.model_fields.items())
+
+    return KeyLayout(
+        recipe=keys(Recipe),
+        model=keys(ModelEntry),
+        source=keys(SliceSource),
+        slice=keys(SliceDefinition),
+        module=keys(ModuleDefinition),
+        tokenizer=keys(TokenizerSettings),
+    )
+
+
 def _canonical(reference: ModelReference, base_dir: str | None) -> str:
     # Each side of `base+adapter` as a normalized path. A Hub id is joined to base_dir as
     # well, on both sides alike, so it still equals itself (and equals the local folder
@@ -392,9 +428,10 @@ def parse_recipe(document: Mapping[str, Any], *, base_dir: Path | None = None) -
         # A misspelled key also makes its field "required": name the misspelling first.
         first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
         message = first["msg"]
-        if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
-            keys = [info.alias or name for name, info in Recipe.model_fields.items()]
-            message = f"unknown key; {did_you_mean(str(first['loc'][0]), keys)}".rstrip("; ")
+        if first["type"] == "extra_forbidden":
+            layout = _key_layout()
+            keys = layout.recipe if len(first["loc"]) == 1 else layout.nested()
+            message = f"unknown key; {did_you_mean(str(first['loc'][-1]), keys)}".rstrip("; ")
         raise RecipeError(
             _field_path(first["loc"]), message, details={"errors": problems}
         ) from None

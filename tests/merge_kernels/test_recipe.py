@@ -209,7 +209,7 @@ def test_linear_includes_the_base_as_an_input_like_mergekit() -> None:
             ),
             "models[0].parameters.normalize",
         ),
-        (recipe(majority_sign_method="total"), "majority_sign_method"),
+        (recipe(majority_sign_method="total", strict=True), "majority_sign_method"),
         (recipe(parameters={"majority_sign_method": "mass"}), "parameters.majority_sign_method"),
         (recipe(reference="numpy"), "reference"),
         (recipe(dtype="float8"), "dtype"),
