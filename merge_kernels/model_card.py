@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +115,14 @@ class CardExtras:
         evaluate: called with the finished folder (weights, config, tokenizer) before the
             card is written; returns the evaluation report for the card and
             ``evaluation.json``.
+        references: inputs to name otherwise in the card and the provenance, by their
+            reference (a multi-document file's intermediates by their document's name, so
+            that no folder of the machine that merged shows).
     """
 
     recipe: Recipe | None = None
     evaluate: Callable[[Path], dict[str, Any]] | None = None
+    references: Mapping[str, str] = field(default_factory=dict)
 
 
 def _evaluation_section(evaluation: dict[str, Any]) -> str:

@@ -53,6 +53,8 @@ class MergeStep:
         recipe: the validated recipe, other documents' names replaced by their outputs.
         needs: names of the documents whose outputs this one reads.
         final: whether this merge is written to the output folder.
+        written: the recipe as the document wrote it (other documents named, not their
+            folders): what the output's model card shows.
     """
 
     index: int
@@ -60,6 +62,7 @@ class MergeStep:
     recipe: Recipe
     needs: tuple[str, ...]
     final: bool
+    written: Recipe | None = None
 
     @property
     def label(self) -> str:
@@ -128,6 +131,7 @@ def parse_multi_merge(
     names = _names(documents)
     validate = parse or (lambda document: parse_recipe(document, base_dir=base_dir))
     parsed: dict[int, tuple[Recipe, tuple[str, ...]]] = {}
+    written: dict[int, Recipe] = {}
     for index, document in enumerate(documents):
         name = names[index]
         label = f"documents[{index}]" + (f" ({name!r})" if name else "")
@@ -148,6 +152,7 @@ def parse_multi_merge(
                 "multi-document file; run that merge from a file of its own",
             )
         parsed[index] = (recipe, tuple(sorted(used)))
+        written[index] = parse_recipe(document) if used else recipe
     final = _final_index(names, parsed)
     order = _dependency_order(names, parsed)
     steps = tuple(
@@ -157,6 +162,7 @@ def parse_multi_merge(
             recipe=parsed[index][0],
             needs=parsed[index][1],
             final=index == final,
+            written=written[index],
         )
         for index in order
     )

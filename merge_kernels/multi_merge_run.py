@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_kernels.errors import MergeCancelledError
+from merge_kernels.model_card import CardExtras
 from merge_kernels.multi_merge import MergeStep, MultiMerge
 from merge_kernels.runner import (
     CancelCheck,
@@ -89,7 +90,13 @@ def run_multi_merge(
         if done is not None:
             results.append(StepResult(step, done, reused=True))
             continue
-        result = run_merge(step.recipe, target, own, progress=progress, should_cancel=should_cancel)
+        card = CardExtras(
+            recipe=step.written,
+            references={str(merges.intermediate_dir / name): name for name in step.needs},
+        )
+        result = run_merge(
+            step.recipe, target, own, progress=progress, should_cancel=should_cancel, card=card
+        )
         results.append(StepResult(step, result, reused=False))
     return results
 

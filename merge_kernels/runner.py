@@ -376,6 +376,8 @@ def _execute(
         provenance = [
             input_provenance(item.role, item.checkpoint, hashes.sha256) for item in plan.inputs
         ]
+        for entry in provenance:
+            entry["reference"] = card.references.get(entry["reference"], entry["reference"])
         evaluation = None
         if card.evaluate is not None:
             report(None, "evaluating")

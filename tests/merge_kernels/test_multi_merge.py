@@ -196,6 +196,12 @@ def test_a_file_merges_its_intermediates_then_the_final_and_keeps_them(tmp_path:
         soup = (tensors["x"][name] + tensors["y"][name]) / 2
         expected = tensors["base"][name] + 0.5 * (soup - tensors["base"][name])
         assert torch.allclose(merged, expected, atol=1e-6), name
+    # the card and the saved recipe name the intermediate by its document, not its folder
+    card = (tmp_path / "out" / "README.md").read_text()
+    saved = yaml.safe_load((tmp_path / "out" / "tureen_recipe.yaml").read_text())
+    assert "intermediates" not in card and "| model | `soup` |" in card
+    assert saved["models"] == [{"model": "soup", "parameters": {"weight": 0.5}}]
+    assert results[1].result.provenance[1]["reference"] == "soup"
     # planned again, every merge can be planned now; run again, the intermediate is kept
     assert all(e["plan"] is not None for e in plan_multi_merge(merges, None, options)["merges"])
     again = run_multi_merge(merges, tmp_path / "again", options)
