@@ -71,8 +71,6 @@ REFUSED_KEYS = {
     "passthrough_dpopenhermes_11b_revision": "revision",  # a source key mergekit ignores
     "sce_extra_parameters_union": "smooth",  # no method has this parameter
     "sce_stray_top_level_keys": "select_topk",  # top level, not under `parameters`
-    # not a key: a feature not supported yet, named by the refusal
-    "della_linear_modules_default": "cannot be combined with slices or modules yet",
 }
 _COMPUTE_DTYPE = (
     "compute_dtype: dtype has no mergekit arithmetic for this method yet: its float32 kernel "
