@@ -21,7 +21,7 @@ from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.embedding_rows import Readers, RowMap, build_row_map
 from merge_kernels.plan import PlannedInput, embedding_name
 from merge_kernels.recipe import _DTYPE_ALIASES, Recipe
-from merge_kernels.slices import PlannedSlice
+from merge_kernels.slices import PlannedSlice, is_stacked
 from merge_kernels.tokenizer_settings import SourceModel, TokenizerSettings, effective_tokenizer
 from merge_kernels.vocabulary import Vocabulary, base_position, build_vocabulary, input_references
 
@@ -85,7 +85,14 @@ def plan_vocabulary(
         in_rows=tuple(_embedding_rows(item) for item in inputs),
         base=base_position(recipe, inputs),
     )
-    row_map = build_row_map(vocabulary, settings, readers, dtype)
+    every_input = settings
+    if is_stacked(recipe):
+        # Each slice's vocabulary tensors get row maps of their own (slice_row_map), which
+        # check the overrides they use; this one gives the rows and which inputs' rows move,
+        # which only forced overrides change.
+        forced = {t: s for t, s in (settings.tokens or {}).items() if s.force}
+        every_input = settings.model_copy(update={"tokens": forced})
+    row_map = build_row_map(vocabulary, every_input, readers, dtype)
     return VocabularyPlan(vocabulary, row_map, settings, readers)
 
 

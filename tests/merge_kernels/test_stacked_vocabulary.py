@@ -305,3 +305,23 @@ def test_embeddings_under_another_name_are_refused_when_rows_move(tmp_path: Path
     assert len(plan.problems) == 1
     assert "no embedding tensor named model.embed_tokens.weight" in plan.problems[0]
     assert "tokenizer_source: base" in plan.problems[0]
+
+
+def test_an_override_no_aligned_tensor_needs_is_not_checked(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    # b lacks "</s>", but b feeds only the middle layers: the override is never used
+    source = {"kind": "model_token", "model": models["b"], "token": "</s>"}
+    document = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": models["base"], "layer_range": [0, 1]}]},
+            {"sources": [{"model": models["b"], "layer_range": [1, 2]}]},
+            {"sources": [{"model": models["a"], "layer_range": [2, 3]}]},
+        ],
+        "tokenizer": {"source": "union", "tokens": {"</s>": {"source": source}}},
+    }
+    ours, vocab = _both(document, tmp_path)
+    head = _row(ours, vocab, "lm_head.weight", "</s>")
+    assert torch.equal(head, _source_row(models["a"], "lm_head.weight", "</s>"))
