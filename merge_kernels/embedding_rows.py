@@ -14,6 +14,11 @@ every input lacking it gets one default row:
 Rows past the vocabulary (``pad_to_multiple_of``) are each input's mean row. Which row goes
 where is decided once, when the merge is planned (:class:`RowMap`); :func:`align_rows` then
 applies it to the tensors read for one output tensor, whole.
+
+"Every input" is every model the tensor is merged from (:class:`Readers`): all inputs of a
+``models`` merge, or the sources of the slice a stacked merge takes the tensor from (the
+first slice for the embeddings, the last for the LM head), as mergekit's ``MergePlanner``
+hands ``PermutedVocabulary`` only those models' tensors.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ class RowMap:
     defaults: dict[int, DefaultRow]
     dtype: torch.dtype | None = None
 
+    def own_rows(self) -> tuple[int, ...]:
+        """Per input, how many output rows are its own row for the token."""
+        return tuple(sum(1 for row in own if row >= 0) for own in self.own)
+
     def is_identity(self, position: int, rows: int) -> bool:
         """Whether input ``position`` (with ``rows`` rows) needs no change at all."""
         return (
@@ -70,18 +79,37 @@ class RowMap:
         )
 
 
-def _position(name: str, references: Sequence[str], field: str) -> int:
-    if name not in references:
-        raise RecipeError(field, f"{name!r} is not an input of this merge")
-    return references.index(name)
+@dataclass(frozen=True)
+class Readers:
+    """The inputs one vocabulary tensor is merged from, in the order it reads them.
+
+    Attributes:
+        positions: each reader's position among the vocabulary's inputs (``Vocabulary``'s
+            permutations); the row map's inputs are the readers, in this order.
+        references: each reader's reference text in the recipe.
+        in_rows: each reader's embedding rows.
+        base: the reader that is the base model, or None.
+        order: the readers (indices into ``positions``) in the order mergekit lists their
+            models, which averaged rows are summed in (None: in ``positions`` order).
+        scope: what the readers are, for errors: an override's model must be one of them.
+    """
+
+    positions: tuple[int, ...]
+    references: tuple[str, ...]
+    in_rows: tuple[int, ...]
+    base: int | None = None
+    order: tuple[int, ...] | None = None
+    scope: str = "an input of this merge"
+
+
+def _position(name: str, readers: Readers, field: str) -> int:
+    if name not in readers.references:
+        raise RecipeError(field, f"{name!r} is not {readers.scope}")
+    return readers.references.index(name)
 
 
 def _override_row(
-    token: str,
-    setting: TokenEmbedding,
-    vocabulary: Vocabulary,
-    references: Sequence[str],
-    in_rows: Sequence[int],
+    token: str, setting: TokenEmbedding, vocabulary: Vocabulary, readers: Readers
 ) -> DefaultRow:
     """``compute_default_embedding``: the row a ``tokens:`` override names."""
     field = f"tokenizer.tokens.{token}.source"
@@ -89,61 +117,60 @@ def _override_row(
     if isinstance(source, ZeroEmbedding):
         return DefaultRow(())
     if isinstance(source, ModelTokenEmbedding):
-        position = _position(str(source.model), references, f"{field}.model")
+        reader = _position(str(source.model), readers, f"{field}.model")
         row = source.token_id
         if row is None:
-            row = vocabulary.vocabs[position].get(str(source.token))
+            row = vocabulary.vocabs[readers.positions[reader]].get(str(source.token))
             if row is None:
                 raise RecipeError(
                     f"{field}.token", f"token {source.token!r} is not in {source.model}'s tokenizer"
                 )
-        if row >= in_rows[position]:
+        if row >= readers.in_rows[reader]:
             raise RecipeError(
                 f"{field}.token_id",
-                f"row {row} is past {source.model}'s {in_rows[position]} embedding rows",
+                f"row {row} is past {source.model}'s {readers.in_rows[reader]} embedding rows",
             )
-        return DefaultRow(((position, row),))
-    position = _position(str(source), references, field)
-    row = vocabulary.permutations[position][vocabulary.tokens[token]]
+        return DefaultRow(((reader, row),))
+    reader = _position(str(source), readers, field)
+    row = vocabulary.permutations[readers.positions[reader]][vocabulary.tokens[token]]
     if row < 0:
         raise RecipeError(field, f"token {token!r} is not in {source}'s tokenizer")
-    return DefaultRow(((position, row),))
+    return DefaultRow(((reader, row),))
 
 
 def build_row_map(
     vocabulary: Vocabulary,
     settings: TokenizerSettings,
-    references: Sequence[str],
-    base: int | None,
-    in_rows: Sequence[int],
+    readers: Readers,
     dtype: torch.dtype | None = None,
 ) -> RowMap:
-    """Decide every output row of every input (``assign_embedding_sources`` and the
+    """Decide every output row of every reader (``assign_embedding_sources`` and the
     default embeddings of ``PermutedVocabulary``).
 
     Args:
         vocabulary: the output vocabulary and the inputs' permutations.
         settings: the tokenizer block (its ``tokens`` overrides).
-        references: each input's reference text in the recipe.
-        base: the input that is ``base_model``, or None.
-        in_rows: each input's embedding rows.
+        readers: the inputs the tensor is merged from; the row map is indexed by them.
         dtype: the dtype rows are combined in (None: the inputs' promoted dtype).
 
     Raises:
-        RecipeError: an override names a token or row its model does not have.
+        RecipeError: an override names a model that is not a reader, or a token or row its
+            model does not have.
     """
     overrides = settings.tokens or {}
-    permutations = vocabulary.permutations
+    permutations = [vocabulary.permutations[p] for p in readers.positions]
+    order = readers.order if readers.order is not None else range(len(permutations))
+    base = readers.base
     defaults: dict[int, DefaultRow] = {}
     forced: set[int] = set()
     for token, index in vocabulary.tokens.items():
-        present = [(p, perm[index]) for p, perm in enumerate(permutations) if perm[index] >= 0]
+        present = [(r, permutations[r][index]) for r in order if permutations[r][index] >= 0]
         setting = overrides.get(token)
         if setting is not None and setting.source is not None:
             if setting.force:
                 forced.add(index)
             if setting.force or len(present) < len(permutations):
-                defaults[index] = _override_row(token, setting, vocabulary, references, in_rows)
+                defaults[index] = _override_row(token, setting, vocabulary, readers)
             continue
         if len(present) == len(permutations):
             continue

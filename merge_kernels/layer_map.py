@@ -1,7 +1,8 @@
 """The output layer map of a stacked merge: where each output layer comes from.
 
 Decided from configs and headers alone (see :mod:`merge_kernels.stacked_plan`), so ``tureen
-plan`` and ``POST /v1/plans`` show it before any tensor data is read.
+plan`` and ``POST /v1/plans`` show it before any tensor data is read, together with the
+embeddings and LM head whose rows are aligned to a built vocabulary, and from which models.
 """
 
 from __future__ import annotations
@@ -66,13 +67,35 @@ class OutsideLayers:
     inputs_after: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class AlignedTensor:
+    """An embedding or LM head whose rows are aligned to the built vocabulary.
+
+    Attributes:
+        tensor: the output tensor.
+        slice_field: the recipe slice whose models it is merged from.
+        inputs: positions in ``MergePlan.inputs`` of those models, as the tensor reads them.
+        rows: its output rows (the vocabulary, padding included).
+        own_rows: per input, how many output rows are that model's own row for the token
+            (the others are taken from other models, zeros, or padding).
+    """
+
+    tensor: str
+    slice_field: str
+    inputs: tuple[int, ...]
+    rows: int
+    own_rows: tuple[int, ...]
+
+
 @dataclass
 class LayerMap:
-    """Every output layer of every module, in output order, and the rest of each module."""
+    """Every output layer of every module, in output order, the rest of each module, and
+    the tensors aligned to a built vocabulary."""
 
     layers: list[OutputLayer] = field(default_factory=list)
     outside: list[OutsideLayers] = field(default_factory=list)
     layer_counts: dict[str, int] = field(default_factory=dict)
+    aligned: list[AlignedTensor] = field(default_factory=list)
 
     def report(self, plan: MergePlan) -> dict[str, Any]:
         """The map as JSON-able data, naming models by their references."""
@@ -113,5 +136,17 @@ class LayerMap:
                     },
                 }
                 for item in self.outside
+            ],
+            "vocabulary_rows": [
+                {
+                    "tensor": item.tensor,
+                    "slice": item.slice_field,
+                    "rows": item.rows,
+                    "models": [
+                        {"model": name(i), "own_rows": own, "filled_rows": item.rows - own}
+                        for i, own in zip(item.inputs, item.own_rows, strict=True)
+                    ],
+                }
+                for item in self.aligned
             ],
         }

@@ -322,11 +322,13 @@ def build_plan(
     if _stacks_layers(recipe, layers):
         from merge_kernels.stacked_plan import plan_stacked
 
-        if vocabulary is not None and _moves_rows(vocabulary, inputs):
+        unnamed = [i for i in inputs if _embedding_name(i.checkpoint.entries()) is None]
+        if vocabulary is not None and unnamed and _moves_rows(vocabulary, inputs):
             plan.problems.append(
-                "a tokenizer whose vocabulary differs from an input's (tokenizer_source: union "
-                "or a model with other tokens, or a tokenizer block adding tokens) cannot be "
-                "combined with slices or modules yet: use the base's tokenizer there"
+                f"{unnamed[0].checkpoint.display_name} has no embedding tensor named "
+                f"{' or '.join(_EMBEDDING_NAMES)}, so its rows cannot be aligned to a tokenizer "
+                "whose vocabulary differs from its own: use the base's tokenizer "
+                "(tokenizer_source: base) with these checkpoints"
             )
             return plan
         plan_stacked(plan, chunk_elements, whole_trim_elements, wanted)

@@ -8,16 +8,30 @@ a one-layer slice), so a gradient runs across each slice; the tensors outside th
 merged at ``t = 0``, as mergekit 0.1.5 does. Each tensor reads only its slice's models, and
 the output config gets each module's new layer count (and its per-layer ``layer_types``,
 remapped to the layers' sources).
+
+With a built vocabulary (``tokenizer_source`` or ``tokenizer``), the embeddings and the LM
+head get their rows aligned to it as in a ``models`` merge, but from the models they are
+merged from alone: the first slice's sources for the embeddings, the last slice's for the
+LM head (a tied head reads the embeddings of those models), with the slice's ``base_model``
+as the base whose row a token missing from some of them takes (mergekit's
+``PermutedVocabulary`` over the slice's tensors).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.errors import RecipeError
-from merge_kernels.layer_map import LayerMap, LayerSource, OutputLayer, OutsideLayers
+from merge_kernels.layer_map import (
+    AlignedTensor,
+    LayerMap,
+    LayerSource,
+    OutputLayer,
+    OutsideLayers,
+)
 from merge_kernels.module_layouts import (
     ModuleLayout,
     get_config_value,
@@ -30,6 +44,7 @@ from merge_kernels.plan import (
     MergePlan,
     TensorPlan,
     _chunking,
+    _is_vocabulary,
     _mixed_kinds,
     _source_for,
     check_configs,
@@ -37,14 +52,17 @@ from merge_kernels.plan import (
 from merge_kernels.slices import PlannedSlice, Structure, input_references, structure_of
 from merge_kernels.suggestions import did_you_mean
 from merge_kernels.tensor_parameters import ParameterScope, resolve_parameters
+from merge_kernels.vocabulary_plan import slice_row_map
 
 
 @dataclass(frozen=True)
 class _Group:
-    """One slice's inputs as the plan reads them: the base first, then the merged models."""
+    """One slice's inputs as the plan reads them: the base first, then the merged models
+    (``sources``: each one's position among the slice's sources)."""
 
     slice_: PlannedSlice
     inputs: tuple[int, ...]
+    sources: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]
     has_base: bool
     model_indices: tuple[int, ...]
@@ -193,6 +211,7 @@ def _groups(
             _Group(
                 slice_=slice_,
                 inputs=inputs,
+                sources=tuple(order),
                 ranges=tuple(ranges),
                 has_base=base is not None,
                 model_indices=tuple(merged),
@@ -314,8 +333,12 @@ def _add(
         return
     sources = tuple(n for n in names if n is not None)
     items = [plan.inputs[p] for p in group.inputs]
+    # a vocabulary tensor's rows are aligned to the built vocabulary: only its rows may differ
+    vocabulary = plan.vocabulary is not None and _is_vocabulary(name)
     shapes = {
-        f"{item.checkpoint.display_name}:{source}": item.checkpoint.entries()[source].shape
+        f"{item.checkpoint.display_name}:{source}": item.checkpoint.entries()[source].shape[
+            (1 if vocabulary else 0) :
+        ]
         for item, source in zip(items, sources, strict=True)
     }
     if len(set(shapes.values())) > 1:
@@ -342,6 +365,16 @@ def _add(
     rows, trim = _chunking(
         spec, params, entry, settings.chunk_elements, settings.whole_trim_elements
     )
+    row_map = None
+    if vocabulary:
+        assert plan.vocabulary is not None
+        row_map = slice_row_map(
+            plan.vocabulary, plan.inputs, name, group.slice_, group.inputs, group.sources, sources
+        )
+    shape = entry.shape
+    if row_map is not None:  # aligned across the slice's models, so merged whole
+        rows, trim = _chunking(spec, params, entry, sys.maxsize, sys.maxsize)
+        shape = (row_map.rows, *entry.shape[1:])
     if trim == "model_prepass":
         raise RecipeError(
             "parameters.trim_scope",
@@ -352,15 +385,21 @@ def _add(
         plan.problems.append(f"tensor {name!r} would be written twice (two modules claim it)")
         return
     settings.written.add(name)
+    if row_map is not None:
+        assert plan.layer_map is not None
+        plan.layer_map.aligned.append(
+            AlignedTensor(name, group.slice_.field, group.inputs, row_map.rows, row_map.own_rows())
+        )
     plan.tensors.append(
         TensorPlan(
             name=name,
-            shape=entry.shape,
+            shape=shape,
             dtype=dtype,
             sources=sources,
             params=params,
             rows_per_chunk=rows,
             trim=trim,
+            row_map=row_map,
             inputs=group.inputs,
             has_base=group.has_base,
             model_indices=group.model_indices,

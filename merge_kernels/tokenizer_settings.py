@@ -94,7 +94,10 @@ def effective_tokenizer(recipe: Recipe) -> TokenizerSettings | None:
 
 
 def _input_names(recipe: Recipe) -> set[str]:
+    from merge_kernels.slices import all_slices  # it imports the recipe module
+
     names = {str(entry.model) for entry in recipe.models or []}
+    names |= {str(source.model) for slice_ in all_slices(recipe) for source in slice_.sources}
     if recipe.base_model is not None:
         names.add(str(recipe.base_model))
     return names

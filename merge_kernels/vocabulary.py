@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from merge_kernels.checkpoints.base import Checkpoint
 from merge_kernels.errors import RecipeError
 from merge_kernels.recipe import Recipe
+from merge_kernels.slices import input_references as opened_references
+from merge_kernels.slices import is_stacked
 from merge_kernels.tokenizer_files import (
     InputTokenizer,
     has_tokenizer,
@@ -66,6 +68,8 @@ class Vocabulary:
 
 def input_references(recipe: Recipe, inputs: Sequence[PlannedInput]) -> list[str]:
     """The recipe's reference text of each planned input, for matching names in the recipe."""
+    if is_stacked(recipe):  # the inputs are the slices' models, opened in this order
+        return [str(reference) for _, _, reference in opened_references(recipe)]
     models = recipe.models or []
     references = []
     for item in inputs:

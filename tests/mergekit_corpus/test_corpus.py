@@ -64,14 +64,12 @@ def test_config_is_published_text_that_mergekit_accepts(path: Path) -> None:
         MergeConfiguration.model_validate(document)
 
 
-# Configs tureen refuses: keys mergekit silently ignores (so a typo would change a merge
-# unnoticed), and one feature not supported yet. Each refusal must name the key or feature.
+# Configs tureen refuses: misspelled or unknown keys that mergekit silently ignores (so a typo
+# would change a merge unnoticed). Each refusal must name the key.
 REFUSED_KEYS = {
     "sce_extra_parameters_union": "smooth",  # no method has this parameter
     # its stray top-level `select_topk` is a warning; `dype` is a misspelled `dtype`
     "sce_stray_top_level_keys": "dype",
-    # not a key: a feature not supported yet, named by the refusal
-    "della_linear_modules_default": "cannot be combined with slices or modules yet",
 }
 # Every accepted config must match mergekit. Entries tied in magnitude (TIES, Breadcrumbs) or
 # variance (SCE) at a trim edge are not an exception: mergekit's sorts leave their order
