@@ -290,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"{MERGEKIT_VARIANT}'s arguments ('' leaves it out); default "
         f"{MERGEKIT_VARIANT_ARGS!r}",
     )
+    parser.add_argument(
+        "--deltas",
+        default="scaled",
+        help="the fine-tunes' deltas, as bench/generate.py --deltas (bf16-ties: heavy ties)",
+    )
     parser.add_argument("--no-mergekit", action="store_true", help="tureen only")
     parser.add_argument("--mergekit", type=Path, help="a mergekit-yaml to use (else installed)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="wheels to install")
@@ -417,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log,
         "generate inputs",
         [python, str(REPO / "bench" / "generate.py"), "--model-gb", f"{model_gb:g}",
-         "--finetunes", str(args.finetunes), "--data", str(args.data), "--draw-on", draw_on],
+         "--finetunes", str(args.finetunes), "--data", str(args.data), "--draw-on", draw_on,
+         "--deltas", args.deltas],
         timeout=max(10.0, min(300.0, left() - 60)),
         env=env,
     )  # fmt: skip
@@ -430,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [
         python, str(REPO / "bench" / "run.py"),
         "--model-gb", f"{model_gb:g}", "--finetunes", str(args.finetunes),
-        "--data", str(args.data), "--draw-on", draw_on,
+        "--data", str(args.data), "--draw-on", draw_on, "--deltas", args.deltas,
         "--recipes", ",".join(recipes), "--tools", ",".join(tools),
         "--repeats", str(args.repeats),
         f"--tureen-args=--device {args.device}",

@@ -14,13 +14,16 @@ it is unset, promoted across the inputs) and then, per method
   the masked sums over the models, the division, the scale λ, and θ₀ + the result.
 
 This module reproduces that order of operations, so that ``reference: mergekit`` gives
-mergekit's numbers, not only its formulas. The options stay tureen's (a sign election on
-unweighted task vectors, a count divisor... work here too); what tureen chooses on its own
-is which entries survive: DARE's masks are tureen's (mergekit draws them from torch's
-global generator) and entries tied at the trim threshold are chosen by ``trim_ties``
-(mergekit's ``argsort`` leaves the choice unspecified). A method without an arithmetic of
-its own here runs its float32 kernel on the inputs rounded to the dtype and its result is
-rounded to the dtype, as mergekit's float32 methods do.
+mergekit's numbers, not only its formulas; ``compute_dtype_sparse`` (DELLA, Breadcrumbs,
+SCE) and ``compute_dtype_geometric`` (Model Stock, RAM, NuSLERP, Karcher, Multi-SLERP,
+NearSwap, Arcee Fusion) do the same for the other methods, each following its mergekit
+implementation. The options stay tureen's (a sign election on unweighted task vectors, a
+count divisor... work here too); what tureen chooses on its own is which entries survive:
+DARE's and DELLA's masks are tureen's (mergekit draws them from torch's global generator)
+and entries tied at the trim threshold are chosen by ``trim_ties`` (mergekit's ``argsort``
+leaves the choice unspecified). A method without an arithmetic in these tables
+(``greedy_soup``; ``passthrough`` only copies) runs its float32 kernel on the inputs rounded to the dtype, and its result
+is rounded to the dtype.
 """
 
 from __future__ import annotations
