@@ -488,7 +488,10 @@ def _chunking(
     model_scope = trims and getattr(params.method, "trim_scope", "tensor") == "model"
     limit = whole_trim_elements if trims and not model_scope else chunk_elements
     rows = None
-    if entry.shape and entry.numel > limit and spec.chunkable(params.method):
+    by_rows = spec.chunkable(params.method) or (
+        len(entry.shape) >= 2 and spec.row_local(params.method)
+    )
+    if entry.shape and entry.numel > limit and by_rows:
         row_elements = max(1, entry.numel // max(1, entry.shape[0]))
         rows = max(1, chunk_elements // row_elements)
     if not trims:

@@ -60,6 +60,10 @@ class MethodSpec:
             applied under whatever the recipe sets explicitly.
         chunkable: given the resolved parameters, whether output element i depends only on
             input elements i (so a huge tensor may be merged in row chunks).
+        row_local: given the resolved parameters, whether each row (index along the first
+            axis) of a tensor of two or more axes is merged from the same row of the inputs
+            alone (ranks or angles within a row), so such a tensor may be merged in row
+            chunks although the method is not elementwise.
         needs_trim_threshold: given the parameters, whether the kernel trims by magnitude
             (so the runner may precompute thresholds for chunked or model-wide trims).
         check: extra validation of one tensor's resolved parameters (raises ValueError).
@@ -88,6 +92,7 @@ class MethodSpec:
     optional_base: bool = False
     references: Mapping[Reference, Mapping[str, Any]] = field(default_factory=dict)
     chunkable: Callable[[Any], bool] = _never_chunk
+    row_local: Callable[[Any], bool] = _never_chunk
     needs_trim_threshold: Callable[[Any], bool] = _never_chunk
     check: Check = _no_check
     needs_evaluation: bool = False

@@ -22,8 +22,8 @@ count divisor... work here too); what tureen chooses on its own is which entries
 DARE's and DELLA's masks are tureen's (mergekit draws them from torch's global generator)
 and entries tied at the trim threshold are chosen by ``trim_ties`` (mergekit's ``argsort``
 leaves the choice unspecified). A method without an arithmetic in these tables
-(``greedy_soup``; ``passthrough`` only copies) runs its float32 kernel on the inputs rounded to the dtype, and its result
-is rounded to the dtype.
+(``greedy_soup``; ``passthrough`` only copies) runs its float32 kernel on the inputs
+rounded to the dtype, and its result is rounded to the dtype.
 """
 
 from __future__ import annotations

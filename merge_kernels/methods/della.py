@@ -195,6 +195,15 @@ _PAPER = (
     "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through "
     "Magnitude-Based Sampling, 2024 (arXiv 2406.11617)"
 )
+
+
+def _row_local(params: MagPruneParams) -> bool:
+    # Ranks are taken within each row; an L1 rescale restores the whole tensor's norm and a
+    # majority vote on zero-sum entries looks at the whole tensor's signs.
+    l1 = params.rescale and params.rescale_method == "l1"
+    return not l1 and getattr(params, "zero_sign", "positive") == "positive"
+
+
 _MERGEKIT = {"density": 1.0, "epsilon_span": "half_width", "rescale_method": "l1"}
 
 register(
@@ -213,6 +222,7 @@ register(
             "mergekit": {**_MERGEKIT, "weighted_election": True, "divisor": "weight_sum"},
         },
         check=_check_window,
+        row_local=_row_local,
     )
 )
 
@@ -230,5 +240,6 @@ register(
         "base.",
         references={"mergekit": _MERGEKIT},
         check=_check_window,
+        row_local=_row_local,
     )
 )

@@ -91,5 +91,6 @@ register(
         description="Moves from the base towards the fine-tunes' average by a ratio set by "
         "the angle between their task vectors, per tensor or per row.",
         min_models=2,
+        row_local=lambda params: params.filter_wise,  # one angle per row
     )
 )

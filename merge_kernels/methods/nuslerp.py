@@ -102,8 +102,8 @@ def nuslerp(inputs: MergeInputs, params: NuSlerpParams, ctx: TensorContext) -> t
 
 
 def _row_local(params: NuSlerpParams) -> bool:
-    # Vectors along the last dimension lie within one row of dim 0, so row chunks merge
-    # exactly as the whole tensor; a flattened tensor or column vectors span every row.
+    # Vectors along the last dimension of a tensor of two or more axes lie within one row
+    # of dim 0; a flattened tensor or column vectors span every row.
     return not params.nuslerp_flatten and not params.nuslerp_row_wise
 
 
@@ -124,6 +124,6 @@ register(
         "Parallel vectors are interpolated linearly.",
         min_models=2,
         max_models=2,
-        chunkable=_row_local,
+        row_local=_row_local,
     )
 )
