@@ -36,18 +36,17 @@ import torch
 from merge_kernels.methods.compute_dtype_geometric import ARITHMETIC as GEOMETRIC_ARITHMETIC
 from merge_kernels.methods.compute_dtype_sparse import (
     breadcrumbs_in_dtype,
+    combine_in_dtype,
     della_in_dtype,
     sce_in_dtype,
 )
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, TensorContext
 from merge_kernels.methods.magnitude_select import apply_threshold_mask, top_k_magnitude_mask
 from merge_kernels.methods.steps import (
-    agreement_mask,
-    elect_sign,
     random_drop,
     trim_count,
 )
-from merge_kernels.methods.task_arithmetic import ConsensusParams, DareRescaleParams, TiesParams
+from merge_kernels.methods.task_arithmetic import DareRescaleParams, TiesParams
 from merge_kernels.recipe import Recipe
 
 _NAMES = {
@@ -64,7 +63,6 @@ _NAMES = {
 }
 
 _ARITHMETIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ZERO_WEIGHT_SUM = 1e-8  # below this |Σ wᵢ| counts as 0 and is not divided by (mergekit)
 
 
 def computes_in_dtype(recipe: Recipe) -> bool:
@@ -250,38 +248,7 @@ def _task_vector_merge(inputs: MergeInputs, params: Any, ctx: TensorContext) -> 
     """mergekit's generalized task arithmetic, in the dtype, with tureen's options."""
     base = inputs.base
     assert base is not None  # _sparsified checked
-    deltas = torch.stack(_sparsified(inputs, params, ctx))
-    weights = torch.tensor(
-        [float(getattr(p, "weight", 1.0)) for p in inputs.model_params], dtype=deltas.dtype
-    )
-    while weights.dim() < deltas.dim():
-        weights.unsqueeze_(-1)
-    weighted = deltas * weights
-    if isinstance(params, ConsensusParams):
-        electors = weighted if params.weighted_election else deltas
-        if params.majority_sign_method == "total":
-            vote = electors.sum(dim=0)
-        else:
-            vote = electors.sign().sum(dim=0)
-        gamma = elect_sign([vote], zero_sign=params.zero_sign).to(deltas.dtype)
-        mask = agreement_mask(electors, gamma)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor_rule = params.effective_divisor()
-        if divisor_rule == "weight_sum":
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
-        elif divisor_rule == "count":
-            mixed /= mask.sum(dim=0).clamp(min=1).to(deltas.dtype)
-    else:
-        mixed = weighted.sum(dim=0)
-        if params.normalize:
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < _ZERO_WEIGHT_SUM] = 1
-            mixed /= divisor
-    if params.lambda_ != 1:
-        mixed *= params.lambda_
-    return (base + mixed).to(base.dtype)
+    return combine_in_dtype(base, _sparsified(inputs, params, ctx), inputs.model_params, params)
 
 
 _ARITHMETIC: dict[str, Callable[[MergeInputs, Any, TensorContext], torch.Tensor]] = {
