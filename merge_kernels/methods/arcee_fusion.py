@@ -18,14 +18,17 @@ mergekit's on tensors up to 10⁶ entries.
 The mask is the same on every device, bit for bit: the one KL value per row is computed on
 the CPU (transcendental functions and reductions round differently on CUDA), and every
 other step is exact on any device: elementwise IEEE arithmetic, comparisons, and order
-statistics (``kthvalue`` returns an entry of the tensor, the same one whatever the
-algorithm). The steps run in the inputs' dtype, in mergekit's order, so that
-``compute_dtype: dtype`` runs this kernel as it is on bfloat16 or float16 inputs (the mask,
-and so the result, is float32 there, as in mergekit).
+statistics (an entry of the tensor, the same one whatever the algorithm). The steps run in
+the inputs' dtype, in mergekit's order, so that ``compute_dtype: dtype`` runs this kernel
+as it is on bfloat16 or float16 inputs (the mask, and so the result, is float32 there,
+as in mergekit).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy
 import torch
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, NoModelParams, TensorContext
@@ -58,19 +61,28 @@ def importance_scores(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (model - base).abs() * kl
 
 
-def order_statistic(flat: torch.Tensor, index: int) -> torch.Tensor:
-    """The entry at ``index`` (from 0) of ``flat`` sorted ascending."""
-    return torch.kthvalue(flat, index + 1).values
-
-
 def dynamic_threshold(scores: torch.Tensor) -> torch.Tensor:
     """``median + 1.5·IQR`` of the scores, quantile q at sorted index ⌊q·(n − 1)⌋."""
     flat = scores.reshape(-1)
     last = flat.numel() - 1
-    q1 = order_statistic(flat, last // 4)
-    median = order_statistic(flat, last // 2)
-    q3 = order_statistic(flat, 3 * last // 4)
+    q1, median, q3 = order_statistics(flat, (last // 4, last // 2, 3 * last // 4))
     return median + _IQR_FACTOR * (q3 - q1)
+
+
+def order_statistics(flat: torch.Tensor, positions: Sequence[int]) -> list[torch.Tensor]:
+    """The entries at ``positions`` (from 0) of ``flat`` sorted ascending, as 0-d tensors.
+
+    The same entries on every device, by whatever algorithm is fastest there: on the CPU one
+    introselect for all positions (``numpy.partition``; bfloat16, which numpy lacks, is
+    widened to float32 exactly), on CUDA one sort (its ``kthvalue`` gives a whole row to one
+    thread block, seconds for a tensor of hundreds of millions of entries).
+    """
+    if flat.device.type != "cpu":
+        ordered = torch.sort(flat).values
+        return [ordered[i] for i in positions]
+    exact = flat.float() if flat.dtype == torch.bfloat16 else flat
+    parted = numpy.partition(exact.numpy(), list(positions))
+    return [torch.tensor(parted[i].item(), dtype=flat.dtype) for i in positions]
 
 
 def arcee_fusion(
