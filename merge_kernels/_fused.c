@@ -698,6 +698,150 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * DARE's keyed keep masks (merge_kernels/methods/random_mask.py gives the specification):
+ * per element, two lowbias32 xorshift-multiply rounds of the flat index under the key words
+ * (k0, k1), the index's high 32 bits folded into k1. One pass of pure 32-bit integer
+ * arithmetic, so the loop vectorises; the bits are those of the torch int32 lanes.
+ */
+#define DARE_LANE_MUL 0x9E3779B1u
+#define DARE_MUL_1 0x7FEB352Du
+#define DARE_MUL_2 0x846CA68Bu
+
+enum { DARE_MASK = 0, DARE_UNIFORM = 1, DARE_PROB_F32 = 2, DARE_PROB_F64 = 3 };
+
+typedef struct {
+    uint64_t key, offset;
+    int64_t n;
+    uint32_t threshold;     /* DARE_MASK: keep when u < threshold */
+    const void *probs;      /* DARE_PROB_*: keep when u < round(p * 2^32) */
+    void *out;              /* uint8 (masks) or uint32 (DARE_UNIFORM) */
+    int64_t invalid;        /* out: probabilities outside [0, 1], NaN included */
+} dare_args;
+
+static uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= DARE_MUL_1;
+    x ^= x >> 15;
+    x *= DARE_MUL_2;
+    return x ^ (x >> 16);
+}
+
+/* u for the index whose low word is lo, under (k0, k1). */
+static inline __attribute__((always_inline)) uint32_t dare_u32(uint32_t lo, uint32_t k0,
+                                                               uint32_t k1) {
+    uint32_t x = lo * DARE_LANE_MUL + k0;
+    x ^= x >> 16;
+    x *= DARE_MUL_1;
+    x ^= k1;
+    x ^= x >> 15;
+    x *= DARE_MUL_2;
+    return x + 0x80000000u;
+}
+
+/* One run of m elements from out/probs position j, whose indices share the high word:
+ * the switch on the mode sits outside the element loop so each loop vectorises. */
+static inline __attribute__((always_inline)) int64_t dare_run(dare_args *a, int mode, int64_t j,
+                                                              uint32_t lo, int64_t m, uint32_t k0,
+                                                              uint32_t k1) {
+    int64_t invalid = 0;
+    if (mode == DARE_MASK) {
+        uint8_t *out = (uint8_t *)a->out + j;
+        const uint32_t t = a->threshold;
+        for (int64_t q = 0; q < m; q++) out[q] = dare_u32(lo + (uint32_t)q, k0, k1) < t;
+    } else if (mode == DARE_UNIFORM) {
+        uint32_t *out = (uint32_t *)a->out + j;
+        for (int64_t q = 0; q < m; q++) out[q] = dare_u32(lo + (uint32_t)q, k0, k1);
+    } else if (mode == DARE_PROB_F32) {
+        uint8_t *out = (uint8_t *)a->out + j;
+        const float *p = (const float *)a->probs + j;
+        for (int64_t q = 0; q < m; q++) {
+            /* p·2^32 is exact in double; rint rounds half to even, as torch's round_. */
+            const double limit = rint((double)p[q] * 4294967296.0);
+            out[q] = (double)dare_u32(lo + (uint32_t)q, k0, k1) < limit;
+            invalid += !(p[q] >= 0.0f && p[q] <= 1.0f);
+        }
+    } else {
+        uint8_t *out = (uint8_t *)a->out + j;
+        const double *p = (const double *)a->probs + j;
+        for (int64_t q = 0; q < m; q++) {
+            const double limit = rint(p[q] * 4294967296.0);
+            out[q] = (double)dare_u32(lo + (uint32_t)q, k0, k1) < limit;
+            invalid += !(p[q] >= 0.0 && p[q] <= 1.0);
+        }
+    }
+    return invalid;
+}
+
+static inline __attribute__((always_inline)) void dare_loop(dare_args *a, const int mode) {
+    const uint64_t expanded = splitmix64(a->key);
+    const uint32_t k0 = (uint32_t)expanded;
+    int64_t invalid = 0;
+    for (int64_t j = 0; j < a->n;) {
+        const uint64_t index = a->offset + (uint64_t)j;
+        const uint32_t lo = (uint32_t)index;
+        /* Up to the next multiple of 2^32, where the high word, and so k1, changes. */
+        const uint64_t room = ((uint64_t)1 << 32) - lo;
+        const int64_t m = (uint64_t)(a->n - j) < room ? a->n - j : (int64_t)room;
+        const uint32_t k1 = (uint32_t)(expanded >> 32) ^ mix32((uint32_t)(index >> 32));
+        invalid += dare_run(a, mode, j, lo, m, k0, k1);
+        j += m;
+    }
+    a->invalid = invalid;
+}
+
+CLONES static void dare_mask(dare_args *a) { dare_loop(a, DARE_MASK); }
+CLONES static void dare_uniform(dare_args *a) { dare_loop(a, DARE_UNIFORM); }
+CLONES static void dare_prob_f32(dare_args *a) { dare_loop(a, DARE_PROB_F32); }
+CLONES static void dare_prob_f64(dare_args *a) { dare_loop(a, DARE_PROB_F64); }
+
+PyDoc_STRVAR(dare_doc,
+             "dare(out, mode, key, offset, n, threshold=0, probs=0)\n\n"
+             "DARE's hash u(key, i) for i in [offset, offset + n) (key < 2^63, offset + n <= "
+             "2^63). mode 0: out (uint8) gets u < threshold (threshold < 2^32); mode 1: out "
+             "(uint32) gets u; mode 2 / 3: out (uint8) gets u < round(p * 2^32) for the float32 "
+             "/ float64 probabilities at probs. Returns how many probabilities lie outside "
+             "[0, 1] (NaN included); 0 for modes 0 and 1.");
+
+static PyObject *py_dare(PyObject *self, PyObject *args) {
+    dare_args a;
+    memset(&a, 0, sizeof(a));
+    PyObject *out_obj, *probs_obj = NULL;
+    int mode;
+    unsigned long long key, offset, threshold = 0;
+    long long n;
+    if (!PyArg_ParseTuple(args, "OiKKL|KO", &out_obj, &mode, &key, &offset, &n, &threshold,
+                          &probs_obj))
+        return NULL;
+    a.out = PyLong_AsVoidPtr(out_obj);
+    if (probs_obj != NULL) a.probs = PyLong_AsVoidPtr(probs_obj);
+    if (PyErr_Occurred()) return NULL;
+    const int with_probs = mode == DARE_PROB_F32 || mode == DARE_PROB_F64;
+    if (mode < DARE_MASK || mode > DARE_PROB_F64 || n < 0 || key >> 63 ||
+        offset > ((uint64_t)1 << 63) - (uint64_t)n || threshold >> 32 ||
+        (n > 0 && (a.out == NULL || (with_probs && a.probs == NULL)))) {
+        PyErr_SetString(PyExc_ValueError, "dare: bad mode, range, threshold or null pointer");
+        return NULL;
+    }
+    a.key = key;
+    a.offset = offset;
+    a.n = (int64_t)n;
+    a.threshold = (uint32_t)threshold;
+    void (*fn)(dare_args *) = mode == DARE_MASK      ? dare_mask
+                              : mode == DARE_UNIFORM ? dare_uniform
+                              : mode == DARE_PROB_F32 ? dare_prob_f32
+                                                      : dare_prob_f64;
+    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_END_ALLOW_THREADS return PyLong_FromLongLong((long long)a.invalid);
+}
+
+/* ---------------------------------------------------------------------------------------
  * CRC-32 (zlib's: reflected polynomial 0xEDB88320), the shard checksum. With PCLMULQDQ the
  * buffer is folded 64 bytes at a time with carry-less multiplies (Gopal et al., "Fast CRC
  * Computation for Generic Polynomials Using PCLMULQDQ Instruction", Intel 2009); the
@@ -814,6 +958,7 @@ static PyMethodDef methods[] = {
     {"bracket", py_bracket, METH_VARARGS, bracket_doc},
     {"locate_tie", py_locate_tie, METH_VARARGS, locate_doc},
     {"crc32", py_crc32, METH_VARARGS, crc32_doc},
+    {"dare", py_dare, METH_VARARGS, dare_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -424,3 +424,83 @@ def ties_into(
     return [
         state.ties_before + sum(counts[i] for counts, _ in results) for i, state in enumerate(trims)
     ]
+
+
+# --- DARE keep masks -------------------------------------------------------------------------
+
+_DARE_MASK, _DARE_UNIFORM, _DARE_PROB_F32, _DARE_PROB_F64 = 0, 1, 2, 3
+_PROB_MODES = {torch.float32: _DARE_PROB_F32, torch.float64: _DARE_PROB_F64}
+
+
+def dare_hash_handles(out: torch.Tensor, probabilities: torch.Tensor | None = None) -> bool:
+    """Whether :func:`dare_keep_into` / :func:`dare_uniform_into` take these tensors: the
+    extension is built, and they are contiguous CPU tensors (the probabilities float32 or
+    float64)."""
+    if _fused is None or not hasattr(_fused, "dare"):
+        return False
+    tensors = [out] if probabilities is None else [out, probabilities]
+    if probabilities is not None and probabilities.dtype not in _PROB_MODES:
+        return False
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _dare_run(
+    out: torch.Tensor,
+    mode: int,
+    key: int,
+    offset: int,
+    threshold: int = 0,
+    probabilities: torch.Tensor | None = None,
+) -> int:
+    """The hash loop over ``out``'s entries, split between threads; the count of invalid
+    probabilities."""
+    assert _fused is not None
+    extension = _fused
+    out_size = out.element_size()
+    p_size = probabilities.element_size() if probabilities is not None else 0
+
+    def run(start: int, stop: int) -> int:
+        probs = probabilities.data_ptr() + start * p_size if probabilities is not None else 0
+        return int(
+            extension.dare(
+                out.data_ptr() + start * out_size,
+                mode,
+                key,
+                offset + start,
+                stop - start,
+                threshold,
+                probs,
+            )
+        )
+
+    numel = out.numel()
+    if not numel:
+        return 0
+    return sum(_run_all([functools.partial(run, *part) for part in _parts(numel)]))
+
+
+def dare_keep_into(out: torch.Tensor, key: int, offset: int, threshold: int) -> None:
+    """Write into ``out`` (1-D bool) whether DARE keeps elements ``offset ..``: their hash
+    ``u(key, i)`` below ``threshold`` (``< 2^32``); see :mod:`~merge_kernels.methods.random_mask`.
+    The caller has checked :func:`dare_hash_handles` and the ranges."""
+    _dare_run(out.view(torch.uint8), _DARE_MASK, key, offset, threshold)
+
+
+def dare_uniform_into(out: torch.Tensor, key: int, offset: int) -> None:
+    """Write the 32-bit hashes ``u(key, i)`` of elements ``offset ..`` into ``out`` (1-D
+    int32, holding the unsigned values' bits)."""
+    _dare_run(out, _DARE_UNIFORM, key, offset)
+
+
+def dare_keep_with_probabilities_into(
+    out: torch.Tensor, key: int, offset: int, probabilities: torch.Tensor
+) -> bool:
+    """Write into ``out`` (1-D bool) whether ``u(key, i) < round(pᵢ·2^32)``, the
+    probabilities 1-D, float32 or float64, as long as ``out``.
+
+    Returns:
+        False when a probability lies outside ``[0, 1]`` (NaN included): ``out`` is then
+        meaningless and the caller raises.
+    """
+    mode = _PROB_MODES[probabilities.dtype]
+    return _dare_run(out.view(torch.uint8), mode, key, offset, 0, probabilities) == 0

@@ -29,6 +29,11 @@ int32 wrapping arithmetic, arithmetic right shifts (masked to logical ones) and 
 identically in torch on CPU and CUDA, so the masks are bit-identical across devices;
 int32 lanes are several times faster than int64 ones on the CPU. Work proceeds in bounded
 chunks, so memory beyond the returned mask stays O(chunk).
+
+On the CPU, where the fused C extension is built (:mod:`merge_kernels.fused`), one
+vectorised pass per thread writes the mask (or the draws) instead: the same 32-bit
+arithmetic in C, so the same bits, several times faster than the torch lanes' many passes
+over memory. Without the extension, and on CUDA, the torch lanes do the work.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
+
+from merge_kernels import fused
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -49,6 +56,8 @@ _SHIFT_2 = 15
 _CPU_CHUNK = 1 << 20  # int32 lanes per CPU chunk: buffers stay in cache, few parallel regions
 _CUDA_CHUNK = 1 << 22
 _KEY_PERSON = b"tureen-dare-v1"  # BLAKE2b personalisation: keys of no other use collide
+# Whether CPU masks may come from the C extension; tests turn it off to check the torch lanes.
+_USE_EXTENSION = True
 
 
 def dare_key(seed: int, model_index: int, tensor_name: str) -> int:
@@ -115,6 +124,9 @@ def keep_mask(
     out = torch.empty(numel, dtype=torch.bool, device=dev)
     if threshold > _M32:
         return out.fill_(True)
+    if _extension_takes(out):
+        fused.dare_keep_into(out, key, offset, threshold)
+        return out
     signed_limit = threshold - (1 << 31)  # u < T  ⇔  x < T − 2^31 on the signed lane
     out_bytes = out.view(torch.uint8)
     for start, end, lanes in _hash_chunks(key, numel, offset, dev):
@@ -147,9 +159,13 @@ def keep_mask_with_probabilities(
     flat = probabilities.reshape(-1)
     numel = flat.numel()
     _check_range(key, numel, offset)
-    if numel and not bool(((flat >= 0) & (flat <= 1)).all()):
-        raise ValueError("keep probabilities must lie in [0, 1]")
     out = torch.empty(numel, dtype=torch.bool, device=flat.device)
+    if _extension_takes(out, flat):
+        if not fused.dare_keep_with_probabilities_into(out, key, offset, flat):
+            raise ValueError(_PROBABILITY_RANGE)
+        return out.view(probabilities.shape)
+    if numel and not bool(((flat >= 0) & (flat <= 1)).all()):
+        raise ValueError(_PROBABILITY_RANGE)
     for start, end, lanes in _hash_chunks(key, numel, offset, flat.device):
         # u < T  ⇔  x < T − 2^31 on the signed lane; T = 2^32 keeps every draw.
         limit = flat[start:end].double().mul(float(1 << 32)).round_().sub_(float(1 << 31))
@@ -180,9 +196,22 @@ def uniform_at(
     _check_range(key, numel, offset)
     dev = torch.device(device)
     out = torch.empty(numel, dtype=torch.float64, device=dev)
+    draws = torch.empty(numel, dtype=torch.int32) if dev.type == "cpu" else None
+    if draws is not None and _extension_takes(draws):
+        fused.dare_uniform_into(draws, key, offset)
+        torch.mul(draws.view(torch.uint32).to(torch.float64), 1.0 / (1 << 32), out=out)
+        return out
     for start, end, lanes in _hash_chunks(key, numel, offset, dev):
         torch.add(lanes.to(torch.float64), float(1 << 31), out=out[start:end])
     return out.mul_(1.0 / (1 << 32))
+
+
+_PROBABILITY_RANGE = "keep probabilities must lie in [0, 1]"
+
+
+def _extension_takes(out: torch.Tensor, probabilities: torch.Tensor | None = None) -> bool:
+    """Whether the C loop writes ``out`` (CPU, extension built and not turned off)."""
+    return _USE_EXTENSION and fused.dare_hash_handles(out, probabilities)
 
 
 def _threshold(density: float) -> int:
