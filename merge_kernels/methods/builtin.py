@@ -16,6 +16,7 @@ from merge_kernels.methods import (
     sce,
     slerp,
     task_arithmetic,
+    tsv,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "sce",
     "slerp",
     "task_arithmetic",
+    "tsv",
 ]

@@ -41,6 +41,7 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "multislerp": ({}, {"weight": 1.0}),
     "nearswap": ({"t": 0.005}, {}),
     "arcee_fusion": ({}, {}),
+    "tsv_merge": ({"alpha": 0.8}, {"weight": 1.0}),
 }
 
 

@@ -37,6 +37,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "multislerp": ({}, {"weight": 1.0}),
     "nearswap": ({"t": 0.01}, {}),
     "arcee_fusion": ({}, {}),
+    "tsv_merge": ({}, {"weight": 1.0}),
 }
 ALL = sorted(spec.name for spec in methods())
 SOUP_OF_ONE = [
@@ -55,10 +56,18 @@ SOUP_OF_ONE = [
     "sce",
     "ram",
     "ramplus_tl",
+    "tsv_merge",
 ]
+# TSV-M keeps r/T singular components of each task, so T identical models merge to a
+# truncation of their task vector, and where the stacked singular vectors are dependent
+# (the small, often rank-deficient drawn tensors) the whitening is not unique; its order
+# invariance on tasks in general position is tested in test_tsv.py.
+LOW_RANK = {"tsv_merge"}
 # mergekit's Karcher mean starts from the first direction when the directions cancel
 # (a and -a), so its result depends on the models' order there.
-PERMUTABLE = [name for name in ALL if get_method(name).max_models != 1 and name != "karcher"]
+PERMUTABLE = [
+    name for name in ALL if get_method(name).max_models != 1 and name not in ("karcher", *LOW_RANK)
+]
 # Methods that refuse inputs whose weighted directions cancel out (mergekit's rule).
 MAY_REFUSE = {"multislerp"}
 
@@ -130,7 +139,7 @@ def test_soup_of_one_model_is_that_model(
     assert torch.allclose(out, model, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
 def test_normalized_soup_of_identical_models_is_that_model(
