@@ -156,6 +156,21 @@ def test_other_tensors_take_the_scaled_mean() -> None:
     assert torch.equal(out, base + torch.tensor([4.0, 4.0, -2.0]))
 
 
+def test_the_thread_count_changes_no_bit() -> None:
+    # LAPACK's SVD on a matrix this size differs in its low bits between 1 and 2 threads.
+    base, *models = gaussian_tasks(5, (160, 96), 4)
+    previous = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(TSV.merge_tensors(models, base=base))
+            assert torch.get_num_threads() == threads  # restored after the merge
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_a_base_is_required() -> None:
     with pytest.raises(RecipeError):
         parse_recipe({"merge_method": "tsv_merge", "models": [{"model": "a"}, {"model": "b"}]})
