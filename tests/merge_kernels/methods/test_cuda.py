@@ -27,6 +27,8 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dare_ties": ({}, {"density": 0.3}),
     "slerp": ({"t": 0.3}, {}),
     "greedy_soup": ({}, {}),
+    "iso_c": ({"scaling_factor": 0.7}, {}),
+    "iso_cts": ({"common_space_fraction": 0.8}, {}),
     "breadcrumbs": ({}, {"density": 0.3, "gamma": 0.05}),
     "breadcrumbs_ties": ({}, {"density": 0.3, "gamma": 0.05}),
     "della": ({}, {"density": 0.3}),

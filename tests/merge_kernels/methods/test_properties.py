@@ -23,6 +23,8 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dare_ties": ({}, {"density": 0.5}),
     "slerp": ({"t": 0.3}, {}),
     "greedy_soup": ({}, {}),
+    "iso_c": ({}, {}),
+    "iso_cts": ({}, {}),
     "breadcrumbs": ({"outlier_rule": "fit_density"}, {"density": 0.5, "gamma": 0.1}),
     "breadcrumbs_ties": ({"outlier_rule": "fit_density"}, {"density": 0.5, "gamma": 0.1}),
     "della": ({}, {"density": 0.5}),
@@ -65,8 +67,13 @@ SOUP_OF_ONE = [
 LOW_RANK = {"tsv_merge"}
 # mergekit's Karcher mean starts from the first direction when the directions cancel
 # (a and -a), so its result depends on the models' order there.
+# The isotropic merges' singular vectors are not unique where the summed task matrix is
+# rank-deficient, so the rounding of a different summation order may pick others.
+SPECTRAL = {"iso_c", "iso_cts"}
 PERMUTABLE = [
-    name for name in ALL if get_method(name).max_models != 1 and name not in ("karcher", *LOW_RANK)
+    name
+    for name in ALL
+    if get_method(name).max_models != 1 and name not in ("karcher", *LOW_RANK, *SPECTRAL)
 ]
 # Methods that refuse inputs whose weighted directions cancel out (mergekit's rule).
 MAY_REFUSE = {"multislerp"}
@@ -139,7 +146,8 @@ def test_soup_of_one_model_is_that_model(
     assert torch.allclose(out, model, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK])
+# The isotropic merges flatten the summed task matrix's spectrum: not an average.
+@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK | SPECTRAL])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
 def test_normalized_soup_of_identical_models_is_that_model(
