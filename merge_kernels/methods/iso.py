@@ -21,14 +21,13 @@ reference's ``exclude_keys``) takes the task vectors' mean. The merge is
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, NoModelParams, TensorContext
+from merge_kernels.methods.single_thread_linalg import one_cpu_thread
 from merge_kernels.methods.steps import task_vector
 from merge_kernels.registry import MethodSpec, register
 
@@ -131,27 +130,6 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], common_space_fraction: float) -
     return merged
 
 
-# LAPACK's SVD on CPU rounds differently with different thread counts, and a merge must
-# give the same bytes whichever executor (and so whichever thread count) runs it: the
-# spectral part runs on one thread, one tensor at a time, since the count is process-wide.
-_ONE_THREAD = threading.Lock()
-
-
-@contextmanager
-def _deterministic_threads(device: torch.device) -> Iterator[None]:
-    """Run the enclosed CPU linear algebra on one thread (CUDA is left as it is)."""
-    if device.type != "cpu":
-        yield
-        return
-    with _ONE_THREAD:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-
-
 def _mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ τᵢ / n, as ISO-C's reference averages tensors it does not merge spectrally."""
     return _sum(taus) / len(taus)
@@ -175,7 +153,7 @@ def iso_c(inputs: MergeInputs, params: IsoCParams, ctx: TensorContext) -> torch.
     """θ₀ + scaling_factor · (ISO-C matrix for a 2-D tensor, else the task vectors' mean)."""
     base, taus = _task_vectors(inputs, "iso_c")
     if base.dim() == 2 and params.spectral:
-        with _deterministic_threads(base.device):
+        with one_cpu_thread(base.device):
             merged = iso_c_matrix(taus)
     else:
         merged = _mean(taus)
@@ -186,7 +164,7 @@ def iso_cts(inputs: MergeInputs, params: IsoCtsParams, ctx: TensorContext) -> to
     """θ₀ + scaling_factor · (ISO-CTS matrix for a 2-D tensor, else the task vectors' mean)."""
     base, taus = _task_vectors(inputs, "iso_cts")
     if base.dim() == 2 and params.spectral:
-        with _deterministic_threads(base.device):
+        with one_cpu_thread(base.device):
             merged = iso_cts_matrix(taus, params.common_space_fraction)
     else:
         merged = _running_mean(taus)

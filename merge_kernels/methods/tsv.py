@@ -33,14 +33,13 @@ position it is a function of the inputs alone, equal across devices up to roundi
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, ModelParams, TensorContext
+from merge_kernels.methods.single_thread_linalg import one_cpu_thread
 from merge_kernels.methods.steps import task_vector
 from merge_kernels.registry import MethodSpec, register
 
@@ -74,30 +73,6 @@ def components_per_task(rank: int, count: int) -> int:
     return int(rank * (1 / count))
 
 
-_THREADS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the block's CPU linear algebra on one thread, then restore the thread count.
-
-    LAPACK's SVD gives other low bits on another number of threads, so without this a
-    merge would differ between machines, between the local and the Ray executor (whose
-    tasks get one CPU each) and between runs with other ``OMP_NUM_THREADS``. The lock
-    keeps two merges in one process from restoring each other's count too early.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    with _THREADS_LOCK:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-
-
 def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """The TSV-M merge of 2-D task vectors: polar(U) · diag(S) · polar(Vᵀ) (steps 1–3).
 
@@ -105,7 +80,7 @@ def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     device and dtype it gives the reference's numbers. On the CPU it runs on one thread,
     so its bits do not depend on the machine's thread count.
     """
-    with _one_cpu_thread(taus[0].device):
+    with one_cpu_thread(taus[0].device):
         return _task_singular_vectors(taus)
 
 
