@@ -30,10 +30,10 @@ from merge_kernels.methods.task_arithmetic import (
     ConsensusParams,
     SparseModelParams,
     TaskArithmeticParams,
-    _check_density,
-    _consensus_combination,
-    _linear_combination,
-    _task_vectors,
+    check_density,
+    consensus_combination,
+    linear_combination,
+    sparsified_task_vectors,
 )
 from merge_kernels.registry import MethodSpec, register
 
@@ -107,13 +107,13 @@ def _trimmed(
         trimmed = magnitude_window_trim(tau, top, keep)
         return l1_rescale_(trimmed, tau) if params.rescale else trimmed
 
-    return _task_vectors(inputs, ctx, trim)
+    return sparsified_task_vectors(inputs, ctx, trim)
 
 
 def breadcrumbs(inputs: MergeInputs, params: BreadcrumbsParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ window(τᵢ) (÷ Σ wᵢ when ``normalize``)."""
     base, taus, weights = _trimmed(inputs, params, ctx)
-    merged = _linear_combination(taus, weights, params.normalize)
+    merged = linear_combination(taus, weights, params.normalize)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
@@ -122,7 +122,7 @@ def breadcrumbs_ties(
 ) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the window-trimmed task vectors that agree in sign."""
     base, taus, weights = _trimmed(inputs, params, ctx)
-    merged = _consensus_combination(taus, weights, params)
+    merged = consensus_combination(taus, weights, params)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
@@ -143,7 +143,7 @@ register(
         "and its smallest ones, keeping a fraction density, then adds the weighted sum of "
         "what is left to the base.",
         references={"mergekit": _MERGEKIT},
-        check=_check_density,
+        check=check_density,
     )
 )
 
@@ -167,6 +167,6 @@ register(
                 "normalize": False,
             },
         },
-        check=_check_density,
+        check=check_density,
     )
 )

@@ -37,10 +37,10 @@ from merge_kernels.methods.task_arithmetic import (
     ConsensusParams,
     SparseModelParams,
     TaskArithmeticParams,
-    _check_density,
-    _consensus_combination,
-    _linear_combination,
-    _task_vectors,
+    check_density,
+    consensus_combination,
+    linear_combination,
+    sparsified_task_vectors,
 )
 from merge_kernels.registry import MethodSpec, register
 
@@ -158,13 +158,13 @@ def _pruned(
             rescale=rescale,
         )
 
-    return _task_vectors(inputs, ctx, prune)
+    return sparsified_task_vectors(inputs, ctx, prune)
 
 
 def della(inputs: MergeInputs, params: DellaParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the MagPruned task vectors that agree with the elected sign."""
     base, taus, weights = _pruned(inputs, params, ctx)
-    merged = _consensus_combination(taus, weights, params)
+    merged = consensus_combination(taus, weights, params)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
@@ -173,12 +173,12 @@ def della_linear(
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ MagPrune(τᵢ) (÷ Σ wᵢ when ``normalize``)."""
     base, taus, weights = _pruned(inputs, params, ctx)
-    merged = _linear_combination(taus, weights, params.normalize)
+    merged = linear_combination(taus, weights, params.normalize)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
 def _check_window(params: MethodParams, model_params: tuple[DellaModelParams, ...]) -> None:
-    _check_density(params, model_params)
+    check_density(params, model_params)
     span: EpsilonSpan = getattr(params, "epsilon_span", "width")
     for position, p in enumerate(model_params):
         density = p.density if p.density is not None else 1.0

@@ -190,7 +190,7 @@ def _random_dropper(params: DareRescaleParams) -> Sparsifier:
     return drop
 
 
-def _task_vectors(
+def sparsified_task_vectors(
     inputs: MergeInputs, ctx: TensorContext, sparsify: Sparsifier
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
     """The base, each model's (sparsified) task vector, and each model's weight."""
@@ -207,18 +207,20 @@ def _task_vectors(
     return inputs.base, taus, weights
 
 
-def _linear_combination(
+def linear_combination(
     taus: list[torch.Tensor], weights: list[float], normalize: bool
 ) -> torch.Tensor:
+    """Σ wᵢ τᵢ, divided by Σ wᵢ when ``normalize`` (task arithmetic, DARE, DELLA-linear)."""
     merged = weighted_sum(taus, weights)
     if normalize:
         merged.div_(sum(weights))
     return merged
 
 
-def _consensus_combination(
+def consensus_combination(
     taus: list[torch.Tensor], weights: list[float], params: ConsensusParams
 ) -> torch.Tensor:
+    """TIES' sign election and disjoint mean of the (sparsified) task vectors."""
     electors = (
         [tau * w for tau, w in zip(taus, weights, strict=True)]
         if params.weighted_election
@@ -233,29 +235,29 @@ def task_arithmetic(
     inputs: MergeInputs, params: TaskArithmeticParams, ctx: TensorContext
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ τᵢ (divided by Σ wᵢ when ``normalize``)."""
-    base, taus, weights = _task_vectors(inputs, ctx, _keep_all)
-    merged = _linear_combination(taus, weights, params.normalize)
+    base, taus, weights = sparsified_task_vectors(inputs, ctx, _keep_all)
+    merged = linear_combination(taus, weights, params.normalize)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
 def ties(inputs: MergeInputs, params: TiesParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the trimmed task vectors that agree with the elected sign."""
-    base, taus, weights = _task_vectors(inputs, ctx, _magnitude_trimmer(params))
-    merged = _consensus_combination(taus, weights, params)
+    base, taus, weights = sparsified_task_vectors(inputs, ctx, _magnitude_trimmer(params))
+    merged = consensus_combination(taus, weights, params)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
 def dare_linear(inputs: MergeInputs, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ Σ wᵢ drop(τᵢ)."""
-    base, taus, weights = _task_vectors(inputs, ctx, _random_dropper(params))
-    merged = _linear_combination(taus, weights, params.normalize)
+    base, taus, weights = sparsified_task_vectors(inputs, ctx, _random_dropper(params))
+    merged = linear_combination(taus, weights, params.normalize)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
 def dare_ties(inputs: MergeInputs, params: DareTiesParams, ctx: TensorContext) -> torch.Tensor:
     """θ₀ + λ · disjoint mean of the dropped task vectors that agree with the elected sign."""
-    base, taus, weights = _task_vectors(inputs, ctx, _random_dropper(params))
-    merged = _consensus_combination(taus, weights, params)
+    base, taus, weights = sparsified_task_vectors(inputs, ctx, _random_dropper(params))
+    merged = consensus_combination(taus, weights, params)
     return torch.add(base, merged, alpha=params.lambda_)
 
 
@@ -289,7 +291,8 @@ def check_normalized_weights(params: MethodParams, model_params: tuple[WeightPar
         )
 
 
-def _check_density(params: MethodParams, model_params: tuple[SparseModelParams, ...]) -> None:
+def check_density(params: MethodParams, model_params: tuple[SparseModelParams, ...]) -> None:
+    """The per-tensor check of the sparse methods' parameters (normalized weights)."""
     # An unset density means 1 (keep everything), as in mergekit; the recipe warns about it.
     if isinstance(params, TaskArithmeticParams):
         check_normalized_weights(params, model_params)
@@ -332,7 +335,7 @@ register(
         },
         chunkable=lambda params: params.zero_sign == "positive",
         needs_trim_threshold=lambda params: True,
-        check=_check_density,
+        check=check_density,
         consensus_form=_ties_form,
     )
 )
@@ -352,7 +355,7 @@ register(
         "their weighted sum to the base.",
         references={"mergekit": {"rescale_method": "l1", "density": 1.0}},
         chunkable=lambda params: not (params.rescale and params.rescale_method == "l1"),
-        check=_check_density,
+        check=check_density,
     )
 )
 
@@ -377,6 +380,6 @@ register(
             params.zero_sign == "positive"
             and not (params.rescale and params.rescale_method == "l1")
         ),
-        check=_check_density,
+        check=check_density,
     )
 )
