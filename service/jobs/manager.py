@@ -282,13 +282,9 @@ class JobManager:
             OverMemoryBudgetError: the merge needs more memory than the budget.
             TureenError: the engine's errors for a merge that cannot run (see ``validate``).
         """
-        if idempotency_key is not None:
-            found = self.store.find_idempotent(idempotency_key)
-            if found is not None:
-                job, known_hash = found
-                if known_hash != body_hash:
-                    raise IdempotencyConflictError(idempotency_key, job.id)
-                return job, False
+        repeat = self._idempotent_repeat(idempotency_key, body_hash)
+        if repeat is not None:
+            return repeat, False
         self.validate(recipe, output)
         return self._create(
             recipe.model_dump(mode="json"),
@@ -366,13 +362,9 @@ class JobManager:
         Raises:
             As :meth:`submit`, errors of a stage naming it.
         """
-        if idempotency_key is not None:
-            found = self.store.find_idempotent(idempotency_key)
-            if found is not None:
-                job, known_hash = found
-                if known_hash != body_hash:
-                    raise IdempotencyConflictError(idempotency_key, job.id)
-                return job, False
+        repeat = self._idempotent_repeat(idempotency_key, body_hash)
+        if repeat is not None:
+            return repeat, False
         self.validate_stages(merges, output)
         return self._create(
             recipe_record(merges),
@@ -384,6 +376,22 @@ class JobManager:
             hub_token=hub_token,
             method=" then ".join(step.recipe.merge_method for step in merges.steps),
         )
+
+    def _idempotent_repeat(self, key: str | None, body_hash: str | None) -> Job | None:
+        """The job a repeated request with ``key`` created, or None for a new request.
+
+        Raises:
+            IdempotencyConflictError: the key was used with a different body.
+        """
+        if key is None:
+            return None
+        found = self.store.find_idempotent(key)
+        if found is None:
+            return None
+        job, known_hash = found
+        if known_hash != body_hash:
+            raise IdempotencyConflictError(key, job.id)
+        return job
 
     def _create(
         self,
