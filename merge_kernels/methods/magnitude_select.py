@@ -30,7 +30,8 @@ How the k-th largest magnitude is found:
 On the CPU, work proceeds in chunks of about a million entries written into preallocated
 buffers: a pass over a fresh temporary as large as the tensor costs more in page faults and
 memory traffic than the arithmetic, and fewer, larger operations keep the threads' fork and
-join overhead small. Only torch operations are used, so the same code runs on CUDA tensors.
+join overhead small. Only torch operations are used, so the same code runs on CUDA tensors;
+there a whole-tensor mask is found in one shot when memory allows (:mod:`.device_select`).
 Scratch memory stays well below the size of the tensor.
 
 Ties: entries whose magnitude equals the k-th largest are kept first-come in flat
@@ -47,6 +48,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from merge_kernels.methods.device_select import device_top_k_mask
 
 TieRule = Literal["exact_k", "threshold"]
 
@@ -153,6 +156,11 @@ def top_k_magnitude_mask(x: torch.Tensor, k: int, *, ties: TieRule = "exact_k") 
         # Even an all-kept trim must reject NaN, as every other k does.
         _raise_if_nan(flat, "x")
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if flat.device.type != "cpu" and k:
+        _raise_if_nan(flat, "x")
+        found = device_top_k_mask(flat, k, exact_k=ties == "exact_k")
+        if found is not None:
+            return found.view(x.shape)
     selection = _select_flat(flat, k)
     threshold = selection.threshold
     mask = torch.empty(n, dtype=torch.bool, device=flat.device)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import merge_kernels.piece_merger as piece_merger
 from merge_kernels import fused
 from merge_kernels.fused import ConsensusForm, ties_into, trim_threshold
+from merge_kernels.methods import device_select
 from merge_kernels.methods.kernel import TrimState
 from merge_kernels.methods.magnitude_select import (
     StreamingMagnitudeSelect,
@@ -116,6 +117,55 @@ def test_ties_exactly_at_the_threshold(ties: str, offset: int) -> None:
     for target in (k, above + 1, above + tied):
         mask = top_k_magnitude_mask(values, target + offset, ties=ties)  # type: ignore[arg-type]
         assert torch.equal(mask, reference_mask(values, target + offset, ties))
+
+
+def _periodic(n: int) -> torch.Tensor:
+    """Large values exactly where the one-shot path samples, small ones elsewhere."""
+    x = torch.full((n,), 0.001)
+    want = min(device_select._SAMPLE_MAX, max(device_select._SAMPLE_MIN, n // 64))
+    stride = max(1, n // want) | 1
+    x[stride // 2 :: stride] = torch.linspace(5.0, 6.0, x[stride // 2 :: stride].numel())
+    return x
+
+
+@pytest.mark.parametrize("ties", RULES)
+def test_the_one_shot_mask_matches_the_sort(ties: str) -> None:
+    """The GPU's one-shot selection, run here on the CPU: heavy ties, a block of ties at
+    the threshold, infinities and negative zeros, and a sample that misleads."""
+    tau = _tau(*heavy_pair(11, 1_500_001))
+    tau[::1000] = -0.0
+    tau[5::100_000] = float("inf")
+    values, block_k = at_threshold(4, 1_200_000)
+    periodic = _periodic(1_300_000)
+    cases = [(tau, k) for k in (1, 300_000, 1_000_000, tau.numel() - 1)]
+    cases += [(values, k) for k in (block_k, 240_001, 640_000)]
+    cases += [(periodic, k) for k in (10, 650_000)]
+    for x, k in cases:
+        mask = device_select.one_shot_mask(x, k, exact_k=ties == "exact_k")
+        assert torch.equal(mask, reference_mask(x, k, ties)), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("ties", RULES)
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_gpu_masks_match_the_sort(
+    ties: str, one_shot: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's one-shot mask (and, without the memory for it, the chunked one) keeps the
+    entries the sort keeps, on heavy ties, a block of ties, infinities and negative zeros."""
+    if not one_shot:
+        monkeypatch.setattr(device_select, "_free_bytes", lambda device: 0)
+    tau = _tau(*heavy_pair(9, 3_000_001))
+    tau[::1000] = -0.0
+    tau[5::100_000] = float("inf")
+    tau[7::100_000] = float("-inf")
+    values, block_k = at_threshold(4, 1_200_000)
+    cases = [(tau, k) for k in (1, 30, 600_000, 2_000_000, tau.numel() - 1)]
+    cases += [(values, k) for k in (block_k, 240_001, 640_000)]
+    for x, k in cases:
+        mask = top_k_magnitude_mask(x.cuda(), k, ties=ties)  # type: ignore[arg-type]
+        assert torch.equal(mask.cpu(), reference_mask(x, k, ties)), k
 
 
 @pytest.mark.parametrize("ties", RULES)
