@@ -15,12 +15,14 @@ outside it are left out.
 
 from __future__ import annotations
 
+import hashlib
+from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -52,17 +54,27 @@ async def console_page() -> HTMLResponse:
     return HTMLResponse(html, headers={**_PAGE_HEADERS, "Cache-Control": "no-store"})
 
 
+@cache
+def _asset(name: str) -> tuple[bytes, str]:
+    # Read once: the assets are part of the installed package and never change while it runs.
+    body = (STATIC_DIR / name).read_bytes()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
 @page_router.get("/console/static/{name}")
-async def console_asset(name: str) -> FileResponse:
+async def console_asset(
+    name: str,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
     """One of the console's assets, shipped in the package (never a path from the request)."""
     if name not in STATIC_FILES:
         raise ApiError(404, "not_found", f"the console has no asset {name!r}")
-    path = STATIC_DIR / name
-    return FileResponse(
-        path,
-        media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-        headers={**_PAGE_HEADERS, "Cache-Control": "no-cache"},
-    )
+    body, etag = _asset(name)
+    headers = {**_PAGE_HEADERS, "Cache-Control": "no-cache", "ETag": etag}
+    if if_none_match == etag:
+        return Response(status_code=304, headers=headers)
+    media_type = _MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
+    return Response(body, media_type=media_type, headers=headers)
 
 
 class Root(BaseModel):
@@ -156,12 +168,10 @@ def list_entries(settings: ServiceSettings, index: int, path: str) -> RootListin
     confinement = Confinement.of([root])
     try:
         folder = confinement.resolve(root / relative)
-    except PathOutsideRootsError:
+        children = sorted(folder.iterdir(), key=lambda child: child.name)
+    except (PathOutsideRootsError, OSError):  # outside, missing, not a folder, name too long
         raise _refuse(path) from None
-    if not folder.is_dir():
-        raise _refuse(path)
     entries: list[RootEntry] = []
-    children = sorted(folder.iterdir(), key=lambda child: child.name)
     prefix = roots[index].prefix + (relative.as_posix() + "/" if relative.parts else "")
     for child in children[:MAX_ENTRIES]:
         if not confinement.contains(child):

@@ -52,7 +52,7 @@ async function chooser(root, navigate, given) {
   const a = select("a", given.a);
   const b = select("b", given.b);
   root.replaceChildren(h("h1", {}, "Compare two merges"),
-    page.items.length < 2 ? h("p", { class: "muted" }, "Two succeeded merges are needed.") : null,
+    page.items.length < 2 ? h("p", { class: "muted" }, "Two succeeded merges are needed.") : "",
     h("div", { class: "row" }, a, b, h("button", { class: "primary", type: "button", onclick: () => {
       if (a.value && b.value) navigate(`#/compare?a=${encodeURIComponent(a.value)}&b=${encodeURIComponent(b.value)}`);
     } }, "Compare")));

@@ -140,7 +140,7 @@ async function pickerPanel(insert) {
               `${entry.name}/`),
             entry.checkpoint ? [" ", h("button", { type: "button", "data-reference": entry.reference,
               onclick: () => insert(entry.reference) }, "insert")] : null))),
-        listing.truncated ? h("p", { class: "muted" }, "(more entries not shown)") : null);
+        listing.truncated ? h("p", { class: "muted" }, "(more entries not shown)") : "");
     } catch (error) { body.replaceChildren(errorPanel(error)); }
   }
   function showRoots() {

@@ -5,7 +5,7 @@
 import { h, s, score } from "./render.js";
 
 const WIDTH = 640;
-const PAD = { left: 56, right: 16, top: 12, bottom: 34 };
+const PAD = { left: 56, right: 16, top: 26, bottom: 34 };
 
 function extent(values) {
   const finite = values.filter((value) => Number.isFinite(value));
@@ -36,7 +36,7 @@ export function scoreChart({ points, line, labels, yTitle }) {
   labels.forEach((label, index) => {
     svg.append(s("text", { x: x(index), y: height - PAD.bottom + 16, "text-anchor": "middle" }, label));
   });
-  svg.append(s("text", { x: 12, y: PAD.top + 4 }, yTitle || "score"));
+  svg.append(s("text", { x: PAD.left, y: 12, class: "axis-title" }, yTitle || "score"));
   if (line && line.length) {
     const path = line.map((value, index) => (Number.isFinite(value) ? `${index ? "L" : "M"}${x(index)},${y(value)}` : ""))
       .join(" ");

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,13 @@ import pytest
 
 from service.jobs.models import Job, JobStatus, OutputOptions
 from service.jobs.sqlite_store import SqliteJobStore
-from tests.service.api.conftest import TOKEN, LiveServer, dare_recipe, wait_for
+from tests.service.api.conftest import (
+    TOKEN,
+    LiveServer,
+    dare_recipe,
+    pause_mid_merge,
+    wait_for,
+)
 from tests.service.console.conftest import playwright_sync
 
 Page = playwright_sync.Page
@@ -102,25 +111,34 @@ def test_submit_watch_cancel_and_download(
     browser: Any, page: Page, server: LiveServer, models_root: Path
 ) -> None:
     with server.client() as client:
-        # The only worker is busy with a slower merge, so the console's job waits in the queue.
-        slow = {**dare_recipe(models_root / "larger"), "output": {"shard_size": 1_000_000}}
+        # The only worker is held (stopped) mid-merge, so the console's job waits in the queue.
+        slow = dare_recipe(models_root / "larger") | {
+            "output": {"shard_size": 1_000_000, "name": "blocker"}
+        }
         blocker = client.post("/v1/merges", json=slow).json()
-        wait_for(client, blocker["id"], ("running",))
+        worker = pause_mid_merge(
+            client, blocker["id"], server.settings.outputs_dir / ".blocker.tureen-partial"
+        )
+    try:
+        events: list[str] = []
+        page.on("response", lambda r: events.append(r.url) if r.url.endswith("/events") else None)
+        page.goto("/#/new")
+        page.fill("#recipe", tiny_yaml(models_root, "ft1", "ft2"))
+        expect(page.locator("#plan .ok")).to_be_visible()
+        page.click("#submit")
+        page.wait_for_url(re.compile(r"#/merges/\w+$"))
+        job_id = page.url.rsplit("/", 1)[1]
+        expect(page.locator("#status .badge")).to_have_text("queued")
 
-    events: list[str] = []
-    page.on("response", lambda r: events.append(r.url) if r.url.endswith("/events") else None)
-    page.goto("/#/new")
-    page.fill("#recipe", tiny_yaml(models_root, "ft1", "ft2"))
-    expect(page.locator("#plan .ok")).to_be_visible()
-    page.click("#submit")
-    page.wait_for_url(re.compile(r"#/merges/\w+$"))
-    job_id = page.url.rsplit("/", 1)[1]
-    expect(page.locator("#status .badge")).to_have_text("queued")
-
-    # Cancel the blocker from its own page, in a second tab.
-    other = page.context.new_page()
-    other.goto(f"/#/merges/{blocker['id']}")
-    other.click("#cancel")
+        # Cancel the blocker from its own page, in a second tab.
+        other = page.context.new_page()
+        other.goto(f"/#/merges/{blocker['id']}")
+        with other.expect_response(lambda r: r.request.method == "DELETE") as cancelled:
+            other.click("#cancel")
+        assert cancelled.value.json()["cancel_requested"] is True
+        time.sleep(0.6)  # the worker reads the cancel flag every 0.5 s (see test_merges)
+    finally:
+        os.kill(worker, signal.SIGCONT)
     expect(other.locator("#status .badge")).to_have_text("cancelled", timeout=30_000)
 
     # The first tab follows its job to the end through the event stream, without reloading.
