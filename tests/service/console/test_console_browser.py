@@ -97,6 +97,33 @@ def test_a_bad_recipe_gets_its_plan_error_named(page: Page, models_root: Path) -
     expect(page.locator("#method")).to_contain_text("density")  # the method's parameters
 
 
+def test_a_pasted_mergekit_config_is_imported_and_planned(page: Page, models_root: Path) -> None:
+    # mergekit's examples/ties.yml, with this test's checkpoints for its models.
+    mergekit = f"""models:
+  - model: {models_root}/ft1
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: {models_root}/ft2
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+merge_method: ties
+base_model: {models_root}/base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+    page.goto("/#/new")
+    page.get_by_role("button", name="Import mergekit config").click()
+    page.fill("#import-text", mergekit)
+    page.get_by_role("button", name="Import", exact=True).click()
+    assert page.input_value("#recipe") == mergekit
+    expect(page.locator("#plan .ok")).to_have_text("Plan OK")
+    expect(page.locator("#plan tr")).to_have_count(4)  # the header, the base, two models
+
+
 def test_the_picker_inserts_a_checkpoint_from_an_allowed_root(
     page: Page, models_root: Path
 ) -> None:
