@@ -40,7 +40,12 @@ def tiny_yaml(root: Path, *models: str, method: str = "ties", name: str | None =
     return "\n".join(lines) + "\n"
 
 
-def test_first_load_is_light_and_quick(page: Page) -> None:
+def test_first_load_is_light_and_quick(browser: Any, page: Page, server: LiveServer) -> None:
+    # A first visit in another context starts the browser's renderer and the server's
+    # handlers; the measured tab still has an empty cache of its own.
+    warm = browser.new_context(base_url=server.url)
+    warm.new_page().goto("/")
+    warm.close()
     transferred: dict[str, int] = {}
 
     def count(request: Any) -> None:
@@ -351,3 +356,36 @@ def test_publish_sends_the_hub_token_once_and_keeps_no_copy(
     assert page.input_value("#publish-token") == ""
     stored = page.evaluate("JSON.stringify({...sessionStorage, ...localStorage})")
     assert "hf_secret_123" not in stored
+
+
+def test_trainings_share_the_list_and_have_their_own_page(page: Page, server: LiveServer) -> None:
+    from service.jobs.models import JobError
+    from service.jobs.training_manager import training_store_path
+
+    store = SqliteJobStore(training_store_path(server.settings))
+    try:
+        job, _ = store.create(
+            Job(
+                id="training-newest",
+                kind="training",
+                status=JobStatus.FAILED,
+                recipe={"kind": "dpo", "base_model": "org/base", "epochs": 2},
+                output=OutputOptions(name="my-adapter"),
+                created_at=datetime(2100, 1, 1, tzinfo=UTC),  # newest of all: first in the list
+                error=JobError(code="training_failed", message="the data has no 'chosen' column"),
+            )
+        )
+    finally:
+        store.close()
+    page.goto("/#/jobs")
+    first = page.locator("#jobs tbody tr").first
+    expect(first).to_have_attribute("data-job", job.id)
+    expect(first).to_contain_text("dpo training my-adapter")
+    page.select_option("#kind-filter", "merges")
+    expect(page.locator(f'#jobs tr[data-job="{job.id}"]')).to_have_count(0)
+    page.select_option("#kind-filter", "trainings")
+    expect(page.locator("#page-position")).to_have_text("1–1 of 1")
+    page.click(f'#jobs a[href="#/trainings/{job.id}"]')
+    expect(page.locator("h1")).to_contain_text("Training")
+    expect(page.locator("#job-error")).to_contain_text("no 'chosen' column")
+    expect(page.locator("#recipe-text")).to_contain_text("epochs: 2")
