@@ -18,6 +18,7 @@ from merge_kernels.methods import (
     slerp,
     task_arithmetic,
     tsv,
+    wudi,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "slerp",
     "task_arithmetic",
     "tsv",
+    "wudi",
 ]
