@@ -3,6 +3,7 @@
 from merge_kernels.methods import (
     arcee_fusion,
     breadcrumbs,
+    consensus,
     della,
     greedy_soup,
     iso,
@@ -24,6 +25,7 @@ from merge_kernels.methods import (
 __all__ = [
     "arcee_fusion",
     "breadcrumbs",
+    "consensus",
     "della",
     "greedy_soup",
     "iso",

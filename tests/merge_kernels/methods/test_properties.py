@@ -41,6 +41,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "arcee_fusion": ({}, {}),
     "tsv_merge": ({}, {"weight": 1.0}),
     "wudi": ({"iter_num": 5}, {}),
+    "consensus": ({"use_ties": True}, {}),
 }
 ALL = sorted(spec.name for spec in methods())
 SOUP_OF_ONE = [
@@ -153,11 +154,12 @@ def test_soup_of_one_model_is_that_model(
     assert torch.allclose(out, model, atol=1e-5)
 
 
-# The isotropic merges flatten the summed task matrix's spectrum, and WUDI starts from the
-# task vectors' sum: neither is an average.
-@pytest.mark.parametrize(
-    "name", [name for name in ALL if name not in LOW_RANK | SPECTRAL | OPTIMISED]
-)
+# The isotropic merges flatten the summed task matrix's spectrum, and WUDI and consensus
+# merging start from the task vectors' sum: none is an average.
+SUMMED = {"wudi", "consensus"}
+
+
+@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK | SPECTRAL | SUMMED])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
 def test_normalized_soup_of_identical_models_is_that_model(
