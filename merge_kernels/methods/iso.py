@@ -28,6 +28,7 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, NoModelParams, TensorContext
 from merge_kernels.methods.single_thread_linalg import one_cpu_thread
+from merge_kernels.methods.spectral_memory import iso_c_working_bytes, iso_cts_working_bytes
 from merge_kernels.methods.steps import task_vector
 from merge_kernels.registry import MethodSpec, register
 
@@ -188,6 +189,7 @@ register(
         description="Sums the task vectors of each 2-D tensor and replaces its singular "
         "values by their mean (a flat spectrum); other tensors take the task vectors' mean. "
         "The result, times scaling_factor, is added to the base.",
+        working_memory=iso_c_working_bytes,
     )
 )
 
@@ -204,5 +206,6 @@ register(
         "task matrix's directions and gives the rest of the rank to each task's own top "
         "directions outside them, orthogonalized, with a flat spectrum; other tensors take "
         "the task vectors' mean. The result, times scaling_factor, is added to the base.",
+        working_memory=iso_cts_working_bytes,
     )
 )

@@ -40,6 +40,7 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, ModelParams, TensorContext
 from merge_kernels.methods.single_thread_linalg import one_cpu_thread
+from merge_kernels.methods.spectral_memory import tsv_working_bytes
 from merge_kernels.methods.steps import task_vector
 from merge_kernels.registry import MethodSpec, register
 
@@ -143,5 +144,6 @@ register(
         "sums them; other tensors average the task vectors. The result, scaled by alpha, "
         "is added to the base.",
         min_models=1,
+        working_memory=tsv_working_bytes,
     )
 )

@@ -78,7 +78,7 @@ def wudi_matrix(taus: Sequence[torch.Tensor], iter_num: int, lr: float) -> torch
     thread so its bits do not depend on the machine's thread count.
     """
     with one_cpu_thread(taus[0].device), torch.inference_mode(False), torch.enable_grad():
-        stacked = torch.stack([tau.clone() for tau in taus])
+        stacked = torch.stack(list(taus))  # a new tensor, also outside inference mode
         merged = torch.nn.Parameter(torch.sum(stacked, dim=0))
         squared_norms = torch.square(torch.norm(stacked.reshape(stacked.shape[0], -1), p=2, dim=-1))
         # A zero task vector's term is 0/0 (see the module docstring): leave it out.
@@ -117,17 +117,18 @@ def wudi(inputs: MergeInputs, params: WudiParams, ctx: TensorContext) -> torch.T
 def wudi_working_bytes(params: WudiParams, shape: tuple[int, ...], inputs: int) -> int:
     """Bytes WUDI holds at its peak for one tensor of ``shape`` with ``inputs`` tensors read.
 
-    For an m × n matrix and T task vectors (float32): the T task vectors and their stack,
-    the disturbance τ − τᵢ and its gradient (T·m·n each), the parameter, its gradient and
-    Adam's two moments (4·m·n), and the products (τ − τᵢ) τᵢᵀ with their square, quotient
-    and gradients (4·T·m·m). Other tensors: the task vectors and their stack.
+    For an m × n matrix and T task vectors (float32): the task vectors and their stack,
+    the disturbance τ − τᵢ, its gradient and the broadcast gradient of τ (T·m·n each, with
+    slack for autograd's temporaries: 6·T·m·n in all), the parameter, its gradient, Adam's
+    two moments and the output (6·m·n), and the products (τ − τᵢ) τᵢᵀ with their square,
+    quotient and gradients (6·T·m·m). Other tensors: the task vectors and their stack.
     """
     count = max(1, inputs - 1)  # every input but the base
     elements = math.prod(shape)
     if len(shape) != 2 or not params.optimize:
         return 4 * elements * (2 * count + 2)
     rows = shape[0]
-    return 4 * (elements * (4 * count + 4) + 4 * count * rows * rows)
+    return 4 * (elements * (6 * count + 6) + 6 * count * rows * rows)
 
 
 register(
