@@ -155,7 +155,10 @@ class MergePlan:
             if declared is not None and tensor.params is not None:
                 # SVDs and optimisers hold far more than a few tensors: the method's own count
                 # replaces the elementwise working set (reads and output stay).
-                own = declared(tensor.params.method, tensor.shape, inputs)
+                shape = tensor.shape
+                if rows is not None and shape:
+                    shape = (rows, *shape[1:])  # a chunked tensor holds one chunk at a time
+                own = declared(tensor.params.method, shape, inputs)
                 working = elements * (inputs * (2 + 4) + itemsize(tensor.dtype)) + own
             worst = max(worst, working)
         return PROCESS_BASELINE_BYTES + 2 * worst  # reads of the next tensor overlap this one

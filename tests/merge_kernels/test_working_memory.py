@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {"wudi": {"iter_num": 2}}
 
 
-def plan_for(method: str, shape: tuple[int, ...], models: int = 3) -> MergePlan:
+def plan_for(
+    method: str, shape: tuple[int, ...], models: int = 3, rows_per_chunk: int | None = None
+) -> MergePlan:
     """A plan of one bfloat16 tensor of ``shape``, its parameters resolved as the recipe's."""
     recipe = parse_recipe(
         {
@@ -42,7 +44,7 @@ def plan_for(method: str, shape: tuple[int, ...], models: int = 3) -> MergePlan:
         dtype="BF16",
         sources=("model.layers.0.mlp.up_proj.weight",) * (models + 1),
         params=params,
-        rows_per_chunk=None,
+        rows_per_chunk=rows_per_chunk,
         inputs=tuple(range(models + 1)),
         has_base=True,
     )
@@ -68,6 +70,13 @@ def test_a_spectral_merge_of_a_4096_square_matrix_needs_more_than_linear() -> No
     assert per_tensor(plan_for("wudi", shape)) >= 6 * 3 * float32
     # A vector is not decomposed: the declaration falls back to a few copies.
     assert per_tensor(plan_for("tsv_merge", (4096,))) < 100 * 4096
+
+
+def test_a_chunked_tensor_declares_one_chunk() -> None:
+    # Consensus merging without a trim is elementwise, so a large tensor merges in row chunks.
+    whole = per_tensor(plan_for("consensus", (4096, 4096)))
+    chunked = per_tensor(plan_for("consensus", (4096, 4096), rows_per_chunk=256))
+    assert chunked * 16 == whole
 
 
 METHODS = ("tsv_merge", "iso_c", "iso_cts", "wudi", "consensus")
