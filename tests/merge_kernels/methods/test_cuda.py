@@ -44,6 +44,10 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "nearswap": ({"t": 0.005}, {}),
     "arcee_fusion": ({}, {}),
     "tsv_merge": ({"alpha": 0.8}, {"weight": 1.0}),
+    # Adam moves an entry by about ±lr a step, its sign a rounding apart where the gradient
+    # vanishes: a small lr keeps such flips inside the tolerance.
+    "wudi": ({"iter_num": 5, "lr": 1e-7}, {}),
+    "consensus": ({"use_ties": True, "lambda": 0.9}, {}),
 }
 
 
