@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -127,6 +128,9 @@ class RayExecutor:
 
     Attributes:
         reports: what each merge task of the last run returned, in the order they finished.
+        round_trips: for each of ``reports``, when the driver submitted the task and when it
+            had its result (wall-clock seconds): against the task's own times, what Ray's
+            scheduling and the wait for a free CPU cost.
     """
 
     name = "ray"
@@ -165,6 +169,7 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
         self.reports: list[TaskReport] = []
+        self.round_trips: list[tuple[float, float]] = []
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r})"
@@ -198,6 +203,8 @@ class RayExecutor:
         ray = self._ray
         plan, counters = work.plan, work.counters
         self.reports = []
+        self.round_trips = []
+        submitted: dict[ShardGroup, float] = {}
         shards = {shard.filename: shard for shard in plan.shards}
         for shard in plan.shards:
             if shard.filename in work.done:
@@ -238,10 +245,12 @@ class RayExecutor:
         def submit(group: ShardGroup) -> Any:
             names = set(group.filenames)
             own = {key: state for key, state in trims.items() if shard_of[key[0]] in names}
+            submitted[group] = time.time()
             return remote.options(**self._options(group)).remote(job_ref, group.filenames, own)
 
         def record(group: ShardGroup, report: TaskReport) -> None:
             self.reports.append(report)
+            self.round_trips.append((submitted[group], time.time()))
             for filename, digest in report.shards:
                 work.staging.mark_shard_done(filename, digest)
                 counters["tensors"] += len(shards[filename].tensors)

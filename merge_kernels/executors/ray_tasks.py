@@ -73,6 +73,8 @@ class TaskReport:
         node_id: the Ray node it ran on.
         pid: its worker process.
         started: wall-clock time it started (seconds since the epoch).
+        planned: wall-clock time its plan was ready (the worker's first task of a run plans;
+            later ones find the plan made).
         finished: wall-clock time it finished.
     """
 
@@ -80,6 +82,7 @@ class TaskReport:
     node_id: str
     pid: int
     started: float
+    planned: float
     finished: float
 
 
@@ -139,6 +142,7 @@ def merge_shards_task(
     """
     started = time.time()
     plan = planned(job)
+    planned_at = time.time()
     merger = PieceMerger(plan, job.options.device, _never_cancelled)
     merger.trims.update(trims)
     folder = Path(job.staging)
@@ -155,7 +159,7 @@ def merge_shards_task(
             written.append((shard.filename, digest))
     if written:
         fsync_dir(folder)
-    return TaskReport(tuple(written), _node_id(), os.getpid(), started, time.time())
+    return TaskReport(tuple(written), _node_id(), os.getpid(), started, planned_at, time.time())
 
 
 def _scope(plan: MergePlan) -> TrimScope:
