@@ -35,6 +35,7 @@ from typing import Any
 
 from merge_kernels.errors import MergeCancelledError
 from merge_kernels.executors import ExecutorUnavailableError, ShardTaskLostError, ShardWork
+from merge_kernels.executors.hub_inputs import hub_inputs, node_fingerprint
 from merge_kernels.executors.local import shard_tensors
 from merge_kernels.executors.ray_tasks import (
     PART_SUFFIX,
@@ -218,12 +219,15 @@ class RayExecutor:
             ray_address=None,
             base_dir=(options.base_dir or Path.cwd()).resolve(),
         )
+        hub = hub_inputs(plan)
         job = NodeJob(
             run=secrets.token_hex(8),
             recipe=plan.recipe,
             options=node_options,
             fingerprint=work.staging.fingerprint,
             staging=str(work.staging.path.resolve()),
+            hub_inputs=hub,
+            node_fingerprint=node_fingerprint(plan, hub),
         )
         job_ref = ray.put(job)
         pending = [s for s in plan.shards if s.filename not in work.done]
