@@ -14,11 +14,12 @@ One command, made for the 16-core GPU machine (8 minutes at ``--model-gb 3``); `
    the machine's), pinned with ``sched_setaffinity`` before the node's processes start (its
    raylet and the workers it forks inherit them), and declares that many CPUs and 90% of a
    quarter of the machine's memory (more if the largest task's estimate needs it: Ray
-   schedules by it, nothing enforces it). A node is a fixed size, as when machines are added to a cluster:
-   1 node has a quarter of the machine, 4 nodes all of it. Without the pinning every node's
-   workers would share all the cores and 1 node would already use the whole machine. (The
-   fused loops split a tensor in up to 8 threads, from ``os.cpu_count()``, whatever the
-   pinning: on a node of 4 cores those threads share its 4 cores);
+   schedules by it, nothing enforces it). A node is a fixed size, as when machines are
+   added to a cluster: 1 node has a quarter of the machine, 4 nodes all of it. Without the
+   pinning every node's workers would share all the cores and 1 node would already use the
+   whole machine. (The fused loops split a tensor in up to 8 threads, from
+   ``os.cpu_count()``, whatever the pinning: on a node of 4 cores those threads share its
+   4 cores);
 3. merge each recipe ``--repeats`` times on it, each run a fresh driver process (as ``tureen
    merge --executor ray`` is). Two times: **wall**, from the driver's start to its merge's
    end (interpreter, ``ray.init`` and the start of one worker per task slot included, as a

@@ -36,6 +36,7 @@ from typing import Any
 from merge_kernels.errors import MergeCancelledError
 from merge_kernels.executors import ExecutorUnavailableError, ShardTaskLostError, ShardWork
 from merge_kernels.executors.hub_inputs import hub_inputs, node_fingerprint
+from merge_kernels.executors.hub_upload import ShardUpload, prepare_repository, record_uploads
 from merge_kernels.executors.local import shard_tensors
 from merge_kernels.executors.ray_tasks import (
     PART_SUFFIX,
@@ -145,6 +146,7 @@ class RayExecutor:
         max_in_flight: int | None = None,
         num_cpus: float = 1.0,
         resources: Mapping[str, float] | None = None,
+        upload: ShardUpload | None = None,
     ) -> None:
         """Describe how to run; nothing connects until a merge runs.
 
@@ -158,6 +160,9 @@ class RayExecutor:
             num_cpus: CPUs each task declares.
             resources: custom resources each task also declares (e.g. to keep merges on a
                 pool of nodes that offer them).
+            upload: pre-upload each shard to this Hub repository from the node that wrote
+                it, for a publication of the output in one commit that sends no shard from
+                the driver (:mod:`merge_kernels.executors.hub_upload`).
 
         Raises:
             ExecutorUnavailableError: the ``ray`` package is not installed.
@@ -169,6 +174,7 @@ class RayExecutor:
         self.max_in_flight = max_in_flight
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
+        self.upload = upload
         self.reports: list[TaskReport] = []
         self.round_trips: list[tuple[float, float]] = []
 
@@ -228,7 +234,10 @@ class RayExecutor:
             staging=str(work.staging.path.resolve()),
             hub_inputs=hub,
             node_fingerprint=node_fingerprint(plan, hub),
+            upload=self.upload,
         )
+        if self.upload is not None:
+            prepare_repository(self.upload)
         job_ref = ray.put(job)
         pending = [s for s in plan.shards if s.filename not in work.done]
         groups = group_shards(plan, pending, self.task_bytes)
@@ -255,6 +264,8 @@ class RayExecutor:
         def record(group: ShardGroup, report: TaskReport) -> None:
             self.reports.append(report)
             self.round_trips.append((submitted[group], time.time()))
+            if report.uploads:  # before the shards are recorded as done
+                record_uploads(work.staging.path, report.uploads)
             for filename, digest in report.shards:
                 work.staging.mark_shard_done(filename, digest)
                 counters["tensors"] += len(shards[filename].tensors)

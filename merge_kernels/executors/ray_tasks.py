@@ -30,6 +30,7 @@ from merge_kernels.executors.hub_inputs import (
     node_fingerprint,
     plan_with_hub_files,
 )
+from merge_kernels.executors.hub_upload import ShardUpload, UploadedFile, preupload_shard
 from merge_kernels.executors.local import io_pools, write_shard
 from merge_kernels.executors.trim_reduce import (
     MergeableSelect,
@@ -66,6 +67,7 @@ class NodeJob:
         hub_inputs: the Hub inputs nodes fetch file by file, by position among the inputs.
         node_fingerprint: the driver's :func:`~merge_kernels.executors.hub_inputs.
             node_fingerprint` of the plan, which a node's plan must match.
+        upload: where tasks pre-upload the shards they write, if anywhere.
     """
 
     run: str
@@ -75,6 +77,7 @@ class NodeJob:
     staging: str
     hub_inputs: dict[int, HubFiles]
     node_fingerprint: str
+    upload: ShardUpload | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class TaskReport:
         finished: wall-clock time it finished.
         fetched: ``(repository, file, bytes)`` of each Hub weight file it downloaded into
             its node's cache (files found there are not listed).
+        uploads: the shards it pre-uploaded to the Hub (with ``NodeJob.upload``).
     """
 
     shards: tuple[tuple[str, str], ...]
@@ -100,6 +104,7 @@ class TaskReport:
     planned: float
     finished: float
     fetched: tuple[tuple[str, str, int], ...]
+    uploads: tuple[UploadedFile, ...] = ()
 
 
 _PLANNED: dict[str, tuple[MergePlan, list[PlannedInput]]] = {}
@@ -172,6 +177,7 @@ def merge_shards_task(
     folder = Path(job.staging)
     wanted = set(filenames)
     written: list[tuple[str, str]] = []
+    uploads: list[UploadedFile] = []
     readers, writers = io_pools()
     with readers, writers:
         for shard in plan.shards:
@@ -181,11 +187,22 @@ def merge_shards_task(
             digest = write_shard(plan, part, folder, merger, (readers, writers), _never_cancelled)
             os.replace(folder / part.filename, folder / shard.filename)
             written.append((shard.filename, digest))
+            if job.upload is not None:
+                uploaded = preupload_shard(folder / shard.filename, job.upload)
+                if uploaded is not None:
+                    uploads.append(uploaded)
     if written:
         fsync_dir(folder)
     fetched = tuple(f for f in fetched_files(inputs) if f not in fetched_before)
     return TaskReport(
-        tuple(written), _node_id(), os.getpid(), started, planned_at, time.time(), fetched
+        tuple(written),
+        _node_id(),
+        os.getpid(),
+        started,
+        planned_at,
+        time.time(),
+        fetched,
+        tuple(uploads),
     )
 
 

@@ -150,3 +150,37 @@ def test_tasks_fetch_only_the_files_their_shards_read(
     sizes = {(repo, name): size for r in executor.reports for repo, name, size in r.fetched}
     for repo, name in sizes:
         assert sizes[(repo, name)] == len(hub.file_bytes(repo, "main", name))
+
+
+def test_nodes_upload_the_shards_and_the_driver_makes_one_commit(
+    hub: FakeHub, cluster: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merge_kernels.executors.hub_upload import ShardUpload, load_uploads
+    from service.hub import publish_folder
+    from service.jobs.models import PublishOptions
+
+    repo = "alice/merged-on-ray"
+    out = tmp_path / "merged"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the driver's; the nodes have their own
+    hub.requests.clear()
+    executor = RayExecutor(task_bytes=3 * OUTPUT_SHARD_BYTES, upload=ShardUpload(repo))
+    merge(out, executor)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    uploaded = sorted(u.path_in_repo for r in executor.reports for u in r.uploads)
+    assert uploaded == shards and len(shards) > 5
+    assert len({r.node_id for r in executor.reports if r.uploads}) == 2
+    assert sorted(load_uploads(out)) == shards
+    puts = [r.path for r in hub.requests if r.method == "PUT" and r.path.startswith("/_lfs/")]
+    assert len(puts) == len(shards)  # each shard once, from its node
+
+    hub.requests.clear()
+    commits_before = len(hub.repos[repo].commits)
+    commit = publish_folder(out, PublishOptions(repo_id=repo), token=TOKEN)
+    assert not [r for r in hub.requests if r.method == "PUT"]  # no bytes of any shard
+    assert [r.method for r in hub.requests if "/commit/" in r.path] == ["POST"]
+    assert len(hub.repos[repo].commits) == commits_before + 1
+    published = hub.files_at(repo, commit.commit_sha)
+    for path in out.iterdir():
+        if not path.name.startswith("."):
+            assert hub.file_bytes(repo, commit.commit_sha, path.name) == path.read_bytes()
+    assert not any(name.startswith(".") for name in published if name != ".gitattributes")
