@@ -67,7 +67,8 @@ WAIT_SECONDS = 0.5  # how often the driver looks for cancellation while tasks ru
 STOP_SECONDS = 10.0  # how long stopped tasks get to end before the staging folder goes
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """The ``ray`` module, or an error saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -167,7 +168,7 @@ class RayExecutor:
         Raises:
             ExecutorUnavailableError: the ``ray`` package is not installed.
         """
-        self._ray = _import_ray()
+        self._ray = import_ray()
         self.address = address
         self.task_bytes = task_bytes
         self.max_retries = max_retries
