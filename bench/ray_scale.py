@@ -90,6 +90,20 @@ def _task_memory(recipe: Path, shard_bytes: int) -> int:
         close_inputs(inputs)
 
 
+PINNED: list[bool] = []  # whether the pinning took (a sandboxed kernel may refuse it)
+
+
+def _pin(cores: set[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cores)
+        PINNED.append(sorted(os.sched_getaffinity(0)) == sorted(cores))
+    except OSError as error:
+        print(
+            f"cannot pin to cores {sorted(cores)}: {error}; nodes share the cores", file=sys.stderr
+        )
+        PINNED.append(False)
+
+
 def start_cluster(nodes: int, node_cpus: int, cores: list[int], memory: int) -> Any:
     """A local Ray cluster of ``nodes`` nodes, node i pinned to its own ``node_cpus`` cores."""
     from ray.cluster_utils import Cluster
@@ -99,7 +113,7 @@ def start_cluster(nodes: int, node_cpus: int, cores: list[int], memory: int) -> 
     try:
         for index in range(nodes):
             own = {cores[(index * node_cpus + k) % len(cores)] for k in range(node_cpus)}
-            os.sched_setaffinity(0, own)  # inherited by the node's processes started now
+            _pin(own)  # inherited by the node's processes started now
             args: dict[str, Any] = {
                 "num_cpus": node_cpus,
                 "memory": memory,
@@ -111,7 +125,7 @@ def start_cluster(nodes: int, node_cpus: int, cores: list[int], memory: int) -> 
             else:
                 cluster.add_node(**args)
     finally:
-        os.sched_setaffinity(0, everything)
+        _pin(everything)
     assert cluster is not None
     cluster.wait_for_nodes()
     return cluster
@@ -359,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "node_cpus": node_cpus,
         "node_memory": memory,
         "largest_task_memory_estimate": largest,
+        "nodes_pinned": bool(PINNED) and all(PINNED),
         "task_cpus": args.task_cpus,
         "out_shard_bytes": args.out_shard_size,
         "generated_s": generated_s,
@@ -368,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "ray-scale.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
     (args.out / "ray-scale.md").write_text(text + "\n")
     print(text)
+    if not facts["nodes_pinned"]:
+        print("the nodes were NOT pinned to their own cores: the speed-ups do not measure scaling")
     if skipped:
         print("skipped (time budget): " + "; ".join(skipped))
     return 0
