@@ -23,6 +23,7 @@ from merge_kernels.candidates import Candidate, Evaluator, Score, finite_or_none
 from merge_kernels.errors import RecipeError
 from merge_kernels.greedy_search import (
     DEFAULT_MEMORY_LIMIT_BYTES,
+    ScoreAsync,
     as_output,
     read_model,
     reference_document,
@@ -165,6 +166,7 @@ def _greedy_soup(
             on_step=_stepper(progress),
             should_cancel=should_cancel,
             run_linear=run_linear,
+            score_async=_ray_scorer(evaluator, options),
         )
     finally:
         close_inputs(inputs)
@@ -198,6 +200,23 @@ def _greedy_soup(
         card=CardExtras(recipe=recipe, evaluate=evaluate_output),
     )
     return EvaluatedMerge(result, report)
+
+
+def _ray_scorer(evaluator: Evaluator, options: MergeOptions) -> ScoreAsync | None:
+    """Under the Ray executor, a soup's candidates are scored as Ray tasks (with the
+    evaluator's resources, a GPU when it runs on CUDA) while the next one is merged."""
+    from merge_kernels.executors.ray_cluster import RayExecutor  # imports no ray itself
+
+    chosen = options.executor
+    if isinstance(chosen, RayExecutor):
+        address = chosen.address
+    elif chosen == "ray":
+        address = options.ray_address
+    else:
+        return None
+    from merge_kernels.executors.ray_soup import RayScorer
+
+    return RayScorer(evaluator, address=address)
 
 
 def _beats(score: float, other: float | None, higher_is_better: bool) -> bool | None:

@@ -15,6 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from merge_kernels.candidates import Candidate, Score
+from merge_kernels.evaluated_merge import run_evaluated_merge
 from merge_kernels.executors.ray_soup import RayScorer, evaluator_gpus
 from merge_kernels.greedy_search import SearchResult, search_greedy_soup
 from merge_kernels.recipe import parse_recipe
@@ -120,3 +121,39 @@ def test_a_cuda_evaluator_asks_for_a_gpu(world: Path) -> None:
     assert isinstance(records, HeldOutEvaluator)
     assert evaluator_gpus(records) == 0.0
     assert evaluator_gpus(HeldOutEvaluator(records.records, device="cuda")) == 1.0
+
+
+def test_an_evaluated_merge_under_the_ray_executor_scores_on_ray(
+    cluster: Cluster, world: Path, tmp_path: Path
+) -> None:
+    """``executor: ray`` runs a greedy soup's scoring as Ray tasks and its merges as Ray
+    shard tasks; the kept ingredients and the written soup are the local run's."""
+    document = {
+        "merge_method": "greedy_soup",
+        "models": [{"model": str(world / name)} for name in INGREDIENTS],
+        "evaluator": {"type": "held_out", "data": str(world / "held_out.jsonl")},
+    }
+    recipe = parse_recipe(document)
+    local = run_evaluated_merge(
+        recipe, tmp_path / "local", build_evaluator(recipe.evaluator), MergeOptions()
+    )
+    evaluator = build_evaluator(recipe.evaluator)
+    scored_here: list[str] = []
+    evaluate = evaluator.evaluate
+
+    def counted(candidate: Candidate) -> Score:
+        scored_here.append(candidate.label)
+        return evaluate(candidate)
+
+    evaluator.evaluate = counted  # type: ignore[method-assign]
+    remote = run_evaluated_merge(
+        recipe,
+        tmp_path / "ray",
+        evaluator,
+        MergeOptions(executor="ray", ray_address=cluster.address),
+    )
+    assert remote.report["kept"] == local.report["kept"]
+    # Only the written soup is scored in the driver; every candidate was scored on Ray.
+    assert len(scored_here) <= 1
+    for name in ("model.safetensors",):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
