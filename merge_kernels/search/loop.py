@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_kernels.candidates import Candidate, Evaluator, Score, finite_or_none
-from merge_kernels.errors import EvaluationError, NonFiniteOutputError
+from merge_kernels.errors import EvaluationError, MergeCancelledError, NonFiniteOutputError
 from merge_kernels.io.staging import write_bytes_atomic, write_json_atomic
 from merge_kernels.model_card import CardExtras
 from merge_kernels.recipe import Recipe
@@ -142,10 +142,16 @@ class _Loop:
         folder = self.scratch / "candidate"
         self.discard(folder)
         try:
-            run_merge(
-                recipe, folder, replace(self.options, overwrite=True), should_cancel=self.stopping
-            )
-            self.check_stop()  # a merge stopped midway ends without a folder
+            try:
+                run_merge(
+                    recipe,
+                    folder,
+                    replace(self.options, overwrite=True),
+                    should_cancel=self.stopping,
+                )
+            except MergeCancelledError:
+                self.check_stop()  # stopped midway: say so as a stopped search
+                raise
             return self.evaluator.evaluate(Candidate(label, index, [], folder=folder)), False
         finally:
             self.discard(folder)
@@ -334,13 +340,17 @@ def _write_winner(
         write_bytes_atomic(folder / BEST_RECIPE_FILE, best_recipe.to_yaml().encode())
         return _card_summary(data)
 
-    result = run_merge(
-        best_recipe,
-        out_dir,
-        loop.options,
-        should_cancel=loop.stopping,
-        card=CardExtras(evaluate=finish),
-    )
+    try:
+        result = run_merge(
+            best_recipe,
+            out_dir,
+            loop.options,
+            should_cancel=loop.stopping,
+            card=CardExtras(evaluate=finish),
+        )
+    except MergeCancelledError:
+        loop.check_stop()  # stopped while the winner was written: resumable as any stop
+        raise
     return result.out_dir
 
 

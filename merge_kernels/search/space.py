@@ -161,8 +161,10 @@ class SearchSpec(BaseModel):
         return None if self.test is None else {**self.evaluator, **self.test}
 
     def fingerprint(self) -> str:
-        """A hash of the spec's meaning: a resumed search must be the same search."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        """A hash of the spec's meaning: a resumed search must be the same search (the
+        memory limit changes where candidates are merged, not what they are)."""
+        meaning = self.model_dump(mode="json", exclude={"memory_limit_bytes"})
+        canonical = json.dumps(meaning, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

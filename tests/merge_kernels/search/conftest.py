@@ -66,6 +66,6 @@ def ties_world(tmp_path_factory: pytest.TempPathFactory) -> TiesWorld:
     save(perturbed(target, 1.0, seed=5), tokenizer, root / "base")
     for index, name in enumerate(FINETUNES):
         save(perturbed(target, 0.4, seed=20 + index), tokenizer, root / name)
-    validation = write_held_out(target, tokenizer, root / "validation.jsonl", count=24, seed=1)
-    test = write_held_out(target, tokenizer, root / "test.jsonl", count=24, seed=2)
+    validation = write_held_out(target, tokenizer, root / "validation.jsonl", count=16, seed=1)
+    test = write_held_out(target, tokenizer, root / "test.jsonl", count=8, seed=2)
     return TiesWorld(root, validation, test)
