@@ -132,6 +132,15 @@ def _evaluation_section(evaluation: dict[str, Any]) -> str:
         lines += ["| model | score |", "|---|---|"]
         lines += [f"| {row['model']} | {row['score']} |" for row in summary]
         lines.append("")
+    search = evaluation.get("search")
+    if isinstance(search, dict):  # a searched recipe (merge_kernels.search): how it was found
+        lines += [
+            f"Found by a {search.get('strategy')} search over "
+            f"{', '.join(map(str, search.get('dimensions', [])))} "
+            f"({search.get('evaluations')} evaluations); the best point: "
+            f"`{json.dumps(search.get('best_point'))}`. Every point and score: `report.json`.",
+            "",
+        ]
     lines += [
         "Full report (also in `evaluation.json`):",
         "",

@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--layers", type=int, default=4, help="number of transformer layers")
     example.set_defaults(handler=cmd_example)
 
+    from service.search_command import add_search_command
+
+    add_search_command(commands)
+
     from service.serve import add_serve_command
 
     add_serve_command(commands)
