@@ -19,13 +19,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import docs, health, merges, methods, metrics, plans
-from service.api.routes import trainings as trainings_routes  # training jobs
+from service.api.routes import trainings as trainings_routes
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
 from service.errors import ApiError, ErrorBody, error_response, install_error_handlers
 from service.jobs import data_dir_lock
 from service.jobs.manager import JobManager
 from service.jobs.sqlite_store import SqliteJobStore
-from service.jobs.training_manager import TrainingManager, training_store_path  # training jobs
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -81,18 +80,13 @@ def _lifespan(settings: ServiceSettings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # Before the stores are opened: a second server would re-queue this one's jobs.
+        # Before the store is opened: a second server would re-queue this one's jobs.
         data_dir_lock.acquire(settings.data_dir)
+        # One store and one manager for every kind of job (merges, trainings).
         store = SqliteJobStore(settings.database_path)
         manager = JobManager(store, settings)
         manager.start()
         app.state.manager = manager
-        # -- training jobs: a store and a manager of their own -----------------------------
-        training_store = SqliteJobStore(training_store_path(settings))
-        trainings = TrainingManager(training_store, settings)
-        trainings.start()
-        app.state.trainings = trainings
-        # -- end training jobs ---------------------------------------------------------------
         log.info(
             "tureen service ready: data dir %s, %d worker(s), auth %s",
             settings.data_dir,
@@ -103,9 +97,6 @@ def _lifespan(settings: ServiceSettings) -> Any:
             yield
         finally:
             app.state.manager = None
-            app.state.trainings = None  # training jobs
-            trainings.stop(timeout=app.state.worker_stop_seconds)  # training jobs
-            training_store.close()  # training jobs
             manager.stop(timeout=app.state.worker_stop_seconds)
             store.close()
             data_dir_lock.release(settings.data_dir)
@@ -183,7 +174,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for module in (merges, plans, methods, health, metrics):
         app.include_router(module.router)
-    app.include_router(trainings_routes.router)  # training jobs
+    app.include_router(trainings_routes.router)
     app.include_router(docs.openapi_router)
     if settings.docs:
         app.include_router(docs.docs_router)

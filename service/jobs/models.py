@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from merge_kernels.checkpoints.reference import REPO_ID_PATTERN, REVISION_PATTERN, is_hub_repo_id
 
+DEFAULT_KIND = "merge"  # records made before jobs had kinds are merges
+
 
 class JobStatus(StrEnum):
     """Where a job is in its life."""
@@ -203,12 +205,14 @@ class JobStage(BaseModel):
 
 
 class Job(BaseModel):
-    """A merge job."""
+    """A merge job (the store keeps every kind's jobs as this record)."""
 
     model_config = ConfigDict(frozen=True)
 
     id: str
-    kind: str = Field("merge", description="merge (later: greedy_soup, training)")
+    kind: str = Field(
+        DEFAULT_KIND, description="What the job does: merge or training (see the job kinds)."
+    )
     status: JobStatus
     recipe: dict[str, Any] = Field(description="The validated recipe document.")
     output: OutputOptions

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import builtins  # `list` is a method name in the class below
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Protocol, runtime_checkable
 
 from merge_kernels.errors import TureenError
-from service.jobs.models import Job, JobStatus
+from service.jobs.models import DEFAULT_KIND, Job, JobStatus
 
 
 class IdempotencyConflictError(TureenError):
@@ -73,8 +73,13 @@ class JobStore(Protocol):
         """
         ...
 
-    def find_idempotent(self, idempotency_key: str) -> tuple[Job, str | None] | None:
-        """The job created with this idempotency key and its body hash, or None."""
+    def find_idempotent(
+        self, idempotency_key: str, kind: str = DEFAULT_KIND
+    ) -> tuple[Job, str | None] | None:
+        """The job of ``kind`` created with this idempotency key and its body hash, or None.
+
+        Keys are unique per kind (``create`` looks among the new job's kind).
+        """
         ...
 
     def get(self, job_id: str) -> Job | None:
@@ -82,9 +87,15 @@ class JobStore(Protocol):
         ...
 
     def list(
-        self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        kind: str | None = None,
     ) -> tuple[list[Job], int]:
-        """A page of jobs, newest first, and the total count (with the same status filter)."""
+        """A page of jobs (of ``kind``, or all), newest first, and the total count (with the
+        same filters)."""
         ...
 
     def update(self, job_id: str, **fields: object) -> Job:
@@ -97,8 +108,12 @@ class JobStore(Protocol):
         """
         ...
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, kinds: Collection[str] | None = None) -> Job | None:
         """Move the oldest queued job to running (attempts + 1, started_at now), atomically.
+
+        Args:
+            kinds: only jobs of these kinds (None: any kind), so that a kind whose workers
+                are all busy does not hold up the others.
 
         Returns:
             The claimed job, or None when nothing is queued.
@@ -127,12 +142,12 @@ class JobStore(Protocol):
         """
         ...
 
-    def counts(self) -> dict[JobStatus, int]:
-        """How many jobs are in each state (every state present, zero included)."""
+    def counts(self, kind: str | None = None) -> dict[JobStatus, int]:
+        """How many jobs (of ``kind``, or all) are in each state (every state, zero too)."""
         ...
 
     def merge_totals(self) -> tuple[int, float, int]:
-        """Over succeeded jobs: total bytes written, total merge seconds, number of jobs."""
+        """Over succeeded merge jobs: total bytes written, total seconds, number of jobs."""
         ...
 
     def close(self) -> None:
