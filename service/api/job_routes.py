@@ -31,6 +31,9 @@ from service.jobs.manager import JobManager
 from service.jobs.models import Job, JobStatus
 
 OPERATIONS = ("list", "get", "cancel", "events", "files", "download", "log")
+#: Routes a kind may add too, by naming them in ``JobRoutes.order``: POST ``/{job_id}/pause``
+#: and ``/{job_id}/resume`` (see :meth:`service.jobs.system.JobSystem.pause`).
+PAUSE_OPERATIONS = ("pause", "resume")
 
 
 class JobPage(Protocol):
@@ -66,8 +69,9 @@ class JobRoutes:
         view: the API view of a job record.
         id_description: the ``job_id`` path parameter's description.
         events_description: the events stream's 200 description.
-        operations: the texts of each operation in :data:`OPERATIONS`.
-        order: the order the routes are added in (the OpenAPI document's order).
+        operations: the texts of each operation in ``order``.
+        order: the routes to add, in order (the OpenAPI document's order): those of
+            :data:`OPERATIONS`, and of :data:`PAUSE_OPERATIONS` for a kind that pauses.
     """
 
     kind: str
@@ -124,6 +128,12 @@ def add_job_routes(router: APIRouter, spec: JobRoutes) -> None:
 
     async def cancel_job(job_id: job_id_type, manager: ManagerDep) -> Any:
         return spec.view(await run_in_threadpool(lambda: manager.cancel(job_id, kind=kind)))
+
+    async def pause_job(job_id: job_id_type, manager: ManagerDep) -> Any:
+        return spec.view(await run_in_threadpool(lambda: manager.pause(job_id, kind=kind)))
+
+    async def resume_job(job_id: job_id_type, manager: ManagerDep) -> Any:
+        return spec.view(await run_in_threadpool(lambda: manager.resume(job_id, kind=kind)))
 
     async def job_events_stream(
         job_id: job_id_type, request: Request, manager: ManagerDep
@@ -188,6 +198,19 @@ def add_job_routes(router: APIRouter, spec: JobRoutes) -> None:
                 "responses": not_found,
             },
         ),
+        **{
+            operation: (
+                f"/{{job_id}}/{operation}",
+                endpoint,
+                {
+                    "methods": ["POST"],
+                    "status_code": 202,
+                    "response_model": spec.job_model,
+                    "responses": not_found,
+                },
+            )
+            for operation, endpoint in (("pause", pause_job), ("resume", resume_job))
+        },
         "events": (
             "/{job_id}/events",
             job_events_stream,

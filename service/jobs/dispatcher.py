@@ -24,7 +24,7 @@ from pathlib import Path
 from service.jobs import job_log
 from service.jobs.kinds import JobKind, WorkerSetup
 from service.jobs.models import Job, JobError, JobStatus
-from service.jobs.sqlite_store import utcnow
+from service.jobs.sqlite_store import paused_fields, utcnow
 from service.jobs.store import JobStore
 from service.jobs.worker import describe_exit, worker_environment
 from service.jobs.worker_pool import WorkerPool
@@ -42,6 +42,7 @@ class _Worker:
     kind: JobKind
     process: subprocess.Popen[bytes]
     cancel_seen_at: float | None = None
+    pause_sent_at: float | None = None  # when the worker was told to stop for a pause
     job_ended_at: float | None = None  # the store shows the job over, the slot still held
 
 
@@ -198,6 +199,11 @@ class Dispatcher:
         output = self.output_path(job)
         if not job.cancel_requested and kind.recover(self.store, job, output, self.settings):
             return  # e.g. it died after publishing the output, before recording it
+        if job.pause_requested and not job.cancel_requested:
+            # Stopped for a pause: what it has done stays for its resumption.
+            self.store.update(job.id, **paused_fields(job))
+            log.info("%s %s paused", kind.noun, job.id)
+            return
         kind.discard(output)
         if job.cancel_requested:
             self.store.update(job.id, status=JobStatus.CANCELLED, finished_at=utcnow())
@@ -230,13 +236,25 @@ class Dispatcher:
                 log.error("the worker slot of job %s is still held after the job ended", job_id)
 
     def _enforce_cancels(self) -> None:
+        """Kill workers that ignore a cancellation; stop those of jobs being paused."""
         with self._lock:
             running = list(self._workers.items())
         now = time.monotonic()
         for job_id, worker in running:
             if worker.cancel_seen_at is None:
-                if self.store.cancel_requested(job_id):
+                job = self.store.get(job_id)
+                if job is None or job.cancel_requested:
                     worker.cancel_seen_at = now
+                elif job.pause_requested and worker.pause_sent_at is None:
+                    # Stopped as a server stop stops it: its job keeps its partial work
+                    # (``_worker_gone`` marks it paused once the process has ended).
+                    log.info("stopping the worker of job %s to pause it", job_id)
+                    worker.pause_sent_at = now
+                    worker.process.terminate()
+                elif worker.pause_sent_at is not None and now - worker.pause_sent_at > (
+                    worker.kind.cancel_grace_s
+                ):
+                    worker.process.kill()
             elif now - worker.cancel_seen_at > worker.kind.cancel_grace_s:
                 log.warning("worker of job %s ignored its cancellation; killing it", job_id)
                 worker.process.kill()

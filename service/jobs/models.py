@@ -22,6 +22,7 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     PUBLISHING = "publishing"  # merged; the output is being uploaded to the Hub
+    PAUSED = "paused"  # kept as it is, not run, until resumed (then queued again)
 
     @property
     def finished(self) -> bool:
@@ -226,6 +227,11 @@ class Job(BaseModel):
     attempts: int = Field(0, description="How many times a worker started this job.")
     cancel_requested: bool = Field(
         False, description="Cancellation was asked for; a running job stops within seconds."
+    )
+    pause_requested: bool = Field(
+        False,
+        description="Pausing was asked for; a running job's worker is stopped within seconds "
+        "and the job turns `paused`, keeping what it has done for when it is resumed.",
     )
     resumed_shards: int = Field(
         0, description="Output shards a resumed run found already finished and kept."

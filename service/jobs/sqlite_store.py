@@ -58,6 +58,16 @@ def _where(
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
+def paused_fields(job: Job) -> dict[str, Any]:
+    """The changes that make ``job`` paused: its record and output otherwise kept."""
+    return {
+        "status": JobStatus.PAUSED,
+        "pause_requested": False,
+        "worker_pid": None,
+        "progress": job.progress.model_copy(update={"phase": "paused", "eta_seconds": None}),
+    }
+
+
 def _free(path: Path) -> int | None:
     try:
         return free_bytes(path.parent)
@@ -350,22 +360,54 @@ class SqliteJobStore(JobStore):
             )
 
     def request_cancel(self, job_id: str) -> Job:
-        """Cancel a queued job at once, flag a running one, leave a finished one unchanged."""
+        """Cancel a queued or paused job at once, flag a running one, leave a finished one
+        unchanged."""
         with self._write() as db:
             job = self._fetch(db, job_id)
             if job is None:
                 raise JobNotFoundError(job_id)
-            if job.status is JobStatus.QUEUED:
+            if job.status in (JobStatus.QUEUED, JobStatus.PAUSED):
                 return self._save(
                     db,
                     job,
                     status=JobStatus.CANCELLED,
                     cancel_requested=True,
+                    pause_requested=False,
                     finished_at=utcnow(),
                     progress=job.progress.model_copy(update={"phase": "cancelled"}),
                 )
             if job.status is JobStatus.RUNNING and not job.cancel_requested:
                 return self._save(db, job, cancel_requested=True)
+            return job
+
+    def request_pause(self, job_id: str) -> Job:
+        """Pause a queued job at once, flag a running one (see ``JobStore.request_pause``)."""
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.status is JobStatus.QUEUED:
+                return self._save(db, job, **paused_fields(job))
+            if job.status is JobStatus.RUNNING and not job.cancel_requested:
+                return self._save(db, job, pause_requested=True)
+            return job
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a paused job again, or withdraw a running one's pause request."""
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.status is JobStatus.PAUSED:
+                return self._save(
+                    db,
+                    job,
+                    status=JobStatus.QUEUED,
+                    pause_requested=False,
+                    progress=job.progress.model_copy(update={"phase": "queued"}),
+                )
+            if job.status is JobStatus.RUNNING and job.pause_requested:
+                return self._save(db, job, pause_requested=False)
             return job
 
     def import_file(self, source: Path) -> int:
@@ -398,8 +440,12 @@ class SqliteJobStore(JobStore):
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE status = ? {_FIFO}", (str(JobStatus.RUNNING),)
             ).fetchall()
+            requeued = []
             for row in rows:
                 job = _from_row(row)
+                if job.pause_requested:  # it was being paused: it is
+                    self._save(db, job, **paused_fields(job))
+                    continue
                 self._save(
                     db,
                     job,
@@ -407,7 +453,8 @@ class SqliteJobStore(JobStore):
                     worker_pid=None,
                     progress=JobProgress(phase="queued"),
                 )
-        return [row["id"] for row in rows]
+                requeued.append(job.id)
+        return requeued
 
 
 def open_store(location: str) -> JobStore:

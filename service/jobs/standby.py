@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.jobs import job_log
+from service.jobs.sqlite_store import open_store
+from service.jobs.store import JobStore
 from service.jobs.worker_pool import READY
 
 MAX_JOBS_PER_WORKER = 100  # then a fresh process, so that nothing accumulates
@@ -50,6 +52,45 @@ def serve(
             run(job_id, Path(assignment["output"]))
         if peak_rss_bytes() > recycle_rss_bytes:
             return  # give a large job's memory back to the system
+
+
+def run_worker(
+    run: Callable[[JobStore, str, Path], object],
+    *,
+    store_location: str,
+    standby: bool,
+    job_id: str | None,
+    output: Path | None,
+    log_dir: Path | None,
+) -> int:
+    """A worker process's work: the jobs handed over in standby mode, or the one named.
+
+    Args:
+        run: runs one claimed job to its end in the store, given its id and output folder.
+        store_location: the store's ``location``.
+        standby: serve jobs from standard input (see :func:`serve`).
+        job_id: otherwise, the job to run.
+        output: its output folder.
+        log_dir: where each job's log is kept.
+
+    Returns:
+        The process exit status, 0 (outcomes are recorded in the store).
+
+    Raises:
+        SystemExit: neither ``standby`` nor a job and its output.
+    """
+    if not standby and (job_id is None or output is None):
+        raise SystemExit("give JOB_ID and --output, or --standby")
+    store = open_store(store_location)
+    try:
+        if standby:
+            serve(lambda job_id, output: run(store, job_id, output), log_dir=log_dir)
+        elif job_id is not None and output is not None:
+            with job_log.capturing(log_dir, job_id):
+                run(store, job_id, output)
+    finally:
+        store.close()
+    return 0
 
 
 def peak_rss_bytes() -> int:

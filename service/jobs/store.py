@@ -130,12 +130,34 @@ class JobStore(Protocol):
         """
         ...
 
+    def request_pause(self, job_id: str) -> Job:
+        """Pause a job: a queued one at once (``paused``), a running one by flagging it for
+        the dispatcher, which stops its worker and marks it ``paused``. A paused job keeps
+        its record and its partial output, and is never claimed; other jobs are returned
+        unchanged.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        ...
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a paused job again (its FIFO place kept), or withdraw the pause request of
+        a running one; other jobs are returned unchanged.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        ...
+
     def cancel_requested(self, job_id: str) -> bool:
         """Whether the job was asked to stop (True for a job that no longer exists)."""
         ...
 
     def requeue_interrupted(self) -> builtins.list[str]:
         """Put every running job back in the queue (at start, after a previous server died).
+
+        A job whose pausing was asked for turns ``paused`` instead.
 
         Returns:
             The ids of the re-queued jobs; they keep their place (FIFO by ``created_at``).

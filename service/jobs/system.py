@@ -147,7 +147,7 @@ class JobSystem:
     def _check_output_name(self, kind: JobKind, name: str) -> None:
         if os.path.lexists(kind.output_root(self.settings) / name):
             raise OutputExistsError(name, f"an {kind.output_noun} folder of that name exists")
-        for status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        for status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED):
             offset = 0
             while True:
                 page, total = self.store.list(
@@ -194,9 +194,35 @@ class JobSystem:
         """
         before = self.get(job_id, kind=kind)
         job = self.store.request_cancel(job_id)
-        if before.status is JobStatus.QUEUED and before.attempts > 0:
-            # An interrupted job waiting to resume has partial output: drop it.
+        if before.status in (JobStatus.QUEUED, JobStatus.PAUSED) and before.attempts > 0:
+            # An interrupted or paused job waiting to resume has partial output: drop it.
             self.kinds[kind].discard(self.output_path(job))
+        self.dispatcher.wake()
+        return job
+
+    def pause(self, job_id: str, *, kind: str = DEFAULT_KIND) -> Job:
+        """Pause a job: a queued one at once, a running one within seconds (its worker is
+        stopped, as a server stop stops it, so that it resumes where it was).
+
+        Returns:
+            The job after the request (finished and paused jobs unchanged).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.get(job_id, kind=kind)
+        job = self.store.request_pause(job_id)
+        self.dispatcher.wake()
+        return job
+
+    def resume(self, job_id: str, *, kind: str = DEFAULT_KIND) -> Job:
+        """Queue a paused job again (or withdraw a pause not yet carried out).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.get(job_id, kind=kind)
+        job = self.store.resume(job_id)
         self.dispatcher.wake()
         return job
 

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
-from service.jobs import job_log, standby
+from service.jobs import standby
 from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
-from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.sqlite_store import utcnow
 from service.jobs.store import JobStore
 from service.jobs.worker import CancelPoll, discard_staging, watch_parent
 from training.progress import TrainingProgress
@@ -165,21 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    store = open_store(args.db)
-    try:
-        if args.standby:  # as the service runs it (see service.jobs.standby)
-            standby.serve(
-                lambda job_id, output: run_training_job(store, job_id, output),
-                log_dir=args.log_dir,
-            )
-        elif args.job_id is None or args.output is None:
-            raise SystemExit("give JOB_ID and --output, or --standby")
-        else:
-            with job_log.capturing(args.log_dir, args.job_id):
-                run_training_job(store, args.job_id, args.output)
-    finally:
-        store.close()
-    return 0
+    return standby.run_worker(
+        run_training_job,
+        store_location=args.db,
+        standby=args.standby,  # as the service runs it
+        job_id=args.job_id,
+        output=args.output,
+        log_dir=args.log_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,10 @@ from merge_kernels.runner import (
     run_merge,
 )
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
-from service.jobs import job_log, standby
+from service.jobs import standby
 from service.jobs.failures import job_error
 from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
-from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.sqlite_store import utcnow
 from service.jobs.stages import discard_intermediates, is_multi_document
 from service.jobs.store import JobStore
 
@@ -494,19 +494,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             store, job_id, output, options, evaluator_hosts=hosts, public_url=args.public_url
         )
 
-    store = open_store(args.db)
-    try:
-        if args.standby:
-            # Everything heavy is imported by now, so a job handed over starts at once.
-            standby.serve(lambda job_id, output: run(store, job_id, output), log_dir=args.log_dir)
-        elif args.job_id is None or args.output is None:
-            raise SystemExit("give JOB_ID and --output, or --standby")
-        else:
-            with job_log.capturing(args.log_dir, args.job_id):
-                run(store, args.job_id, args.output)
-    finally:
-        store.close()
-    return 0
+    # In standby, everything heavy is imported by now, so a job handed over starts at once.
+    return standby.run_worker(
+        run,
+        store_location=args.db,
+        standby=args.standby,
+        job_id=args.job_id,
+        output=args.output,
+        log_dir=args.log_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from service.api.deps import Authenticated, ManagerDep
-from service.api.job_routes import OPERATIONS, JobRoutes, Operation, add_job_routes
+from service.api.job_routes import (
+    OPERATIONS,
+    PAUSE_OPERATIONS,
+    JobRoutes,
+    Operation,
+    add_job_routes,
+)
 from service.api.schemas import JobList
 from service.jobs.kinds import JobKind, register_kind, unregister_kind
 from service.jobs.models import Job, JobStatus, OutputOptions
@@ -69,9 +75,8 @@ def toy_router() -> APIRouter:
         )
         return manager.enqueue(job)[0]
 
-    texts = {
-        name: Operation(f"{name}_toy", f"{name} a toy", f"The {name} route.") for name in OPERATIONS
-    }
+    names = OPERATIONS + PAUSE_OPERATIONS
+    texts = {name: Operation(f"{name}_toy", f"{name} a toy", f"Toy {name}.") for name in names}
     add_job_routes(
         router,
         JobRoutes(
@@ -83,6 +88,7 @@ def toy_router() -> APIRouter:
             id_description="The toy job id.",
             events_description="Toy events.",
             operations=texts,
+            order=names,
         ),
     )
     return router
@@ -164,3 +170,28 @@ def test_a_running_toy_job_is_cancelled_by_its_worker(client: httpx.Client, tmp_
     assert client.get(f"/v1/toys/{job_id}/files").status_code == 409
     assert client.delete(f"/v1/toys/{job_id}").status_code == 202
     assert wait_toy(client, job_id)["status"] == "cancelled"
+
+
+def test_a_running_toy_job_pauses_and_resumes(
+    client: httpx.Client, toy_server: LiveServer, tmp_path: Path
+) -> None:
+    hold = tmp_path / "release"
+    job_id = client.post("/v1/toys", json={"text": "later", "hold": str(hold)}).json()["id"]
+    wait_toy(client, job_id, ("running",))
+    asked = client.post(f"/v1/toys/{job_id}/pause")
+    assert asked.status_code == 202 and asked.json()["pause_requested"] is True
+    paused = wait_toy(client, job_id, ("paused",))
+    assert paused["worker_pid"] is None and paused["attempts"] == 1
+    # Paused, it is not claimed again though a slot is free; it is not a merge either.
+    time.sleep(0.5)
+    assert client.get(f"/v1/toys/{job_id}").json()["status"] == "paused"
+    assert client.post(f"/v1/merges/{job_id}/pause").status_code == 404
+    assert client.post(f"/v1/toys/{job_id}/resume").json()["status"] == "queued"
+    wait_toy(client, job_id, ("running",))
+    hold.touch()
+    done = wait_toy(client, job_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    text = client.get(f"/v1/toys/{job_id}/files/result.txt").text
+    assert text == "later"
+    manager = toy_server.app.state.manager
+    assert manager.get(job_id, kind="toy").pause_requested is False

@@ -172,3 +172,29 @@ def test_an_older_database_loses_its_global_idempotency_index(tmp_path: Path) ->
     assert store.create(queued("training", {}), idempotency_key="k")[1]
     store.close()
     unregister_kind("not-registered")  # forgetting an unknown kind is harmless
+
+
+def test_pause_and_resume_in_the_store(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    waiting = store.create(queued("toy", {}))[0]
+    paused = store.request_pause(waiting.id)
+    assert paused.status is JobStatus.PAUSED and paused.progress.phase == "paused"
+    assert store.claim_next() is None  # a paused job is never claimed
+    assert store.request_pause(waiting.id) == paused  # already paused: unchanged
+    again = store.resume(waiting.id)
+    assert again.status is JobStatus.QUEUED and again.created_at == waiting.created_at
+    running = store.claim_next()
+    assert running is not None and running.id == waiting.id
+    flagged = store.request_pause(running.id)
+    assert flagged.status is JobStatus.RUNNING and flagged.pause_requested
+    assert not store.resume(running.id).pause_requested  # withdrawn before it took effect
+    store.request_pause(running.id)
+    # A server that stopped while the pause was under way: the job is paused, not re-queued.
+    assert store.requeue_interrupted() == []
+    stopped = store.get(running.id)
+    assert stopped is not None and stopped.status is JobStatus.PAUSED
+    assert not stopped.pause_requested and stopped.attempts == 1
+    cancelled = store.request_cancel(running.id)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
+    assert store.resume(running.id) == cancelled  # finished: unchanged
+    store.close()
