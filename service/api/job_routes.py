@@ -49,7 +49,8 @@ class Operation:
     Attributes:
         name: the endpoint's name (its operation id is ``<tag>-<name>``).
         summary: the operation's summary.
-        description: its description (indented continuation lines are fine).
+        description: its description (indented continuation lines are fine); the log
+            route's is the shared one of :mod:`service.api.job_logs`.
     """
 
     name: str

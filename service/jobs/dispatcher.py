@@ -199,10 +199,18 @@ class Dispatcher:
         output = self.output_path(job)
         if not job.cancel_requested and kind.recover(self.store, job, output, self.settings):
             return  # e.g. it died after publishing the output, before recording it
-        if job.pause_requested and not job.cancel_requested:
+        if (job.pause_requested or worker.pause_sent_at is not None) and not job.cancel_requested:
             # Stopped for a pause: what it has done stays for its resumption.
-            self.store.update(job.id, **paused_fields(job))
-            log.info("%s %s paused", kind.noun, job.id)
+            if job.pause_requested:
+                self.store.update(job.id, **paused_fields(job))
+                log.info("%s %s paused", kind.noun, job.id)
+            else:  # resumed after its worker was told to stop: it goes on as soon as it can
+                self.store.update(
+                    job.id,
+                    status=JobStatus.QUEUED,
+                    worker_pid=None,
+                    progress=job.progress.model_copy(update={"phase": "queued"}),
+                )
             return
         kind.discard(output)
         if job.cancel_requested:

@@ -2,11 +2,12 @@
 
 ``python -m service.jobs.training_worker JOB_ID --db PATH --output DIR`` (or ``--standby``,
 as the service runs it: jobs handed over on standard input, see :mod:`service.jobs.standby`):
-reads the job's validated config from the job store, trains the adapter into ``DIR`` (published only
-once complete), writes progress (steps, loss, ETA; at most four times a second) and the
-outcome back, and polls the store's cancel flag before every optimizer step. A crash or an
-out-of-memory kill ends only this process; the service fails the job. If the service
-process dies, the worker exits promptly and the job restarts with the next server.
+reads the job's validated config from the job store, trains the adapter into ``DIR``
+(published only once complete), writes progress (steps, loss, ETA; at most four times a
+second) and the outcome back, and polls the store's cancel flag before every optimizer
+step. A crash or an out-of-memory kill ends only this process; the service fails the job.
+If the service process dies, the worker exits promptly and the job restarts with the next
+server.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from service.jobs import dispatcher as dispatcher_module
 from service.jobs import kinds as kinds_module
 from service.jobs.kinds import JobKind, get_kind, register_kind, unregister_kind
 from service.jobs.kinds.merge import MERGE
@@ -198,3 +202,21 @@ def test_pause_and_resume_in_the_store(tmp_path: Path) -> None:
     assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
     assert store.resume(running.id) == cancelled  # finished: unchanged
     store.close()
+
+
+@pytest.mark.parametrize(("still_pausing", "status"), [(True, "paused"), (False, "queued")])
+def test_a_worker_stopped_for_a_pause_leaves_its_job_paused_or_queued_if_resumed_since(
+    make_manager: Make, still_pausing: bool, status: str
+) -> None:
+    manager = make_manager()
+    manager.store.create(queued("training", {"text": "x"}))
+    job = manager.store.claim_next()
+    assert job is not None
+    if still_pausing:
+        job = manager.store.request_pause(job.id)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    worker = dispatcher_module._Worker(TRAINING, process, pause_sent_at=time.monotonic())
+    manager.dispatcher._worker_gone(worker, job)
+    after = manager.get(job.id, kind="training")
+    assert after.status == status and after.error is None and not after.pause_requested
