@@ -30,14 +30,14 @@ Make = Callable[..., JobManager]
 
 
 def queued(kind: str, recipe: dict[str, object], **fields: object) -> Job:
+    values: dict[str, object] = {"status": JobStatus.QUEUED, **fields}
     return Job(
         id=uuid.uuid4().hex,
         kind=kind,
-        status=JobStatus.QUEUED,
         recipe=recipe,
         output=OutputOptions(),
         created_at=utcnow(),
-        **fields,  # type: ignore[arg-type]
+        **values,  # type: ignore[arg-type]
     )
 
 
@@ -107,6 +107,11 @@ def test_a_job_is_found_only_as_its_own_kind(make_manager: Make) -> None:
     other, created = manager.store.create(queued("merge", {}), idempotency_key="k")
     assert created and other.id != job.id
     assert manager.idempotent_repeat("training", "k", None) == job
+    # Merge numbers count merges only; each kind's states are counted apart.
+    manager.store.create(queued("training", {}, status=JobStatus.SUCCEEDED, merge_seconds=3.0))
+    assert manager.store.merge_totals() == (0, 0.0, 0)
+    assert manager.store.counts("training")[JobStatus.SUCCEEDED] == 1
+    assert manager.store.counts("merge")[JobStatus.SUCCEEDED] == 0
 
 
 def _old_training_store(data_dir: Path) -> list[Job]:
