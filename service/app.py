@@ -27,7 +27,6 @@ from service.errors import ApiError, ErrorBody, error_response, install_error_ha
 from service.jobs import data_dir_lock
 from service.jobs.manager import JobManager
 from service.jobs.sqlite_store import SqliteJobStore
-from service.jobs.training_manager import TrainingManager, training_store_path  # training jobs
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -83,18 +82,13 @@ def _lifespan(settings: ServiceSettings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # Before the stores are opened: a second server would re-queue this one's jobs.
+        # Before the store is opened: a second server would re-queue this one's jobs.
         data_dir_lock.acquire(settings.data_dir)
+        # One store and one manager for every kind of job (merges, trainings).
         store = SqliteJobStore(settings.database_path)
         manager = JobManager(store, settings)
         manager.start()
         app.state.manager = manager
-        # -- training jobs: a store and a manager of their own -----------------------------
-        training_store = SqliteJobStore(training_store_path(settings))
-        trainings = TrainingManager(training_store, settings)
-        trainings.start()
-        app.state.trainings = trainings
-        # -- end training jobs ---------------------------------------------------------------
         log.info(
             "tureen service ready: data dir %s, %d worker(s), auth %s",
             settings.data_dir,
@@ -105,9 +99,6 @@ def _lifespan(settings: ServiceSettings) -> Any:
             yield
         finally:
             app.state.manager = None
-            app.state.trainings = None  # training jobs
-            trainings.stop(timeout=app.state.worker_stop_seconds)  # training jobs
-            training_store.close()  # training jobs
             manager.stop(timeout=app.state.worker_stop_seconds)
             store.close()
             data_dir_lock.release(settings.data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -11,10 +12,24 @@ from starlette.requests import Request
 
 from merge_kernels.errors import TureenError
 from service.api.schemas import ProgressEvent
-from service.jobs.models import Job
+from service.jobs.models import JobProgress, JobStatus
 
 DEFAULT_POLL_SECONDS = 0.25
 DEFAULT_HEARTBEAT_SECONDS = 15.0
+
+
+class JobView(Protocol):
+    """What a stream reads of a job's API view (``Job``, ``TrainingJob``...)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> JobStatus: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def progress(self) -> JobProgress: ...
+    def model_dump_json(self) -> str: ...
 
 
 def format_event(event: str, data: str) -> str:
@@ -23,7 +38,7 @@ def format_event(event: str, data: str) -> str:
 
 
 async def job_events(
-    get_job: Callable[[str], Job],
+    get_job: Callable[[str], JobView],
     job_id: str,
     request: Request,
     *,
@@ -34,7 +49,7 @@ async def job_events(
 
     Yields a ``progress`` event whenever the record changes while the job is unfinished
     (the first one at once), a comment line as a heartbeat after ``heartbeat_seconds`` of
-    silence, and finally a ``status`` event with the whole job in its terminal state. Stops
+    silence, and finally a ``status`` event with the whole view in its terminal state. Stops
     early when the client disconnects or the job disappears.
     """
     last_version: int | None = None

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.jobs.kinds.training import held_out_summary
 from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
-from service.jobs.training_manager import held_out_summary
 
 
 class TrainingJob(BaseModel):

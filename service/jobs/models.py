@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from merge_kernels.checkpoints.reference import REPO_ID_PATTERN, REVISION_PATTERN, is_hub_repo_id
 
+DEFAULT_KIND = "merge"  # records made before jobs had kinds are merges
+
 
 class JobStatus(StrEnum):
     """Where a job is in its life."""
@@ -20,6 +22,7 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     PUBLISHING = "publishing"  # merged; the output is being uploaded to the Hub
+    PAUSED = "paused"  # kept as it is, not run, until resumed (then queued again)
 
     @property
     def finished(self) -> bool:
@@ -203,12 +206,14 @@ class JobStage(BaseModel):
 
 
 class Job(BaseModel):
-    """A merge job."""
+    """A merge job (the store keeps every kind's jobs as this record)."""
 
     model_config = ConfigDict(frozen=True)
 
     id: str
-    kind: str = Field("merge", description="merge (later: greedy_soup, training)")
+    kind: str = Field(
+        DEFAULT_KIND, description="What the job does: merge or training (see the job kinds)."
+    )
     status: JobStatus
     recipe: dict[str, Any] = Field(description="The validated recipe document.")
     output: OutputOptions
@@ -222,6 +227,11 @@ class Job(BaseModel):
     attempts: int = Field(0, description="How many times a worker started this job.")
     cancel_requested: bool = Field(
         False, description="Cancellation was asked for; a running job stops within seconds."
+    )
+    pause_requested: bool = Field(
+        False,
+        description="Pausing was asked for; a running job's worker is stopped within seconds "
+        "and the job turns `paused`, keeping what it has done for when it is resumed.",
     )
     resumed_shards: int = Field(
         0, description="Output shards a resumed run found already finished and kept."

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 
 from merge_kernels.errors import InsufficientSpaceError
 from merge_kernels.io.disk_space import free_bytes
-from service.jobs.models import Job, JobProgress, JobStatus
+from service.jobs.models import DEFAULT_KIND, Job, JobProgress, JobStatus
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError, JobStore
 
 _JSON_COLUMNS = frozenset(
@@ -38,6 +38,34 @@ _EXTRA_COLUMNS = ("idempotency_key", "body_hash")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _FIFO = "ORDER BY created_at ASC, rowid ASC"
 _NEWEST = "ORDER BY created_at DESC, rowid DESC"
+
+
+def _where(
+    *, status: str | None = None, kind: str | None = None, kinds: Collection[str] | None = None
+) -> tuple[str, tuple[str, ...]]:
+    """A ``WHERE`` clause and its arguments for the filters given (none: no clause)."""
+    clauses: list[str] = []
+    args: list[str] = []
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status)
+    if kind is not None:
+        clauses.append("kind = ?")
+        args.append(kind)
+    if kinds is not None:
+        clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
+        args.extend(kinds)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+
+def paused_fields(job: Job) -> dict[str, Any]:
+    """The changes that make ``job`` paused: its record and output otherwise kept."""
+    return {
+        "status": JobStatus.PAUSED,
+        "pause_requested": False,
+        "worker_pid": None,
+        "progress": job.progress.model_copy(update={"phase": "paused", "eta_seconds": None}),
+    }
 
 
 def _free(path: Path) -> int | None:
@@ -170,8 +198,12 @@ class SqliteJobStore(JobStore):
             for name in (*_JOB_COLUMNS, *_EXTRA_COLUMNS):
                 if name not in present:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
+            # Idempotency keys are the client's, per kind: one key may name a merge and a
+            # training. (Files made before several kinds shared a store had one global index.)
+            db.execute("DROP INDEX IF EXISTS jobs_idempotency")
             db.execute(
-                "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idempotency_key)"
+                "CREATE UNIQUE INDEX IF NOT EXISTS jobs_kind_idempotency "
+                "ON jobs (kind, idempotency_key)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at)")
@@ -195,20 +227,30 @@ class SqliteJobStore(JobStore):
         """The job with this id, or None."""
         return self._fetch(self._connection(), job_id)
 
-    def find_idempotent(self, idempotency_key: str) -> tuple[Job, str | None] | None:
-        """The job created with this idempotency key and its body hash, or None."""
+    def find_idempotent(
+        self, idempotency_key: str, kind: str = DEFAULT_KIND
+    ) -> tuple[Job, str | None] | None:
+        """The job of ``kind`` created with this idempotency key and its body hash, or None."""
         row = (
             self._connection()
-            .execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+            .execute(
+                "SELECT * FROM jobs WHERE kind = ? AND idempotency_key = ?",
+                (kind, idempotency_key),
+            )
             .fetchone()
         )
         return (_from_row(row), row["body_hash"]) if row is not None else None
 
     def list(
-        self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        kind: str | None = None,
     ) -> tuple[list[Job], int]:
-        """A page of jobs, newest first, and the total count (with the same status filter)."""
-        where, args = ("WHERE status = ?", (str(status),)) if status is not None else ("", ())
+        """A page of jobs, newest first, and the total count (with the same filters)."""
+        where, args = _where(status=None if status is None else str(status), kind=kind)
         db = self._connection()
         total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         rows = db.execute(
@@ -226,21 +268,23 @@ class SqliteJobStore(JobStore):
         )
         return row is None or bool(row[0])
 
-    def counts(self) -> dict[JobStatus, int]:
-        """How many jobs are in each state (every state present, zero included)."""
+    def counts(self, kind: str | None = None) -> dict[JobStatus, int]:
+        """How many jobs (of ``kind``, or all) are in each state (every state, zero too)."""
         result = dict.fromkeys(JobStatus, 0)
-        for row in self._connection().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+        where, args = _where(kind=kind)
+        query = f"SELECT status, COUNT(*) FROM jobs {where} GROUP BY status"
+        for row in self._connection().execute(query, args):
             result[JobStatus(row[0])] = int(row[1])
         return result
 
     def merge_totals(self) -> tuple[int, float, int]:
-        """Over succeeded jobs: total bytes written, total merge seconds, number of jobs."""
+        """Over succeeded merge jobs: total bytes written, total seconds, number of jobs."""
         row = (
             self._connection()
             .execute(
                 "SELECT COALESCE(SUM(bytes_written), 0), COALESCE(SUM(merge_seconds), 0.0), "
-                "COUNT(*) FROM jobs WHERE status = ?",
-                (str(JobStatus.SUCCEEDED),),
+                "COUNT(*) FROM jobs WHERE status = ? AND kind = ?",
+                (str(JobStatus.SUCCEEDED), DEFAULT_KIND),
             )
             .fetchone()
         )
@@ -267,7 +311,8 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             if idempotency_key is not None:
                 row = db.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                    "SELECT * FROM jobs WHERE kind = ? AND idempotency_key = ?",
+                    (job.kind, idempotency_key),
                 ).fetchone()
                 if row is not None:
                     if row["body_hash"] != body_hash:
@@ -292,12 +337,14 @@ class SqliteJobStore(JobStore):
                 raise JobNotFoundError(job_id)
             return self._save(db, job, **fields)
 
-    def claim_next(self) -> Job | None:
-        """Move the oldest queued job to running, atomically (see ``JobStore.claim_next``)."""
+    def claim_next(self, kinds: Collection[str] | None = None) -> Job | None:
+        """Move the oldest queued job (of ``kinds``, or any) to running, atomically (see
+        ``JobStore.claim_next``)."""
+        if kinds is not None and not kinds:
+            return None
+        where, args = _where(status=str(JobStatus.QUEUED), kinds=kinds)
         with self._write() as db:
-            row = db.execute(
-                f"SELECT * FROM jobs WHERE status = ? {_FIFO} LIMIT 1", (str(JobStatus.QUEUED),)
-            ).fetchone()
+            row = db.execute(f"SELECT * FROM jobs {where} {_FIFO} LIMIT 1", args).fetchone()
             if row is None:
                 return None
             job = _from_row(row)
@@ -313,17 +360,19 @@ class SqliteJobStore(JobStore):
             )
 
     def request_cancel(self, job_id: str) -> Job:
-        """Cancel a queued job at once, flag a running one, leave a finished one unchanged."""
+        """Cancel a queued or paused job at once, flag a running one, leave a finished one
+        unchanged."""
         with self._write() as db:
             job = self._fetch(db, job_id)
             if job is None:
                 raise JobNotFoundError(job_id)
-            if job.status is JobStatus.QUEUED:
+            if job.status in (JobStatus.QUEUED, JobStatus.PAUSED):
                 return self._save(
                     db,
                     job,
                     status=JobStatus.CANCELLED,
                     cancel_requested=True,
+                    pause_requested=False,
                     finished_at=utcnow(),
                     progress=job.progress.model_copy(update={"phase": "cancelled"}),
                 )
@@ -331,14 +380,72 @@ class SqliteJobStore(JobStore):
                 return self._save(db, job, cancel_requested=True)
             return job
 
+    def request_pause(self, job_id: str) -> Job:
+        """Pause a queued job at once, flag a running one (see ``JobStore.request_pause``)."""
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.status is JobStatus.QUEUED:
+                return self._save(db, job, **paused_fields(job))
+            if job.status is JobStatus.RUNNING and not job.cancel_requested:
+                return self._save(db, job, pause_requested=True)
+            return job
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a paused job again, or withdraw a running one's pause request."""
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.status is JobStatus.PAUSED:
+                return self._save(
+                    db,
+                    job,
+                    status=JobStatus.QUEUED,
+                    pause_requested=False,
+                    progress=job.progress.model_copy(update={"phase": "queued"}),
+                )
+            if job.status is JobStatus.RUNNING and job.pause_requested:
+                return self._save(db, job, pause_requested=False)
+            return job
+
+    def import_file(self, source: Path) -> int:
+        """Copy every job of another job database file into this one, once.
+
+        Jobs whose id is already here are skipped, so an interrupted import can be repeated.
+
+        Returns:
+            How many jobs were added.
+        """
+        other = SqliteJobStore(source)  # brings the file's columns up to date
+        try:
+            rows = other._connection().execute("SELECT * FROM jobs").fetchall()
+        finally:
+            other.close()
+        columns = (*_JOB_COLUMNS, *_EXTRA_COLUMNS)
+        insert = (
+            f"INSERT OR IGNORE INTO jobs ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})"
+        )
+        added = 0
+        with self._write() as db:
+            for row in rows:
+                added += db.execute(insert, [row[column] for column in columns]).rowcount
+        return added
+
     def requeue_interrupted(self) -> builtins.list[str]:
         """Put every running job back in the queue, keeping its FIFO place."""
         with self._write() as db:
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE status = ? {_FIFO}", (str(JobStatus.RUNNING),)
             ).fetchall()
+            requeued = []
             for row in rows:
                 job = _from_row(row)
+                if job.pause_requested:  # it was being paused: it is
+                    self._save(db, job, **paused_fields(job))
+                    continue
                 self._save(
                     db,
                     job,
@@ -346,7 +453,8 @@ class SqliteJobStore(JobStore):
                     worker_pid=None,
                     progress=JobProgress(phase="queued"),
                 )
-        return [row["id"] for row in rows]
+                requeued.append(job.id)
+        return requeued
 
 
 def open_store(location: str) -> JobStore:

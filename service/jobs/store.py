@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import builtins  # `list` is a method name in the class below
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Protocol, runtime_checkable
 
 from merge_kernels.errors import TureenError
-from service.jobs.models import Job, JobStatus
+from service.jobs.models import DEFAULT_KIND, Job, JobStatus
 
 
 class IdempotencyConflictError(TureenError):
@@ -73,8 +73,13 @@ class JobStore(Protocol):
         """
         ...
 
-    def find_idempotent(self, idempotency_key: str) -> tuple[Job, str | None] | None:
-        """The job created with this idempotency key and its body hash, or None."""
+    def find_idempotent(
+        self, idempotency_key: str, kind: str = DEFAULT_KIND
+    ) -> tuple[Job, str | None] | None:
+        """The job of ``kind`` created with this idempotency key and its body hash, or None.
+
+        Keys are unique per kind (``create`` looks among the new job's kind).
+        """
         ...
 
     def get(self, job_id: str) -> Job | None:
@@ -82,9 +87,15 @@ class JobStore(Protocol):
         ...
 
     def list(
-        self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        kind: str | None = None,
     ) -> tuple[list[Job], int]:
-        """A page of jobs, newest first, and the total count (with the same status filter)."""
+        """A page of jobs (of ``kind``, or all), newest first, and the total count (with the
+        same filters)."""
         ...
 
     def update(self, job_id: str, **fields: object) -> Job:
@@ -97,8 +108,12 @@ class JobStore(Protocol):
         """
         ...
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, kinds: Collection[str] | None = None) -> Job | None:
         """Move the oldest queued job to running (attempts + 1, started_at now), atomically.
+
+        Args:
+            kinds: only jobs of these kinds (None: any kind), so that a kind whose workers
+                are all busy does not hold up the others.
 
         Returns:
             The claimed job, or None when nothing is queued.
@@ -115,6 +130,26 @@ class JobStore(Protocol):
         """
         ...
 
+    def request_pause(self, job_id: str) -> Job:
+        """Pause a job: a queued one at once (``paused``), a running one by flagging it for
+        the dispatcher, which stops its worker and marks it ``paused``. A paused job keeps
+        its record and its partial output, and is never claimed; other jobs are returned
+        unchanged.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        ...
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a paused job again (its FIFO place kept), or withdraw the pause request of
+        a running one; other jobs are returned unchanged.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        ...
+
     def cancel_requested(self, job_id: str) -> bool:
         """Whether the job was asked to stop (True for a job that no longer exists)."""
         ...
@@ -122,17 +157,19 @@ class JobStore(Protocol):
     def requeue_interrupted(self) -> builtins.list[str]:
         """Put every running job back in the queue (at start, after a previous server died).
 
+        A job whose pausing was asked for turns ``paused`` instead.
+
         Returns:
             The ids of the re-queued jobs; they keep their place (FIFO by ``created_at``).
         """
         ...
 
-    def counts(self) -> dict[JobStatus, int]:
-        """How many jobs are in each state (every state present, zero included)."""
+    def counts(self, kind: str | None = None) -> dict[JobStatus, int]:
+        """How many jobs (of ``kind``, or all) are in each state (every state, zero too)."""
         ...
 
     def merge_totals(self) -> tuple[int, float, int]:
-        """Over succeeded jobs: total bytes written, total merge seconds, number of jobs."""
+        """Over succeeded merge jobs: total bytes written, total seconds, number of jobs."""
         ...
 
     def close(self) -> None:

@@ -1,11 +1,13 @@
 """One training job in a process of its own.
 
-``python -m service.jobs.training_worker JOB_ID --db PATH --output DIR``: reads the job's
-validated config from the training store, trains the adapter into ``DIR`` (published only
-once complete), writes progress (steps, loss, ETA; at most four times a second) and the
-outcome back, and polls the store's cancel flag before every optimizer step. A crash or an
-out-of-memory kill ends only this process; the service fails the job. If the service
-process dies, the worker exits promptly and the job restarts with the next server.
+``python -m service.jobs.training_worker JOB_ID --db PATH --output DIR`` (or ``--standby``,
+as the service runs it: jobs handed over on standard input, see :mod:`service.jobs.standby`):
+reads the job's validated config from the job store, trains the adapter into ``DIR``
+(published only once complete), writes progress (steps, loss, ETA; at most four times a
+second) and the outcome back, and polls the store's cancel flag before every optimizer
+step. A crash or an out-of-memory kill ends only this process; the service fails the job.
+If the service process dies, the worker exits promptly and the job restarts with the next
+server.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from merge_kernels.errors import TureenError
-from service.jobs import job_log
+from service.jobs import standby
 from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
-from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.sqlite_store import utcnow
 from service.jobs.store import JobStore
 from service.jobs.worker import CancelPoll, discard_staging, watch_parent
 from training.progress import TrainingProgress
@@ -139,9 +141,10 @@ def run_training_job(store: JobStore, job_id: str, output: Path) -> JobStatus:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the training job named on the command line; 0 once its outcome is recorded."""
     parser = argparse.ArgumentParser(prog="python -m service.jobs.training_worker")
-    parser.add_argument("job_id")
-    parser.add_argument("--db", required=True, help="the training store's location")
-    parser.add_argument("--output", type=Path, required=True, help="the adapter folder")
+    parser.add_argument("job_id", nargs="?")
+    parser.add_argument("--standby", action="store_true", help="wait for jobs on stdin")
+    parser.add_argument("--db", required=True, help="the job store's location")
+    parser.add_argument("--output", type=Path, help="the adapter folder")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
@@ -163,13 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    store = open_store(args.db)
-    try:
-        with job_log.capturing(args.log_dir, args.job_id):
-            run_training_job(store, args.job_id, args.output)
-    finally:
-        store.close()
-    return 0
+    return standby.run_worker(
+        run_training_job,
+        store_location=args.db,
+        standby=args.standby,  # as the service runs it
+        job_id=args.job_id,
+        output=args.output,
+        log_dir=args.log_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ resumes after the last finished shard.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -46,21 +44,18 @@ from merge_kernels.runner import (
     run_merge,
 )
 from service.evaluation.config import DEFAULT_EVALUATOR_HOSTS, build_evaluator
-from service.jobs import job_log
+from service.jobs import standby
 from service.jobs.failures import job_error
 from service.jobs.models import Job, JobError, JobProgress, JobStatus, OutputOptions
-from service.jobs.sqlite_store import open_store, utcnow
+from service.jobs.sqlite_store import utcnow
 from service.jobs.stages import discard_intermediates, is_multi_document
 from service.jobs.store import JobStore
-from service.jobs.worker_pool import READY
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # at most four progress writes a second
 CANCEL_POLL_INTERVAL_S = 0.5
 PARENT_POLL_INTERVAL_S = 0.5
-MAX_JOBS_PER_WORKER = 100  # then a fresh process, so that nothing accumulates
-RECYCLE_RSS_BYTES = 1 << 30  # a worker that peaked above this exits after its job
 EXIT_PARENT_GONE = 75  # the job stays "running" for the next server start to resume
 
 
@@ -493,64 +488,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray_address=args.ray_address,
     )
     hosts = tuple(args.evaluator_host)
-    if not args.standby:
-        if args.job_id is None or args.output is None:
-            raise SystemExit("give JOB_ID and --output, or --standby")
-        store = open_store(args.db)
-        try:
-            with job_log.capturing(args.log_dir, args.job_id):
-                run_job(
-                    store,
-                    args.job_id,
-                    args.output,
-                    options,
-                    evaluator_hosts=hosts,
-                    public_url=args.public_url,
-                )
-        finally:
-            store.close()
-        return 0
-    # Standby: everything heavy is imported by now, so a job handed over starts at once.
-    store = open_store(args.db)
-    try:
-        for _ in range(MAX_JOBS_PER_WORKER):
-            sys.stdout.buffer.write(READY)
-            sys.stdout.buffer.flush()
-            line = sys.stdin.readline()
-            if not line.strip():
-                break  # the service stopped, or needs this worker no more
-            assignment = json.loads(line)
-            job_id = str(assignment["job_id"])
-            with job_log.capturing(args.log_dir, job_id):
-                run_job(
-                    store,
-                    job_id,
-                    Path(assignment["output"]),
-                    options,
-                    evaluator_hosts=hosts,
-                    public_url=args.public_url,
-                )
-            if _peak_rss_bytes() > RECYCLE_RSS_BYTES:
-                break  # give a large merge's memory back to the system
-    finally:
-        store.close()
-    return 0
 
+    def run(store: JobStore, job_id: str, output: Path) -> JobStatus:
+        return run_job(
+            store, job_id, output, options, evaluator_hosts=hosts, public_url=args.public_url
+        )
 
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started its program.
-
-    ``VmHWM`` rather than ``ru_maxrss``: the latter survives ``exec``, so a worker started
-    by a large service would inherit the service's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # In standby, everything heavy is imported by now, so a job handed over starts at once.
+    return standby.run_worker(
+        run,
+        store_location=args.db,
+        standby=args.standby,
+        job_id=args.job_id,
+        output=args.output,
+        log_dir=args.log_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""``/v1/merges``: submit, list, follow, cancel merge jobs and download their output."""
+"""``/v1/merges``: submit, list, follow, cancel merge jobs and download their output.
+
+The submit, candidate and publish routes are the merge kind's own; the others are the
+shared job routes (:mod:`service.api.job_routes`).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,22 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from merge_kernels.evaluated_merge import scratch_folder
 from merge_kernels.io.staging import StagingDir
-from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, PageOffset, RecipeRequestDep
-from service.api.events import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_POLL_SECONDS, job_events
-from service.api.files import (
-    DOWNLOAD_RESPONSES,
-    file_response,
-    list_output_files,
-    read_chunks,
-    resolve_output_file,
-)
-from service.api.job_logs import LOG_RESPONSES, LOG_SUMMARY_DOC, log_response
+from service.api.deps import Authenticated, IdempotencyKey, ManagerDep, RecipeRequestDep
+from service.api.files import DOWNLOAD_RESPONSES, read_chunks, resolve_output_file
+from service.api.job_routes import JobRoutes, Operation, add_job_routes
 from service.api.multi_recipe import MultiRecipeRequest
-from service.api.schemas import FileList, JobList, recipe_body_openapi
+from service.api.schemas import JobList, recipe_body_openapi
 from service.api.text_fields import check_text_fields
 from service.errors import ApiError, error_responses
+from service.jobs.kinds.merge import MERGE_KIND
 from service.jobs.manager import JobManager
 from service.jobs.models import Job, JobStatus, PublishOptions
 
@@ -118,141 +116,53 @@ async def submit_merge(
     return job
 
 
-@router.get("", response_model=JobList, summary="List merges", responses=error_responses(401, 422))
-async def list_merges(
-    manager: ManagerDep,
-    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: PageOffset = 0,
-) -> JobList:
-    """A page of jobs, newest first, with the total matching the filter."""
-    jobs, total = await run_in_threadpool(
-        lambda: manager.list(status=status, limit=limit, offset=offset)
-    )
-    return JobList(items=jobs, total=total, limit=limit, offset=offset)
+MERGE_ROUTES = JobRoutes(
+    kind=MERGE_KIND,
+    noun="job",
+    job_model=Job,
+    list_model=JobList,
+    view=lambda job: job,
+    id_description="The job id.",
+    events_description="`event: progress` with `ProgressEvent` data while the job is "
+    "unfinished, comment heartbeats, then one `event: status` with the finished `Job`; then "
+    "the stream ends.",
+    operations={
+        "list": Operation(
+            "list_merges",
+            "List merges",
+            "A page of jobs, newest first, with the total matching the filter.",
+        ),
+        "get": Operation(
+            "get_merge",
+            "Get a merge",
+            "Status, progress (with ETA), timings, error and output of one job.",
+        ),
+        "cancel": Operation(
+            "cancel_merge",
+            "Cancel a merge",
+            """Cancel: a queued job at once, a running one within seconds, leaving no output.
 
-
-@router.get(
-    "/{job_id}",
-    response_model=Job,
-    summary="Get a merge",
-    responses=error_responses(401, 404, 422),
-)
-async def get_merge(job_id: JobId, manager: ManagerDep) -> Job:
-    """Status, progress (with ETA), timings, error and output of one job."""
-    return await run_in_threadpool(manager.get, job_id)
-
-
-@router.delete(
-    "/{job_id}",
-    status_code=202,
-    response_model=Job,
-    summary="Cancel a merge",
-    responses=error_responses(401, 404, 422),
-)
-async def cancel_merge(job_id: JobId, manager: ManagerDep) -> Job:
-    """Cancel: a queued job at once, a running one within seconds, leaving no output.
-
-    A finished job is returned unchanged.
-    """
-    return await run_in_threadpool(manager.cancel, job_id)
-
-
-@router.get(
-    "/{job_id}/events",
-    response_class=StreamingResponse,
-    summary="Follow a merge (Server-Sent Events)",
-    responses={
-        200: {
-            "description": "`event: progress` with `ProgressEvent` data while the job is "
-            "unfinished, comment heartbeats, then one `event: status` with the finished "
-            "`Job`; then the stream ends.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        **error_responses(401, 404, 422),
+            A finished job is returned unchanged.""",
+        ),
+        "events": Operation(
+            "merge_events",
+            "Follow a merge (Server-Sent Events)",
+            "Stream the job's progress until it finishes.",
+        ),
+        "files": Operation(
+            "list_files",
+            "List a merge's output files",
+            "The files of a succeeded merge, with sizes (and checksums when asked for).",
+        ),
+        "download": Operation(
+            "download_file",
+            "Download an output file",
+            "Download one output file, whole or one byte range.",
+        ),
+        "log": Operation("merge_log", "Get a merge's log", "The merge worker's log lines."),
     },
 )
-async def merge_events(job_id: JobId, request: Request, manager: ManagerDep) -> StreamingResponse:
-    """Stream the job's progress until it finishes."""
-    await run_in_threadpool(manager.get, job_id)  # 404 before the stream starts
-    state = request.app.state
-    stream = job_events(
-        manager.get,
-        job_id,
-        request,
-        poll_seconds=getattr(state, "sse_poll_seconds", DEFAULT_POLL_SECONDS),
-        heartbeat_seconds=getattr(state, "sse_heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS),
-    )
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def _succeeded_output(manager: JobManager, job_id: str) -> Path:
-    job = manager.get(job_id)
-    if job.status is not JobStatus.SUCCEEDED:
-        raise ApiError(
-            409,
-            "job_not_succeeded",
-            f"job {job_id} is {job.status.value}; its files exist only once it has succeeded",
-            details={"job_id": job_id, "status": job.status.value},
-        )
-    return manager.output_path(job)
-
-
-@router.get(
-    "/{job_id}/files",
-    response_model=FileList,
-    summary="List a merge's output files",
-    responses=error_responses(401, 404, 409, 422),
-)
-async def list_files(
-    job_id: JobId,
-    manager: ManagerDep,
-    sha256: Annotated[bool, Query(description="Also compute each file's SHA-256.")] = False,
-) -> FileList:
-    """The files of a succeeded merge, with sizes (and checksums when asked for)."""
-
-    def listing() -> FileList:
-        root = _succeeded_output(manager, job_id)
-        return FileList(job_id=job_id, files=list_output_files(root, checksums=sha256))
-
-    return await run_in_threadpool(listing)
-
-
-@router.get(
-    "/{job_id}/files/{path:path}",
-    response_class=StreamingResponse,
-    summary="Download an output file",
-    responses=DOWNLOAD_RESPONSES,
-)
-async def download_file(
-    job_id: JobId,
-    path: str,
-    manager: ManagerDep,
-    range_header: Annotated[
-        str | None,
-        Header(alias="Range", description="One range: `bytes=a-b`, `bytes=a-` or `bytes=-n`."),
-    ] = None,
-) -> StreamingResponse:
-    """Download one output file, whole or one byte range."""
-    root = await run_in_threadpool(_succeeded_output, manager, job_id)
-    missing = f"job {job_id} has no output file {path!r}"
-    return await run_in_threadpool(file_response, root, path, range_header, missing)
-
-
-@router.get(
-    "/{job_id}/log",
-    response_class=PlainTextResponse,
-    summary="Get a merge's log",
-    description=LOG_SUMMARY_DOC,
-    responses=LOG_RESPONSES,
-)
-async def merge_log(job_id: JobId, manager: ManagerDep) -> PlainTextResponse:
-    """The merge worker's log lines for this job."""
-    return log_response(await run_in_threadpool(manager.log, job_id))
+add_job_routes(router, MERGE_ROUTES)
 
 
 # -- greedy-soup candidates, for HTTP evaluators on other machines -------------------------
@@ -261,7 +171,7 @@ _CANDIDATE = re.compile(r"^((candidate|merge|input)-\d{4}|final)$")
 
 
 def _candidate_folder(manager: JobManager, job_id: str, candidate: str) -> Path:
-    job = manager.get(job_id)
+    job = manager.get(job_id, kind=MERGE_KIND)
     if job.status is not JobStatus.RUNNING:
         raise ApiError(
             409,
@@ -369,6 +279,7 @@ async def publish_merge(
     is kept either way.
     """
     options = _publish_options(await request.body())
+    await run_in_threadpool(lambda: manager.get(job_id, kind=MERGE_KIND))  # merges only
     return await run_in_threadpool(manager.publisher.request, job_id, options, hub_token)
 
 

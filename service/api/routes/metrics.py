@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +25,7 @@ _RENAMES = {
 _FAMILIES = {
     "tureen_jobs": ("gauge", "Jobs in each state."),
     "tureen_trainings": ("gauge", "Training jobs in each state."),
-    "tureen_workers_busy": ("gauge", "Worker processes running a merge."),
+    "tureen_workers_busy": ("gauge", "Worker processes running a job."),
     "tureen_merged_bytes_total": ("counter", "Bytes written by succeeded merges."),
     "tureen_merge_duration_seconds": ("summary", "Seconds succeeded merges took."),
 }
@@ -67,13 +67,7 @@ def render_metrics(samples: dict[str, float]) -> str:
         **error_responses(401),
     },
 )
-async def metrics(manager: ManagerDep, request: Request) -> PlainTextResponse:
+async def metrics(manager: ManagerDep) -> PlainTextResponse:
     """Jobs and training jobs per state, busy workers, bytes merged and merge durations."""
-    samples = await run_in_threadpool(manager.metrics)
-    trainings = getattr(request.app.state, "trainings", None)
-    if trainings is not None:
-        counts = await run_in_threadpool(trainings.store.counts)
-        samples.update(
-            {f'tureen_trainings{{state="{state.value}"}}': float(n) for state, n in counts.items()}
-        )
+    samples = await run_in_threadpool(manager.metrics)  # every kind's counts included
     return PlainTextResponse(render_metrics(samples), media_type=CONTENT_TYPE)

@@ -360,9 +360,8 @@ def test_publish_sends_the_hub_token_once_and_keeps_no_copy(
 
 def test_trainings_share_the_list_and_have_their_own_page(page: Page, server: LiveServer) -> None:
     from service.jobs.models import JobError
-    from service.jobs.training_manager import training_store_path
 
-    store = SqliteJobStore(training_store_path(server.settings))
+    store = SqliteJobStore(server.settings.database_path)  # one store for every kind
     try:
         job, _ = store.create(
             Job(

@@ -19,7 +19,7 @@ from merge_kernels.errors import (
 )
 from merge_kernels.recipe import parse_recipe
 from merge_kernels.synthetic import LlamaShape, write_checkpoint
-from service.jobs import manager as manager_module
+from service.jobs import dispatcher as dispatcher_module
 from service.jobs.manager import (
     IdempotencyConflictError,
     JobManager,
@@ -225,7 +225,7 @@ def test_jobs_that_fail_at_once_in_a_warm_worker_free_their_slot(
 def test_a_stalled_dispatcher_is_reported(
     make_manager: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manager_module, "STALLED_AFTER_S", 1.0)
+    monkeypatch.setattr(dispatcher_module, "STALLED_AFTER_S", 1.0)
     manager = make_manager(workers=1)
     assert manager.dispatcher_problem() == "the job dispatcher is not running"
     manager.start()

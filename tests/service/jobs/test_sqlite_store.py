@@ -226,6 +226,7 @@ def test_counts_and_merge_totals(store: SqliteJobStore) -> None:
         JobStatus.FAILED: 1,
         JobStatus.CANCELLED: 0,
         JobStatus.PUBLISHING: 0,
+        JobStatus.PAUSED: 0,
     }
     assert store.merge_totals() == (150, 2.0, 2)
 
