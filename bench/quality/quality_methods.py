@@ -1,0 +1,213 @@
+"""The experiment's settings and its multi-task merge rows, each with its validation grid.
+
+Each row is one merge method over the four task adapters, with the hyper-parameter chosen on
+the validation split from a small grid around the reference default:
+
+* task arithmetic (Ilharco et al., ICLR 2023): λ;
+* TIES (Yadav et al., NeurIPS 2023) at the paper's density 0.2: λ;
+* DARE-linear and DARE-TIES (Yu et al., ICML 2024): the density, at the λ chosen for task
+  arithmetic and TIES respectively (DARE as a pre-processing step of the method it feeds);
+* TSV-M (Gargiulo et al., CVPR 2025): ``alpha``, the reference default 1.0 and below it,
+  since the merged task vector is of the order of the task vectors' sum (as task
+  arithmetic's, whose λ lands below 1 here);
+* ISO-C and ISO-CTS (Marczak et al., ICML 2025): ``scaling_factor``, the reference default
+  1.0 and above it, since the flat spectrum spreads the sum's few large singular values
+  (low-rank LoRA deltas) over every direction of each matrix and so shrinks the task
+  directions.
+
+The spectral methods (TSV-M, ISO) are linear in their scale, θ₀ + α·M, so each runs once
+per seed set at scale 1 and every α of the grid is θ₀ + α·(merge − θ₀): task arithmetic
+over that one merge (the same model up to float32 rounding; the smoke test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from quality_tasks import SplitSizes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and hyper-parameters of one experiment.
+
+    Attributes:
+        sizes: records per split of every task.
+        steps: optimizer steps per adapter.
+        batch_size: examples per step.
+        learning_rate: AdamW learning rate of the task adapters (linear decay).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha.
+        target_modules: the adapted linear layers.
+        max_length: longest tokenized example.
+        soup_task: the task trained several times for the soups.
+        soup_runs: ``(seed, learning_rate)`` of the soup task's extra runs.
+        ta_lambdas: task arithmetic's λ grid.
+        ties_density: TIES' density (share of each task vector kept).
+        ties_lambdas: TIES' λ grid.
+        dare_densities: DARE's density grid.
+        tsv_alphas: TSV-M's ``alpha`` grid.
+        iso_scales: ISO-C's and ISO-CTS' ``scaling_factor`` grid.
+        iso_cts_fraction: ISO-CTS' ``common_space_fraction`` (the reference default).
+        eval_batch_size: records per evaluation batch.
+        max_new_tokens: generation length for exact match (None: longest answer + 1).
+    """
+
+    sizes: SplitSizes
+    steps: int
+    batch_size: int
+    learning_rate: float
+    lora_r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    max_length: int
+    soup_task: str
+    soup_runs: tuple[tuple[int, float], ...]
+    ta_lambdas: tuple[float, ...]
+    ties_density: float
+    ties_lambdas: tuple[float, ...]
+    dare_densities: tuple[float, ...]
+    tsv_alphas: tuple[float, ...]
+    iso_scales: tuple[float, ...]
+    iso_cts_fraction: float
+    eval_batch_size: int
+    max_new_tokens: int | None = None
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FULL = Settings(
+    sizes=SplitSizes(train=256, validation=32, test=64),
+    steps=40,
+    batch_size=8,
+    learning_rate=1e-3,
+    lora_r=8,
+    lora_alpha=16.0,
+    target_modules=ALL_LINEAR,
+    max_length=96,
+    soup_task="add",
+    soup_runs=((1, 1.5e-3), (2, 7e-4)),
+    ta_lambdas=(0.5, 0.75, 1.0),
+    ties_density=0.2,
+    ties_lambdas=(0.75, 1.0, 1.5),
+    dare_densities=(0.5, 0.7),
+    tsv_alphas=(0.5, 0.75, 1.0),
+    iso_scales=(1.0, 3.0, 10.0, 30.0),
+    iso_cts_fraction=0.8,
+    eval_batch_size=64,
+)
+QUICK = Settings(
+    sizes=SplitSizes(train=16, validation=4, test=4),
+    steps=2,
+    batch_size=4,
+    learning_rate=1e-2,
+    lora_r=4,
+    lora_alpha=8.0,
+    target_modules=("q_proj", "v_proj"),
+    max_length=256,
+    soup_task="add",
+    soup_runs=((1, 2e-2), (2, 5e-3)),
+    ta_lambdas=(1.0,),
+    ties_density=0.2,
+    ties_lambdas=(1.0,),
+    dare_densities=(0.5,),
+    tsv_alphas=(0.5,),
+    iso_scales=(2.0,),
+    iso_cts_fraction=0.8,
+    eval_batch_size=8,
+    max_new_tokens=4,
+)
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One multi-task merge row.
+
+    Attributes:
+        name: the row's label.
+        method: the engine's method name.
+        grid: the settings tried on validation, given the settings chosen so far (DARE
+            takes the λ chosen for the method it feeds).
+        scale: the parameter the method is linear in, for a spectral method run once at
+            scale 1 and rescaled; None for a method merged afresh at every setting.
+        fixed: parameters every setting shares.
+        seeded: the method draws random masks (seeded with the seed set's seed).
+    """
+
+    name: str
+    method: str
+    grid: Callable[[dict[str, dict[str, Any]]], list[dict[str, float]]]
+    scale: str | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()
+    seeded: bool = False
+
+
+# Adapters leave the embeddings untouched: their task vectors are zero, which a spectral
+# merge maps to zero either way, so skipping their SVD (49152 × 576) changes no value.
+NO_SVD_FOR_EMBEDDINGS = [{"filter": "embed_tokens", "value": True}, {"value": False}]
+SPECTRAL_FOR_MATRICES = [{"filter": "embed_tokens", "value": False}, {"value": True}]
+
+
+def method_rows(settings: Settings) -> list[MethodRow]:
+    """The multi-task merge rows, in the order they are chosen and shown."""
+
+    def chosen(selection: dict[str, dict[str, Any]], name: str) -> float:
+        return float(selection[name]["chosen"]["lambda"])
+
+    return [
+        MethodRow(
+            "task arithmetic",
+            "task_arithmetic",
+            lambda _: [{"lambda": value} for value in settings.ta_lambdas],
+        ),
+        MethodRow(
+            "TIES",
+            "ties",
+            lambda _: [
+                {"density": settings.ties_density, "lambda": value}
+                for value in settings.ties_lambdas
+            ],
+        ),
+        MethodRow(
+            "DARE-linear",
+            "dare_linear",
+            lambda s: [
+                {"density": d, "lambda": chosen(s, "task arithmetic")}
+                for d in settings.dare_densities
+            ],
+            seeded=True,
+        ),
+        MethodRow(
+            "DARE-TIES",
+            "dare_ties",
+            lambda s: [
+                {"density": d, "lambda": chosen(s, "TIES")} for d in settings.dare_densities
+            ],
+            seeded=True,
+        ),
+        MethodRow(
+            "TSV-M",
+            "tsv_merge",
+            lambda _: [{"alpha": value} for value in settings.tsv_alphas],
+            scale="alpha",
+            fixed=(("exclude_from_svd", NO_SVD_FOR_EMBEDDINGS),),
+        ),
+        MethodRow(
+            "ISO-C",
+            "iso_c",
+            lambda _: [{"scaling_factor": value} for value in settings.iso_scales],
+            scale="scaling_factor",
+            fixed=(("spectral", SPECTRAL_FOR_MATRICES),),
+        ),
+        MethodRow(
+            "ISO-CTS",
+            "iso_cts",
+            lambda _: [
+                {"common_space_fraction": settings.iso_cts_fraction, "scaling_factor": value}
+                for value in settings.iso_scales
+            ],
+            scale="scaling_factor",
+            fixed=(("spectral", SPECTRAL_FOR_MATRICES),),
+        ),
+    ]
