@@ -68,19 +68,10 @@ class Lab:
         return out
 
     def rescale(self, merged: Path, scale: float, name: str) -> Path:
-        """θ₀ + scale · (merged − θ₀), by task arithmetic over one merged model."""
+        """θ₀ + scale · (merged − θ₀): ``merged`` itself at scale 1, else a new merge."""
         if scale == 1.0:
             return merged
-        return self.merge(
-            {
-                "merge_method": "task_arithmetic",
-                "base_model": str(self.base),
-                "models": [{"model": str(merged)}],
-                "parameters": {"lambda": scale},
-                "dtype": "float32",
-            },
-            name,
-        )
+        return self.merge(rescale_recipe(self.base, merged, scale), name)
 
     def score(self, folder: Path, evaluator: Any) -> dict[str, float]:
         """Every metric of one checkpoint folder under one evaluator."""
@@ -97,6 +88,21 @@ class Lab:
         """Remove a merged checkpoint that is no longer needed."""
         if folder != self.base and folder not in self.kept:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def rescale_recipe(base: Path, merged: Path, scale: float) -> dict[str, Any]:
+    """Task arithmetic over one merged model: θ₀ + scale · (merged − θ₀).
+
+    For a merge linear in its scale, θ₀ + α·M, this is the merge at scale α·(its scale),
+    up to float32 rounding.
+    """
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(merged)}],
+        "parameters": {"lambda": scale},
+        "dtype": "float32",
+    }
 
 
 def better(a: dict[str, float], b: dict[str, float]) -> bool:
