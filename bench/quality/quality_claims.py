@@ -13,6 +13,16 @@ from typing import Any
 from quality_stats import aggregate, versus
 
 REFERENCE = "TIES"
+DISPLAY = [
+    "uniform soup",
+    "task arithmetic",
+    "TIES",
+    "DARE-linear",
+    "DARE-TIES",
+    "TSV-M",
+    "ISO-C",
+    "ISO-CTS",
+]
 
 
 def rows(
@@ -27,21 +37,35 @@ def rows(
     ``examples`` is the number of test examples behind one average over the tasks.
     """
     found = [aggregate("base", "base", [{"seed": None, "parameters": {}, "scores": base}], tasks)]
-    for name, first in seed_sets[0]["rows"].items():
+    names = sorted(
+        {name for seed_set in seed_sets for name in seed_set.get("rows", {})},
+        key=lambda name: _rank(name, tasks),
+    )
+    for name in names:
+        present = [s for s in seed_sets if name in s.get("rows", {})]
         runs = [
             {"seed": s["seed"], "parameters": s["rows"][name]["parameters"], **_scores(s, name)}
-            for s in seed_sets
+            for s in present
         ]
-        found.append(aggregate(name, first["kind"], runs, tasks))
+        found.append(aggregate(name, present[0]["rows"][name]["kind"], runs, tasks))
     if soup is not None:
         for name, scores in soup["rows"].items():
             kind = "adapter" if name.startswith("adapter:") else "soup"
             run = {"seed": 0, "parameters": {}, "scores": scores}
             found.append(aggregate(name, kind, [run], tasks))
-    reference = next(row for row in found if row["name"] == REFERENCE)
+    reference = next((row for row in found if row["name"] == REFERENCE), None)
     for row in found:
-        row["vs_ties"] = versus(row, reference, examples)
+        row["vs_ties"] = None if reference is None else versus(row, reference, examples)
     return found
+
+
+def _rank(name: str, tasks: list[str]) -> int:
+    """Table order: each adapter alone (task order), then the merges in ``DISPLAY`` order."""
+    if name.startswith("adapter: ") and name[len("adapter: ") :] in tasks:
+        return tasks.index(name[len("adapter: ") :])
+    if name in DISPLAY:
+        return len(tasks) + DISPLAY.index(name)
+    return len(tasks) + len(DISPLAY)
 
 
 def _scores(seed_set: dict[str, Any], name: str) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """One seed set of the experiment, and the soups of the soup task's runs.
 
 A seed set trains one adapter per task with one training seed, chooses every multi-task
-method's hyper-parameter on the validation split (``quality_methods``), and scores on the
-test splits each adapter alone, the uniform soup of the four and every method at its chosen
-setting. The soups (Wortsman et al., "Model soups", ICML 2022) run once, over seed set 0's
-adapter of the soup task and its extra runs.
+method's hyper-parameter on the validation split (``quality_methods``) and scores it at its
+chosen setting on the test splits, then scores the uniform soup of the four and each adapter
+alone. The soups (Wortsman et al., "Model soups", ICML 2022) run once, after every seed set,
+over seed set 0's adapter of the soup task and its extra runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from quality_lab import Lab, choose, log
@@ -37,10 +39,19 @@ def train_all(
     return training, adapters
 
 
-def seed_set(lab: Lab, settings: Settings, seed: int, timings: dict[str, float]) -> dict[str, Any]:
-    """Train, choose and score one seed set; returns its record."""
-    from time import perf_counter
+def seed_set(
+    lab: Lab,
+    settings: Settings,
+    seed: int,
+    timings: dict[str, float],
+    record: dict[str, Any],
+    publish: Callable[[], None],
+) -> None:
+    """Train, choose and score one seed set into ``record``, publishing after every row.
 
+    Each method is chosen on validation and scored on test before the next one starts, in
+    ``method_rows`` order, so a run stopped early keeps every row it finished.
+    """
     clock = perf_counter()
 
     def phase(name: str) -> None:
@@ -52,6 +63,12 @@ def seed_set(lab: Lab, settings: Settings, seed: int, timings: dict[str, float])
     training, adapters = train_all(
         lab, task_runs(settings, seed), settings, lab.work / "adapters" / f"seed-{seed}"
     )
+    selection: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    record.update(
+        {"seed": seed, "training": training, "adapters": adapters, "selection": selection}
+    )
+    record["rows"] = rows
     phase("training")
     models = [{"model": reference} for reference in adapters.values()]
 
@@ -67,64 +84,49 @@ def seed_set(lab: Lab, settings: Settings, seed: int, timings: dict[str, float])
             recipe["seed"] = seed
         return recipe
 
-    log(f"seed set {seed}: choosing hyper-parameters on the validation split")
-    selection: dict[str, dict[str, Any]] = {}
-    units: dict[str, Path] = {}
-    for row in method_rows(settings):
-        grid = row.grid(selection)
-        name = f"{_slug(row.name)}-{seed}"
-        if row.scale is None:
-
-            def build(parameters: dict[str, float], folder: str, row: MethodRow = row) -> Path:
-                return lab.merge(document(row, parameters), folder)
-
-        else:
-            # Linear in its scale: merged once at scale 1, then rescaled per setting.
-            unit = lab.merge(document(row, {**grid[0], row.scale: 1.0}), f"unit-{name}")
-            lab.kept.add(unit)
-            units[row.name] = unit
-
-            def build(
-                parameters: dict[str, float], folder: str, unit: Path = unit, row: MethodRow = row
-            ) -> Path:
-                assert row.scale is not None
-                return lab.rescale(unit, parameters[row.scale], folder)
-
-        selection[row.name] = choose(lab, name, grid, build)
-    phase("selection on validation")
-
-    log(f"seed set {seed}: scoring on the test splits")
-    rows: dict[str, dict[str, Any]] = {}
-
     def score(name: str, kind: str, folder: Path, parameters: dict[str, Any]) -> None:
         scores = lab.test_scores(folder)
         lab.discard(folder)
         rows[name] = {"seed": seed, "kind": kind, "parameters": parameters, "scores": scores}
         log(f"  {name}: " + ", ".join(f"{t} {s['exact_match']:.3f}" for t, s in scores.items()))
+        phase(name)
+        publish()
 
+    for row in method_rows(settings):
+        grid = row.grid(selection)
+        name = f"{_slug(row.name)}-{seed}"
+        log(f"seed set {seed}: {row.name}, chosen on validation, scored on test")
+        test_folder = f"test-{seed}-{_slug(row.name)}"
+        if row.scale is None:
+
+            def build(parameters: dict[str, float], folder: str, row: MethodRow = row) -> Path:
+                return lab.merge(document(row, parameters), folder)
+
+            selection[row.name] = choose(lab, name, grid, build)
+            chosen = selection[row.name]["chosen"]
+            score(row.name, "merge", lab.merge(document(row, chosen), test_folder), chosen)
+            continue
+        # Linear in its scale: merged once at scale 1, then rescaled per setting.
+        unit = lab.merge(document(row, {**grid[0], row.scale: 1.0}), f"unit-{name}")
+        lab.kept.add(unit)
+
+        def rescaled(
+            parameters: dict[str, float], folder: str, unit: Path = unit, row: MethodRow = row
+        ) -> Path:
+            assert row.scale is not None
+            return lab.rescale(unit, parameters[row.scale], folder)
+
+        selection[row.name] = choose(lab, name, grid, rescaled)
+        chosen = selection[row.name]["chosen"]
+        score(row.name, "merge", rescaled(chosen, test_folder), chosen)
+        lab.kept.discard(unit)
+        lab.discard(unit)
+
+    uniform = {"merge_method": "linear", "models": models, "dtype": "float32"}
+    score("uniform soup", "merge", lab.merge(uniform, f"test-{seed}-uniform"), {})
     for label, reference in adapters.items():
         recipe = {"merge_method": "linear", "models": [{"model": reference}]}
         score(f"adapter: {label}", "adapter", lab.merge(recipe, f"test-{seed}-{label}"), {})
-    uniform = {"merge_method": "linear", "models": models, "dtype": "float32"}
-    score("uniform soup", "merge", lab.merge(uniform, f"test-{seed}-uniform"), {})
-    for row in method_rows(settings):
-        chosen = selection[row.name]["chosen"]
-        folder = f"test-{seed}-{_slug(row.name)}"
-        if row.scale is None:
-            score(row.name, "merge", lab.merge(document(row, chosen), folder), chosen)
-        else:
-            unit = units[row.name]
-            score(row.name, "merge", lab.rescale(unit, chosen[row.scale], folder), chosen)
-            lab.kept.discard(unit)
-            lab.discard(unit)
-    phase("final merges and test scores")
-    return {
-        "seed": seed,
-        "training": training,
-        "adapters": adapters,
-        "selection": selection,
-        "rows": rows,
-    }
 
 
 def soups(lab: Lab, settings: Settings, seed_zero: str) -> dict[str, Any]:

@@ -150,17 +150,13 @@ SPECTRAL_FOR_MATRICES = [{"filter": "embed_tokens", "value": False}, {"value": T
 
 
 def method_rows(settings: Settings) -> list[MethodRow]:
-    """The multi-task merge rows, in the order they are chosen and shown."""
+    """The multi-task merge rows, in the order they run: the reference (TIES) and the newer
+    methods first, so that a run stopped early has them; DARE after the λ it takes."""
 
     def chosen(selection: dict[str, dict[str, Any]], name: str) -> float:
         return float(selection[name]["chosen"]["lambda"])
 
     return [
-        MethodRow(
-            "task arithmetic",
-            "task_arithmetic",
-            lambda _: [{"lambda": value} for value in settings.ta_lambdas],
-        ),
         MethodRow(
             "TIES",
             "ties",
@@ -168,23 +164,6 @@ def method_rows(settings: Settings) -> list[MethodRow]:
                 {"density": settings.ties_density, "lambda": value}
                 for value in settings.ties_lambdas
             ],
-        ),
-        MethodRow(
-            "DARE-linear",
-            "dare_linear",
-            lambda s: [
-                {"density": d, "lambda": chosen(s, "task arithmetic")}
-                for d in settings.dare_densities
-            ],
-            seeded=True,
-        ),
-        MethodRow(
-            "DARE-TIES",
-            "dare_ties",
-            lambda s: [
-                {"density": d, "lambda": chosen(s, "TIES")} for d in settings.dare_densities
-            ],
-            seeded=True,
         ),
         MethodRow(
             "TSV-M",
@@ -209,5 +188,27 @@ def method_rows(settings: Settings) -> list[MethodRow]:
             ],
             scale="scaling_factor",
             fixed=(("spectral", SPECTRAL_FOR_MATRICES),),
+        ),
+        MethodRow(
+            "task arithmetic",
+            "task_arithmetic",
+            lambda _: [{"lambda": value} for value in settings.ta_lambdas],
+        ),
+        MethodRow(
+            "DARE-TIES",
+            "dare_ties",
+            lambda s: [
+                {"density": d, "lambda": chosen(s, "TIES")} for d in settings.dare_densities
+            ],
+            seeded=True,
+        ),
+        MethodRow(
+            "DARE-linear",
+            "dare_linear",
+            lambda s: [
+                {"density": d, "lambda": chosen(s, "task arithmetic")}
+                for d in settings.dare_densities
+            ],
+            seeded=True,
         ),
     ]

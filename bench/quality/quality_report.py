@@ -34,9 +34,9 @@ def _cell(value: float, std: float | None, metric: str) -> str:
 
 def versus_cell(row: dict[str, Any]) -> str:
     """The difference of average exact match to TIES, in points, and whether it is noise."""
-    if row["name"] == "TIES":
+    comparison = row.get("vs_ties")
+    if row["name"] == "TIES" or comparison is None:
         return "–"
-    comparison = row["vs_ties"]
     verdict = "beyond noise" if comparison["beyond_noise"] else "within noise"
     return f"{100 * comparison['difference']:+.1f} ± {100 * comparison['noise']:.1f} ({verdict})"
 
@@ -87,7 +87,10 @@ def chosen_table(results: dict[str, Any]) -> str:
         "|---|" + "---|" * len(seeds),
     ]
     for method in results["seed_sets"][0]["selection"]:
-        cells = [_setting(s["selection"][method]["chosen"]) for s in results["seed_sets"]]
+        cells = [
+            _setting(s["selection"][method]["chosen"]) if method in s["selection"] else "–"
+            for s in results["seed_sets"]
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

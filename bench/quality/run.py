@@ -14,12 +14,12 @@ ships; nothing is downloaded), the script
    (``quality_methods``: task arithmetic, TIES, DARE-linear, DARE-TIES, TSV-M, ISO-C,
    ISO-CTS), and scores on every task's test split each adapter alone, the uniform soup of
    the four and every method at its chosen setting;
-4. after seed set 0, trains two more runs of the soup task and scores their uniform and
+4. after the seed sets, trains two more runs of the soup task and scores their uniform and
    greedy soups (with seed set 0's adapter of that task);
 5. writes ``results.json``, ``results.md`` (mean ± standard deviation over the seed sets,
    each method against TIES with the noise, the papers' claims checked), ``methods.png``
    and ``greedy_soup.png`` (need matplotlib: ``pip install -e '.[bench]'``) into ``--out``,
-   after every seed set, so a run stopped early keeps the seed sets it finished.
+   after every row of every seed set, so a run stopped early keeps the rows it finished.
 
 Every merge goes through the engine (``merge_kernels.runner.run_merge``, adapters as
 ``BASE+ADAPTER`` references) and every score through the held-out evaluator
@@ -171,15 +171,9 @@ def experiment(
         "timings_s": timings,
     }
     soup: dict[str, Any] | None = None
-    for seed in range(seeds):
-        document["seed_sets"].append(seed_set(lab, settings, seed, timings))
-        if seed == 0:
-            clock = time.perf_counter()
-            first = document["seed_sets"][0]
-            adapter = first["adapters"][settings.soup_task]
-            soup = soups(lab, settings, adapter)
-            soup["task"] = settings.soup_task
-            timings["soups"] = round(time.perf_counter() - clock, 1)
+
+    def publish_now() -> None:
+        nonlocal soup
         found = rows(base_scores, document["seed_sets"], soup, tasks, examples)
         if soup is not None:
             adapter_row = next(r for r in found if r["name"] == f"adapter: {settings.soup_task}")
@@ -187,10 +181,24 @@ def experiment(
         document["greedy_soup"] = soup
         document["rows"] = found
         document["claims"] = claims(found, soup, examples)
-        document["seeds_completed"] = seed + 1
+        document["seeds_completed"] = sum(
+            len(s["rows"]) == len(method_rows(settings)) + 1 + len(TASKS)
+            for s in document["seed_sets"]
+        )
         document["merges_run"] = lab.merges
         timings["total"] = round(time.perf_counter() - start, 1)
         publish(document)
+
+    for seed in range(seeds):
+        record: dict[str, Any] = {}
+        document["seed_sets"].append(record)
+        seed_set(lab, settings, seed, timings, record, publish_now)
+    # The soups last: the same in every run, so the seed sets come first.
+    clock = time.perf_counter()
+    soup = soups(lab, settings, document["seed_sets"][0]["adapters"][settings.soup_task])
+    soup["task"] = settings.soup_task
+    timings["soups"] = round(time.perf_counter() - clock, 1)
+    publish_now()
     return document
 
 
