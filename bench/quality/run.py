@@ -218,16 +218,16 @@ def without_paths(results: dict[str, Any], names: dict[Path, str]) -> dict[str, 
     return replaced
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``results.json``, ``results.md`` and (with matplotlib) the two plots."""
+def write_outputs(results: dict[str, Any], out: Path, *, plots: bool = True) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and (with matplotlib, if ``plots``) the plots."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
     written[0].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     written[1].write_text(markdown(results), encoding="utf-8")
-    plots = [(plot_methods, out / "methods.png")]
-    if results.get("greedy_soup") is not None:
-        plots.append((plot_greedy_soup, out / "greedy_soup.png"))
-    for plot, path in plots:
+    drawn = [(plot_methods, out / "methods.png")] if plots else []
+    if plots and results.get("greedy_soup") is not None:
+        drawn.append((plot_greedy_soup, out / "greedy_soup.png"))
+    for plot, path in drawn:
         if plot(results, path):
             written.append(path)
         else:
@@ -313,9 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-quality-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    plotted = [-1]
+
     def publish(results: dict[str, Any]) -> None:
         shown = without_paths({**results, "code": code}, {work.resolve(): "WORK", Path.cwd(): "."})
-        for path in write_outputs(shown, args.out):
+        # The plots (slow to draw) only when a seed set or the soups complete.
+        done = results["seeds_completed"] + (results["greedy_soup"] is not None)
+        plots, plotted[0] = done != plotted[0], done
+        for path in write_outputs(shown, args.out, plots=plots):
             log(f"wrote {path} ({shown['seeds_completed']} of {seeds} seed sets)")
 
     try:
