@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,10 @@ from merge_kernels.recipe import ModelReference, Recipe, parse_recipe
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 1024**3
+SCORES_IN_FLIGHT = 4  # ingredients scored at once with an asynchronous scorer
 StepCallback = Callable[[str], None]
+# Starts scoring a candidate elsewhere (e.g. a Ray task on a GPU node) and returns at once.
+ScoreAsync = Callable[[Candidate], "Future[Score]"]
 
 
 @dataclass
@@ -134,8 +139,10 @@ class _Search:
         scratch: Path,
         on_step: StepCallback | None,
         should_cancel: Callable[[], bool] | None,
+        score_async: ScoreAsync | None = None,
     ) -> None:
         self.plan = plan
+        self.score_async = score_async
         self.evaluator = evaluator
         self.allow_equal = keep_rule == ">="
         self.keep_rule = keep_rule
@@ -157,11 +164,26 @@ class _Search:
             self.on_step(text)
 
     def score(self, candidate: Candidate) -> Score:
+        return self.collect(*self.submit(candidate))
+
+    def submit(self, candidate: Candidate) -> tuple[Future[Score], Path | None]:
+        """Start scoring ``candidate``: elsewhere with ``score_async``, else here and now.
+
+        Returns the score's future and the folder written for it here, if any.
+        """
         self.check_cancel()
-        score = self.evaluator.evaluate(candidate)
+        if self.score_async is not None:
+            return self.score_async(candidate), candidate.written_folder
+        done: Future[Score] = Future()
+        done.set_result(self.evaluator.evaluate(candidate))
+        return done, candidate.written_folder
+
+    def collect(self, future: Future[Score], written: Path | None) -> Score:
+        """The score of a submitted candidate, once it is known."""
+        score = future.result()
         self.evaluations += 1
         # A candidate written for the evaluator is not needed again: keep the disk bounded.
-        self.discard(candidate.written_folder)
+        self.discard(written)
         return score
 
     def discard(self, folder: Path | str | None) -> None:
@@ -227,6 +249,11 @@ def as_output(
 
 
 class _InMemorySearch(_Search):
+    def _continues(self, step: int, steps: int, result: SearchResult) -> bool:
+        """Whether the step after ``step`` runs, whether or not this one is kept."""
+        room = self.max_ingredients is None or len(result.kept) + 1 < self.max_ingredients
+        return step < steps and room
+
     def read_model(self, position: int, result: SearchResult) -> dict[str, torch.Tensor]:
         tensors, read = read_model(self.plan, position)
         result.bytes_read += read
@@ -249,29 +276,33 @@ class _InMemorySearch(_Search):
         count = len(self.plan.inputs)
         scores: list[Score] = []
         result = SearchResult(self.references, scores, [], in_memory=True)
+        pending: deque[tuple[Future[Score], Path | None]] = deque()
         for position in range(count):
             self.announce(f"scoring ingredient {position + 1}/{count}: {self.references[position]}")
             model = self.read_model(position, result)
             refs = [self.references[position]]
-            scores.append(
-                self.score(
-                    self.candidate(
-                        f"ingredient {position}", position, refs, self.as_output(model, 1)
-                    )
-                )
+            label = f"ingredient {position}"
+            pending.append(
+                self.submit(self.candidate(label, position, refs, self.as_output(model, 1)))
             )
             del model
+            while len(pending) >= SCORES_IN_FLIGHT or (pending and pending[0][0].done()):
+                scores.append(self.collect(*pending.popleft()))
+        scores.extend(self.collect(*pending.popleft()) for _ in range(len(pending)))
         result.model_bytes = result.bytes_read // max(1, count)
         result.order = self.ranked(scores)
         first = result.order[0]
         result.kept = [first]
         result.best = scores[first].value
         running = self.read_model(first, result)
-        for step, position in enumerate(result.order[1:], start=1):
+        order = result.order[1:]
+        upcoming: dict[str, torch.Tensor] | None = None
+        for step, position in enumerate(order, start=1):
             if self.max_ingredients is not None and len(result.kept) >= self.max_ingredients:
                 break
             self.announce(f"soup step {step}/{count - 1}: trying {self.references[position]}")
-            new = self.read_model(position, result)
+            new = upcoming if upcoming is not None else self.read_model(position, result)
+            upcoming = None
             divisor = len(result.kept) + 1
             candidate: dict[str, torch.Tensor] = {}
             for tensor in self.plan.tensors:  # one float32 temporary at a time
@@ -283,8 +314,11 @@ class _InMemorySearch(_Search):
                 del summed
             refs = [self.references[i] for i in [*result.kept, position]]
             label = f"soup step {step}"
-            score = self.score(self.candidate(label, count + step - 1, refs, candidate))
+            submitted = self.submit(self.candidate(label, count + step - 1, refs, candidate))
             del candidate
+            if self.score_async is not None and self._continues(step, len(order), result):
+                upcoming = self.read_model(order[step], result)  # while the candidate is scored
+            score = self.collect(*submitted)
             kept = self.better(score.value, result.best)
             if kept:
                 for tensor in self.plan.tensors:
@@ -316,6 +350,7 @@ def search_greedy_soup(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     run_linear: Callable[[Recipe, Path], None] | None = None,
+    score_async: ScoreAsync | None = None,
 ) -> SearchResult:
     """Choose the soup's ingredients.
 
@@ -329,6 +364,9 @@ def search_greedy_soup(
         on_step: called with a description before each evaluation.
         should_cancel: polled between steps.
         run_linear: runs an engine merge of a recipe into a folder (the on-disk search).
+        score_async: scores candidates elsewhere (e.g. :class:`~merge_kernels.executors.
+            ray_soup.RayScorer`): ingredients are then scored several at once, and the next
+            ingredient is read while a soup candidate is scored; the result is the same.
 
     Returns:
         The ingredients' scores, every step, and the kept ingredients.
@@ -339,6 +377,7 @@ def search_greedy_soup(
         "scratch": scratch,
         "on_step": on_step,
         "should_cancel": should_cancel,
+        "score_async": score_async,
     }
     if working_set_bytes(plan) <= memory_limit_bytes or run_linear is None:
         return _InMemorySearch(plan, evaluator, **common).run()

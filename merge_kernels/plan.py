@@ -151,6 +151,15 @@ class MergePlan:
                 elements = rows * (tensor.numel // max(1, tensor.shape[0]))
             # raw reads + float32 copies of every input, the method's working set, the output
             working = elements * (inputs * (2 + 4) + (inputs + 3) * 4 + itemsize(tensor.dtype))
+            declared = self.recipe.method.working_memory
+            if declared is not None and tensor.params is not None:
+                # SVDs and optimisers hold far more than a few tensors: the method's own count
+                # replaces the elementwise working set (reads and output stay).
+                shape = tensor.shape
+                if rows is not None and shape:
+                    shape = (rows, *shape[1:])  # a chunked tensor holds one chunk at a time
+                own = declared(tensor.params.method, shape, inputs)
+                working = elements * (inputs * (2 + 4) + itemsize(tensor.dtype)) + own
             worst = max(worst, working)
         return PROCESS_BASELINE_BYTES + 2 * worst  # reads of the next tensor overlap this one
 

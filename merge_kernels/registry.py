@@ -28,6 +28,7 @@ Kernel = Callable[[MergeInputs, Any, TensorContext], torch.Tensor]
 Check = Callable[[Any, tuple[Any, ...]], None]
 WeightedForm = Callable[[Any, tuple[Any, ...]], WeightedSum]
 ConsensusFormOf = Callable[[Any], ConsensusForm | None]
+WorkingMemory = Callable[[Any, tuple[int, ...], int], int]
 
 
 def _no_check(params: Any, model_params: tuple[Any, ...]) -> None:
@@ -77,6 +78,10 @@ class MethodSpec:
         consensus_form: for TIES, its parameters as a :class:`~merge_kernels.fused.ConsensusForm`
             (None for options the fused loop does not cover), for the fused CPU loop.
         description: one paragraph for ``GET /v1/methods`` and ``tureen methods``.
+        working_memory: for a method whose working set is not a few tensors of the input's
+            size (SVDs, optimisers), its peak bytes for one tensor: (resolved parameters,
+            shape, number of inputs read, base included) -> bytes; the plan's peak estimate
+            uses it in place of its elementwise rule.
     """
 
     name: str
@@ -99,6 +104,7 @@ class MethodSpec:
     cache_blocking: bool = False
     weighted_form: WeightedForm | None = None
     consensus_form: ConsensusFormOf | None = None
+    working_memory: WorkingMemory | None = None
 
     @property
     def takes_base(self) -> bool:

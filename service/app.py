@@ -18,7 +18,9 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.routes import console as console_routes  # the web console
 from service.api.routes import docs, health, merges, methods, metrics, plans
+from service.api.routes import tensor_stats as tensor_stats_routes  # the web console
 from service.api.routes import trainings as trainings_routes  # training jobs
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
 from service.errors import ApiError, ErrorBody, error_response, install_error_handlers
@@ -184,6 +186,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for module in (merges, plans, methods, health, metrics):
         app.include_router(module.router)
     app.include_router(trainings_routes.router)  # training jobs
+    for router in (console_routes.page_router, console_routes.roots_router):  # web console
+        app.include_router(router)
+    app.include_router(tensor_stats_routes.router)  # the web console's compare view
     app.include_router(docs.openapi_router)
     if settings.docs:
         app.include_router(docs.docs_router)

@@ -35,6 +35,7 @@ from pydantic import SecretStr
 
 from merge_kernels import __version__
 from merge_kernels.errors import TureenError
+from merge_kernels.executors.hub_upload import uploaded_operations
 from service.jobs.models import (
     Job,
     JobError,
@@ -217,8 +218,11 @@ def publish_folder(
         if options.revision is not None and options.revision != "main":
             step(f"making sure branch {options.revision} exists")
             api.create_branch(repo_id, branch=options.revision, repo_type="model", exist_ok=True)
+        # Shards the merge's nodes pre-uploaded go in by reference (no bytes sent again).
+        uploaded = uploaded_operations(folder, files, repo_id)
         operations = [
-            hub.CommitOperationAdd(
+            uploaded.get(path)
+            or hub.CommitOperationAdd(
                 path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path)
             )
             for path in files

@@ -448,3 +448,33 @@ def describe_from_metadata(
         entries=entries,
         weight_files=shards,
     )
+
+
+def fetch_file(ref: HubRef, filename: str, commit: str) -> Path:
+    """Download one file of a repository at ``commit`` into the local Hugging Face cache.
+
+    One ``hf_hub_download``, never a snapshot: for workers that need only some of a model's
+    shards (the Ray executor's tasks). A file already cached at that commit is not fetched
+    again.
+
+    Args:
+        ref: the repository (its revision is ignored: ``commit`` pins the file).
+        filename: the file's path in the repository.
+        commit: the commit SHA the driver resolved.
+
+    Returns:
+        The file's path in the cache's snapshot folder of ``commit``.
+
+    Raises:
+        CheckpointNotFoundError: the repository, commit or file is missing or not readable.
+        TureenError: the Hub answered with another error.
+    """
+    hub = _hub()
+    try:
+        return Path(hub.hf_hub_download(ref.repo, filename, revision=commit))
+    except Exception as exc:
+        if isinstance(exc, hub.errors.HfHubHTTPError | hub.errors.EntryNotFoundError):
+            raise _translate(exc, ref) from None
+        if _is_network_error(exc) or isinstance(exc, hub.errors.LocalEntryNotFoundError):
+            raise _translate(exc, ref) from None
+        raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ from typing import Any
 
 from merge_kernels.errors import MergeCancelledError
 from merge_kernels.executors import ExecutorUnavailableError, ShardTaskLostError, ShardWork
+from merge_kernels.executors.hub_inputs import hub_inputs, node_fingerprint
+from merge_kernels.executors.hub_upload import ShardUpload, prepare_repository, record_uploads
 from merge_kernels.executors.local import shard_tensors
 from merge_kernels.executors.ray_tasks import (
     PART_SUFFIX,
@@ -64,7 +67,8 @@ WAIT_SECONDS = 0.5  # how often the driver looks for cancellation while tasks ru
 STOP_SECONDS = 10.0  # how long stopped tasks get to end before the staging folder goes
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """The ``ray`` module, or an error saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -127,6 +131,9 @@ class RayExecutor:
 
     Attributes:
         reports: what each merge task of the last run returned, in the order they finished.
+        round_trips: for each of ``reports``, when the driver submitted the task and when it
+            had its result (wall-clock seconds): against the task's own times, what Ray's
+            scheduling and the wait for a free CPU cost.
     """
 
     name = "ray"
@@ -140,6 +147,7 @@ class RayExecutor:
         max_in_flight: int | None = None,
         num_cpus: float = 1.0,
         resources: Mapping[str, float] | None = None,
+        upload: ShardUpload | None = None,
     ) -> None:
         """Describe how to run; nothing connects until a merge runs.
 
@@ -153,18 +161,23 @@ class RayExecutor:
             num_cpus: CPUs each task declares.
             resources: custom resources each task also declares (e.g. to keep merges on a
                 pool of nodes that offer them).
+            upload: pre-upload each shard to this Hub repository from the node that wrote
+                it, for a publication of the output in one commit that sends no shard from
+                the driver (:mod:`merge_kernels.executors.hub_upload`).
 
         Raises:
             ExecutorUnavailableError: the ``ray`` package is not installed.
         """
-        self._ray = _import_ray()
+        self._ray = import_ray()
         self.address = address
         self.task_bytes = task_bytes
         self.max_retries = max_retries
         self.max_in_flight = max_in_flight
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
+        self.upload = upload
         self.reports: list[TaskReport] = []
+        self.round_trips: list[tuple[float, float]] = []
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r})"
@@ -198,6 +211,8 @@ class RayExecutor:
         ray = self._ray
         plan, counters = work.plan, work.counters
         self.reports = []
+        self.round_trips = []
+        submitted: dict[ShardGroup, float] = {}
         shards = {shard.filename: shard for shard in plan.shards}
         for shard in plan.shards:
             if shard.filename in work.done:
@@ -211,13 +226,19 @@ class RayExecutor:
             ray_address=None,
             base_dir=(options.base_dir or Path.cwd()).resolve(),
         )
+        hub = hub_inputs(plan)
         job = NodeJob(
             run=secrets.token_hex(8),
             recipe=plan.recipe,
             options=node_options,
             fingerprint=work.staging.fingerprint,
             staging=str(work.staging.path.resolve()),
+            hub_inputs=hub,
+            node_fingerprint=node_fingerprint(plan, hub),
+            upload=self.upload,
         )
+        if self.upload is not None:
+            prepare_repository(self.upload)
         job_ref = ray.put(job)
         pending = [s for s in plan.shards if s.filename not in work.done]
         groups = group_shards(plan, pending, self.task_bytes)
@@ -238,10 +259,14 @@ class RayExecutor:
         def submit(group: ShardGroup) -> Any:
             names = set(group.filenames)
             own = {key: state for key, state in trims.items() if shard_of[key[0]] in names}
+            submitted[group] = time.time()
             return remote.options(**self._options(group)).remote(job_ref, group.filenames, own)
 
         def record(group: ShardGroup, report: TaskReport) -> None:
             self.reports.append(report)
+            self.round_trips.append((submitted[group], time.time()))
+            if report.uploads:  # before the shards are recorded as done
+                record_uploads(work.staging.path, report.uploads)
             for filename, digest in report.shards:
                 work.staging.mark_shard_done(filename, digest)
                 counters["tensors"] += len(shards[filename].tensors)

@@ -3,11 +3,13 @@
 A task gets the job (the recipe, the engine options, the plan's fingerprint and the staging
 folder, all small) and the names of its shards. It plans the merge again on its node, from
 the same headers, and checks that the fingerprint matches the driver's (the nodes must see
-the inputs and the output folder at the same paths: a shared filesystem). The plan is kept
-for the worker process's next task of the same run, so a run plans once per worker, not once
-per task. A merge task writes each shard under a temporary name and renames it into place
-once complete: a task lost with its node, or retried, never leaves a partial file under a
-shard's name. It returns checksums and timings only; no tensor goes through the object store.
+local inputs and the output folder at the same paths: a shared filesystem; Hub inputs are
+fetched on each node, only the files its tasks read: see
+:mod:`merge_kernels.executors.hub_inputs`). The plan is kept for the worker process's next
+task of the same run, so a run plans once per worker, not once per task. A merge task writes
+each shard under a temporary name and renames it into place once complete: a task lost with
+its node, or retried, never leaves a partial file under a shard's name. It returns checksums
+and timings only; no tensor goes through the object store.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge_kernels.errors import CheckpointFileError
+from merge_kernels.executors.hub_inputs import (
+    HubFiles,
+    fetched_files,
+    node_fingerprint,
+    plan_with_hub_files,
+)
+from merge_kernels.executors.hub_upload import ShardUpload, UploadedFile, preupload_shard
 from merge_kernels.executors.local import io_pools, write_shard
 from merge_kernels.executors.trim_reduce import (
     MergeableSelect,
@@ -55,6 +64,10 @@ class NodeJob:
         options: the engine options, with the local executor (a task merges in place).
         fingerprint: the driver's fingerprint of the plan.
         staging: the staging folder the shards go to.
+        hub_inputs: the Hub inputs nodes fetch file by file, by position among the inputs.
+        node_fingerprint: the driver's :func:`~merge_kernels.executors.hub_inputs.
+            node_fingerprint` of the plan, which a node's plan must match.
+        upload: where tasks pre-upload the shards they write, if anywhere.
     """
 
     run: str
@@ -62,6 +75,9 @@ class NodeJob:
     options: MergeOptions
     fingerprint: str
     staging: str
+    hub_inputs: dict[int, HubFiles]
+    node_fingerprint: str
+    upload: ShardUpload | None = None
 
 
 @dataclass(frozen=True)
@@ -73,14 +89,22 @@ class TaskReport:
         node_id: the Ray node it ran on.
         pid: its worker process.
         started: wall-clock time it started (seconds since the epoch).
+        planned: wall-clock time its plan was ready (the worker's first task of a run plans;
+            later ones find the plan made).
         finished: wall-clock time it finished.
+        fetched: ``(repository, file, bytes)`` of each Hub weight file it downloaded into
+            its node's cache (files found there are not listed).
+        uploads: the shards it pre-uploaded to the Hub (with ``NodeJob.upload``).
     """
 
     shards: tuple[tuple[str, str], ...]
     node_id: str
     pid: int
     started: float
+    planned: float
     finished: float
+    fetched: tuple[tuple[str, str, int], ...]
+    uploads: tuple[UploadedFile, ...] = ()
 
 
 _PLANNED: dict[str, tuple[MergePlan, list[PlannedInput]]] = {}
@@ -93,17 +117,24 @@ def planned(job: NodeJob) -> MergePlan:
     Raises:
         CheckpointFileError: the plan made here differs from the driver's.
     """
-    from merge_kernels.runner import close_inputs, fingerprint, plan_merge
+    return _planned(job)[0]
+
+
+def _planned(job: NodeJob) -> tuple[MergePlan, list[PlannedInput]]:
+    from merge_kernels.runner import close_inputs, plan_merge
 
     with _PLANNED_LOCK:
         cached = _PLANNED.get(job.run)
         if cached is not None:
-            return cached[0]
+            return cached
         for _, inputs in _PLANNED.values():
             close_inputs(inputs)  # another run's: its readers would only hold files open
         _PLANNED.clear()
-        plan, inputs = plan_merge(job.recipe, job.options)
-        if fingerprint(plan, job.options) != job.fingerprint:
+        if job.hub_inputs:  # fetched here file by file, as tasks read them
+            plan, inputs = plan_with_hub_files(job.recipe, job.options, job.hub_inputs)
+        else:
+            plan, inputs = plan_merge(job.recipe, job.options)
+        if node_fingerprint(plan, job.hub_inputs) != job.node_fingerprint:
             close_inputs(inputs)
             raise CheckpointFileError(
                 f"the inputs as node {_node_id()} sees them differ from the driver's (paths, "
@@ -112,7 +143,7 @@ def planned(job: NodeJob) -> MergePlan:
                 details={"file": None},
             )
         _PLANNED[job.run] = (plan, inputs)
-        return plan
+        return plan, inputs
 
 
 def _node_id() -> str:
@@ -138,12 +169,15 @@ def merge_shards_task(
         trims: the model-wide trim states of these shards' pieces, from the driver's reduce.
     """
     started = time.time()
-    plan = planned(job)
+    plan, inputs = _planned(job)
+    planned_at = time.time()
+    fetched_before = set(fetched_files(inputs))
     merger = PieceMerger(plan, job.options.device, _never_cancelled)
     merger.trims.update(trims)
     folder = Path(job.staging)
     wanted = set(filenames)
     written: list[tuple[str, str]] = []
+    uploads: list[UploadedFile] = []
     readers, writers = io_pools()
     with readers, writers:
         for shard in plan.shards:
@@ -153,9 +187,23 @@ def merge_shards_task(
             digest = write_shard(plan, part, folder, merger, (readers, writers), _never_cancelled)
             os.replace(folder / part.filename, folder / shard.filename)
             written.append((shard.filename, digest))
+            if job.upload is not None:
+                uploaded = preupload_shard(folder / shard.filename, job.upload)
+                if uploaded is not None:
+                    uploads.append(uploaded)
     if written:
         fsync_dir(folder)
-    return TaskReport(tuple(written), _node_id(), os.getpid(), started, time.time())
+    fetched = tuple(f for f in fetched_files(inputs) if f not in fetched_before)
+    return TaskReport(
+        tuple(written),
+        _node_id(),
+        os.getpid(),
+        started,
+        planned_at,
+        time.time(),
+        fetched,
+        tuple(uploads),
+    )
 
 
 def _scope(plan: MergePlan) -> TrimScope:

@@ -3,6 +3,7 @@
 from merge_kernels.methods import (
     arcee_fusion,
     breadcrumbs,
+    consensus,
     della,
     greedy_soup,
     iso,
@@ -18,11 +19,13 @@ from merge_kernels.methods import (
     slerp,
     task_arithmetic,
     tsv,
+    wudi,
 )
 
 __all__ = [
     "arcee_fusion",
     "breadcrumbs",
+    "consensus",
     "della",
     "greedy_soup",
     "iso",
@@ -38,4 +41,5 @@ __all__ = [
     "slerp",
     "task_arithmetic",
     "tsv",
+    "wudi",
 ]

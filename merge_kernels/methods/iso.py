@@ -28,7 +28,9 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, NoModelParams, TensorContext
 from merge_kernels.methods.single_thread_linalg import one_cpu_thread
+from merge_kernels.methods.spectral_memory import iso_c_working_bytes, iso_cts_working_bytes
 from merge_kernels.methods.steps import task_vector
+from merge_kernels.methods.truncated_svd import SvdMethod, top_singular_triplets
 from merge_kernels.registry import MethodSpec, register
 
 
@@ -55,6 +57,12 @@ class IsoCtsParams(IsoCParams):
         le=1.0,
         description="Fraction of each matrix's rank kept for the common subspace; the rest "
         "is shared equally among the tasks' own subspaces.",
+    )
+    svd: SvdMethod = Field(
+        "exact",
+        description="How each task's top directions outside the common subspace are found: "
+        "a full thin SVD (`exact`, the reference) or a randomized SVD (`randomized`: "
+        "faster on large matrices, approximate where the spectrum decays slowly).",
     )
 
 
@@ -98,8 +106,15 @@ def _polar(matrix: torch.Tensor) -> torch.Tensor:
     return polar
 
 
-def iso_cts_matrix(taus: Sequence[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
-    """ISO-CTS's merged task matrix from the common and the task-specific subspaces."""
+def iso_cts_matrix(
+    taus: Sequence[torch.Tensor], common_space_fraction: float, svd: SvdMethod = "exact"
+) -> torch.Tensor:
+    """ISO-CTS's merged task matrix from the common and the task-specific subspaces.
+
+    ``svd: randomized`` finds each task's few top directions outside the common subspace
+    by a randomized SVD (see :mod:`merge_kernels.methods.truncated_svd`); the summed
+    matrix's SVD and the polar factors stay exact.
+    """
     count = len(taus)
     rank = min(taus[0].shape)
     common = common_space_size(rank, count, common_space_fraction)
@@ -113,11 +128,11 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], common_space_fraction: float) -
     for index, tau in enumerate(taus):
         # What of this task lies outside the common left subspace.
         specific = tau - common_u @ common_u.T @ tau
-        task_u, task_s, task_vh = torch.linalg.svd(specific, full_matrices=False)
+        task_u, task_s, task_vh = top_singular_triplets(specific, per_task, svd)
         block = slice(index * per_task, (index + 1) * per_task)
-        basis_u[:, block] = task_u[:, :per_task]
-        values[block] = task_s[:per_task]
-        basis_vh[block, :] = task_vh[:per_task, :]
+        basis_u[:, block] = task_u
+        values[block] = task_s
+        basis_vh[block, :] = task_vh
     tail = slice(count * per_task, count * per_task + common)
     basis_u[:, tail] = common_u
     values[tail] = common_s
@@ -165,7 +180,7 @@ def iso_cts(inputs: MergeInputs, params: IsoCtsParams, ctx: TensorContext) -> to
     base, taus = _task_vectors(inputs, "iso_cts")
     if base.dim() == 2 and params.spectral:
         with one_cpu_thread(base.device):
-            merged = iso_cts_matrix(taus, params.common_space_fraction)
+            merged = iso_cts_matrix(taus, params.common_space_fraction, params.svd)
     else:
         merged = _running_mean(taus)
     return base + merged * params.scaling_factor
@@ -188,6 +203,7 @@ register(
         description="Sums the task vectors of each 2-D tensor and replaces its singular "
         "values by their mean (a flat spectrum); other tensors take the task vectors' mean. "
         "The result, times scaling_factor, is added to the base.",
+        working_memory=iso_c_working_bytes,
     )
 )
 
@@ -204,5 +220,6 @@ register(
         "task matrix's directions and gives the rest of the rank to each task's own top "
         "directions outside them, orthogonalized, with a flat spectrum; other tensors take "
         "the task vectors' mean. The result, times scaling_factor, is added to the base.",
+        working_memory=iso_cts_working_bytes,
     )
 )

@@ -40,7 +40,9 @@ from pydantic import Field
 
 from merge_kernels.methods.kernel import MergeInputs, MethodParams, ModelParams, TensorContext
 from merge_kernels.methods.single_thread_linalg import one_cpu_thread
+from merge_kernels.methods.spectral_memory import tsv_working_bytes
 from merge_kernels.methods.steps import task_vector
+from merge_kernels.methods.truncated_svd import SvdMethod, top_singular_triplets
 from merge_kernels.registry import MethodSpec, register
 
 
@@ -55,6 +57,12 @@ class TsvParams(MethodParams):
         description="Average this 2-D tensor's task vectors instead of merging their "
         "singular vectors (the reference's exclude_keys; set per tensor with a filtered "
         "list). Tensors that are not 2-D are always averaged.",
+    )
+    svd: SvdMethod = Field(
+        "exact",
+        description="How each task's top 1/T singular directions are found: a full thin "
+        "SVD (`exact`, the reference) or a randomized SVD (`randomized`: faster on large "
+        "matrices, approximate where the spectrum decays slowly).",
     )
 
 
@@ -73,29 +81,33 @@ def components_per_task(rank: int, count: int) -> int:
     return int(rank * (1 / count))
 
 
-def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+def task_singular_vectors(taus: Sequence[torch.Tensor], svd: SvdMethod = "exact") -> torch.Tensor:
     """The TSV-M merge of 2-D task vectors: polar(U) · diag(S) · polar(Vᵀ) (steps 1–3).
 
     Follows ``compute_and_sum_svd_mem_reduction`` operation for operation, so on the same
     device and dtype it gives the reference's numbers. On the CPU it runs on one thread,
-    so its bits do not depend on the machine's thread count.
+    so its bits do not depend on the machine's thread count. ``svd: randomized`` finds
+    each task's top 1/T directions by a randomized SVD (an approximation, see
+    :mod:`merge_kernels.methods.truncated_svd`); the polar factors stay exact.
     """
     with one_cpu_thread(taus[0].device):
-        return _task_singular_vectors(taus)
+        return _task_singular_vectors(taus, svd)
 
 
-def _task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+def _task_singular_vectors(taus: Sequence[torch.Tensor], svd: SvdMethod) -> torch.Tensor:
     count = len(taus)
-    sum_u = sum_s = sum_vh = torch.empty(0)
+    rows, cols = taus[0].shape
+    rank = min(rows, cols)
+    sum_u = taus[0].new_zeros(rows, rank)
+    sum_s = taus[0].new_zeros(rank)
+    sum_vh = taus[0].new_zeros(rank, cols)
+    d = components_per_task(rank, count)
     for index, tau in enumerate(taus):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        if index == 0:
-            sum_u, sum_s, sum_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
-        d = components_per_task(s.shape[0], count)
+        u, s, vh = top_singular_triplets(tau, d, svd)
         block = slice(index * d, (index + 1) * d)
-        sum_u[:, block] = u[:, :d]
-        sum_s[block] = s[:d]
-        sum_vh[block, :] = vh[:d, :]
+        sum_u[:, block] = u
+        sum_s[block] = s
+        sum_vh[block, :] = vh
     u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
     u_vh, _, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
     merged: torch.Tensor = torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
@@ -122,7 +134,7 @@ def tsv_merge(inputs: MergeInputs, params: TsvParams, ctx: TensorContext) -> tor
         # The reference scales only when given a list of alphas; ×1 changes no bit anyway.
         taus.append(tau * weight if weight != 1.0 else tau)
     if base.dim() == 2 and not params.exclude_from_svd:
-        merged = task_singular_vectors(taus)
+        merged = task_singular_vectors(taus, params.svd)
     else:
         merged = running_mean(taus)
     return merged * params.alpha + base
@@ -143,5 +155,6 @@ register(
         "sums them; other tensors average the task vectors. The result, scaled by alpha, "
         "is added to the base.",
         min_models=1,
+        working_memory=tsv_working_bytes,
     )
 )

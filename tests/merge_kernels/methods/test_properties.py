@@ -40,6 +40,8 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "nearswap": ({"t": 0.01}, {}),
     "arcee_fusion": ({}, {}),
     "tsv_merge": ({}, {"weight": 1.0}),
+    "wudi": ({"iter_num": 5}, {}),
+    "consensus": ({"use_ties": True}, {}),
 }
 ALL = sorted(spec.name for spec in methods())
 SOUP_OF_ONE = [
@@ -59,6 +61,7 @@ SOUP_OF_ONE = [
     "ram",
     "ramplus_tl",
     "tsv_merge",
+    "wudi",
 ]
 # TSV-M keeps r/T singular components of each task, so T identical models merge to a
 # truncation of their task vector, and where the stacked singular vectors are dependent
@@ -70,10 +73,15 @@ LOW_RANK = {"tsv_merge"}
 # The isotropic merges' singular vectors are not unique where the summed task matrix is
 # rank-deficient, so the rounding of a different summation order may pick others.
 SPECTRAL = {"iso_c", "iso_cts"}
+# Adam's step is about lr · sign(gradient): where a gradient is zero up to rounding, another
+# summation order flips it, so WUDI's order invariance holds to lr · steps, tested with
+# tasks in general position in test_wudi.py.
+OPTIMISED = {"wudi"}
 PERMUTABLE = [
     name
     for name in ALL
-    if get_method(name).max_models != 1 and name not in ("karcher", *LOW_RANK, *SPECTRAL)
+    if get_method(name).max_models != 1
+    and name not in ("karcher", *LOW_RANK, *SPECTRAL, *OPTIMISED)
 ]
 # Methods that refuse inputs whose weighted directions cancel out (mergekit's rule).
 MAY_REFUSE = {"multislerp"}
@@ -146,8 +154,12 @@ def test_soup_of_one_model_is_that_model(
     assert torch.allclose(out, model, atol=1e-5)
 
 
-# The isotropic merges flatten the summed task matrix's spectrum: not an average.
-@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK | SPECTRAL])
+# The isotropic merges flatten the summed task matrix's spectrum, and WUDI and consensus
+# merging start from the task vectors' sum: none is an average.
+SUMMED = {"wudi", "consensus"}
+
+
+@pytest.mark.parametrize("name", [name for name in ALL if name not in LOW_RANK | SPECTRAL | SUMMED])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), shape=shapes, wanted=st.integers(2, 4))
 def test_normalized_soup_of_identical_models_is_that_model(
