@@ -1,8 +1,9 @@
 """The result rows over the seed sets, and the papers' claims checked against them.
 
 Claims: model soups (Wortsman et al., ICML 2022), TIES-Merging (Yadav et al., NeurIPS 2023),
-DARE (Yu et al., ICML 2024), TSV-M (Gargiulo et al., CVPR 2025) and ISO-C / ISO-CTS
-(Marczak et al., ICML 2025), each on the mean test exact match over the tasks, with the
+DARE (Yu et al., ICML 2024), TSV-M (Gargiulo et al., CVPR 2025), ISO-C / ISO-CTS
+(Marczak et al., ICML 2025), consensus merging (Wang et al., ICML 2024) and WUDI (Cheng et
+al., ICML 2025), each on the mean test exact match over the tasks, with the
 noise of the comparison (``quality_stats.versus``).
 """
 
@@ -22,6 +23,9 @@ DISPLAY = [
     "TSV-M",
     "ISO-C",
     "ISO-CTS",
+    "consensus (TA)",
+    "consensus (TIES)",
+    "WUDI",
 ]
 
 
@@ -129,6 +133,9 @@ def claims(
         ("ISO-C", "TIES", "ISO-C > TIES (Marczak et al. 2025)"),
         ("ISO-CTS", "TIES", "ISO-CTS > TIES (Marczak et al. 2025)"),
         ("ISO-CTS", "ISO-C", "ISO-CTS > ISO-C (Marczak et al. 2025)"),
+        ("consensus (TA)", "task arithmetic", "consensus TA > task arithmetic (Wang et al. 2024)"),
+        ("consensus (TIES)", "TIES", "consensus TIES > TIES (Wang et al. 2024)"),
+        ("WUDI", "TIES", "WUDI > TIES (Cheng et al. 2025)"),
     ]
     for better, worse, text in ordered:
         if better not in by_name or worse not in by_name:

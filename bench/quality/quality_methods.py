@@ -13,11 +13,19 @@ the validation split from a small grid around the reference default:
 * ISO-C and ISO-CTS (Marczak et al., ICML 2025): ``scaling_factor``, the reference default
   1.0 and above it, since the flat spectrum spreads the sum's few large singular values
   (low-rank LoRA deltas) over every direction of each matrix and so shrinks the task
-  directions.
+  directions;
+* consensus merging (TALL masks; Wang et al., ICML 2024) over task arithmetic and over TIES,
+  at the reference's ``prun_thre_k`` 2 and ``tall_mask_lambda`` 0.6: ``lambda``, which the
+  reference too picks on validation; its multi-task vector is a sum (TIES' too, the
+  reference's ``dis-sum``), hence a grid down to 0.25;
+* WUDI (Cheng et al., ICML 2025), 400 Adam steps per matrix at the reference's lr 1e-5:
+  ``scaling_factor``, the reference's 1.0 and below it (it starts from the task vectors'
+  sum, as task arithmetic).
 
-The spectral methods (TSV-M, ISO) are linear in their scale, θ₀ + α·M, so each runs once
-per seed set at scale 1 and every α of the grid is θ₀ + α·(merge − θ₀): task arithmetic
-over that one merge (the same model up to float32 rounding; the smoke test checks it).
+TSV-M, ISO, consensus and WUDI are linear in their scale, θ₀ + α·M (M does not depend on
+α), so each runs once per seed set at scale 1 and every α of the grid is
+θ₀ + α·(merge − θ₀): task arithmetic over that one merge (the same model up to float32
+rounding; the smoke test checks it).
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ class Settings:
         tsv_alphas: TSV-M's ``alpha`` grid.
         iso_scales: ISO-C's and ISO-CTS' ``scaling_factor`` grid.
         iso_cts_fraction: ISO-CTS' ``common_space_fraction`` (the reference default).
+        consensus_lambdas: consensus merging's ``lambda`` grid (over task arithmetic and TIES).
+        wudi_scales: WUDI's ``scaling_factor`` grid.
+        wudi_iter_num: WUDI's Adam steps per matrix (the reference's 400).
+        skip: rows left out (by name), e.g. WUDI on a CPU.
         eval_batch_size: records per evaluation batch.
         max_new_tokens: generation length for exact match (None: longest answer + 1).
     """
@@ -72,8 +84,12 @@ class Settings:
     tsv_alphas: tuple[float, ...]
     iso_scales: tuple[float, ...]
     iso_cts_fraction: float
+    consensus_lambdas: tuple[float, ...]
+    wudi_scales: tuple[float, ...]
+    wudi_iter_num: int
     eval_batch_size: int
     max_new_tokens: int | None = None
+    skip: tuple[str, ...] = ()
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,6 +111,9 @@ FULL = Settings(
     tsv_alphas=(0.5, 0.75, 1.0),
     iso_scales=(1.0, 3.0, 10.0, 30.0),
     iso_cts_fraction=0.8,
+    consensus_lambdas=(0.25, 0.5, 0.75, 1.0),
+    wudi_scales=(0.5, 0.75, 1.0),
+    wudi_iter_num=400,
     eval_batch_size=64,
 )
 QUICK = Settings(
@@ -115,6 +134,9 @@ QUICK = Settings(
     tsv_alphas=(0.5,),
     iso_scales=(2.0,),
     iso_cts_fraction=0.8,
+    consensus_lambdas=(0.5,),
+    wudi_scales=(0.5,),
+    wudi_iter_num=10,
     eval_batch_size=8,
     max_new_tokens=4,
 )
@@ -144,19 +166,26 @@ class MethodRow:
 
 
 # Adapters leave the embeddings untouched: their task vectors are zero, which a spectral
-# merge maps to zero either way, so skipping their SVD (49152 × 576) changes no value.
-NO_SVD_FOR_EMBEDDINGS = [{"filter": "embed_tokens", "value": True}, {"value": False}]
-SPECTRAL_FOR_MATRICES = [{"filter": "embed_tokens", "value": False}, {"value": True}]
+# merge (or WUDI) maps to zero either way, so skipping their SVD (49152 × 576) or WUDI's
+# 49152 × 49152 products changes no value.
+UNTOUCHED = ("embed_tokens", "lm_head")
+NO_SVD_FOR_EMBEDDINGS = [*({"filter": f, "value": True} for f in UNTOUCHED), {"value": False}]
+SPECTRAL_FOR_MATRICES = [*({"filter": f, "value": False} for f in UNTOUCHED), {"value": True}]
+
+
+#: Rows the others need: the reference of every comparison, and the λ DARE-linear takes.
+REQUIRED = ("TIES", "task arithmetic")
 
 
 def method_rows(settings: Settings) -> list[MethodRow]:
     """The multi-task merge rows, in the order they run: the reference (TIES) and the newer
-    methods first, so that a run stopped early has them; DARE after the λ it takes."""
+    methods first, so that a run stopped early has them; DARE after the λ it takes; WUDI,
+    the slowest on a CPU (400 Adam steps per matrix), last."""
 
     def chosen(selection: dict[str, dict[str, Any]], name: str) -> float:
         return float(selection[name]["chosen"]["lambda"])
 
-    return [
+    rows = [
         MethodRow(
             "TIES",
             "ties",
@@ -211,4 +240,25 @@ def method_rows(settings: Settings) -> list[MethodRow]:
             ],
             seeded=True,
         ),
+        MethodRow(
+            "consensus (TA)",
+            "consensus",
+            lambda _: [{"lambda": value} for value in settings.consensus_lambdas],
+            scale="lambda",
+        ),
+        MethodRow(
+            "consensus (TIES)",
+            "consensus",
+            lambda _: [{"lambda": value} for value in settings.consensus_lambdas],
+            scale="lambda",
+            fixed=(("use_ties", True),),
+        ),
+        MethodRow(
+            "WUDI",
+            "wudi",
+            lambda _: [{"scaling_factor": value} for value in settings.wudi_scales],
+            scale="scaling_factor",
+            fixed=(("optimize", SPECTRAL_FOR_MATRICES), ("iter_num", settings.wudi_iter_num)),
+        ),
     ]
+    return [row for row in rows if row.name not in settings.skip]

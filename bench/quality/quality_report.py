@@ -167,8 +167,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         chosen_table(results),
         "",
-        "Spectral methods (TSV-M, ISO-C, ISO-CTS) merge once per seed set at scale 1; each "
-        "scale of the grid is θ₀ + α·(merge − θ₀).",
+        "Methods linear in their scale ("
+        + ", ".join(m["name"] for m in results.get("methods", []) if m["rescaled"])
+        + ") merge once per seed set at scale 1; each scale of the grid is θ₀ + α·(merge − θ₀).",
         "",
         "### Every setting tried",
         "",

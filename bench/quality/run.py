@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_claims import claims, rows, soup_summary
 from quality_lab import Lab, log
 from quality_merges import seed_set, soups
-from quality_methods import FULL, QUICK, Settings, method_rows
+from quality_methods import FULL, QUICK, REQUIRED, Settings, method_rows
 from quality_report import markdown, plot_greedy_soup, plot_methods
 from quality_tasks import TASKS, SplitSizes, write_splits
 
@@ -299,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     larger.add_argument("--validation", type=int, help="validation examples per task")
     larger.add_argument("--test", type=int, help="test examples per task")
     larger.add_argument("--lora-r", type=int, help="LoRA rank (alpha stays 2 r)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help="leave out a method row, e.g. --skip WUDI (hours on a CPU); repeatable",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -306,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     settings = _with_flags(QUICK if args.quick else FULL, args)
+    names = [row.name for row in method_rows(settings)]
+    for name in args.skip:
+        if name in REQUIRED or name not in names:
+            parser.error(f"--skip {name!r}: choose among {[n for n in names if n not in REQUIRED]}")
+    settings = dataclasses.replace(settings, skip=tuple(args.skip))
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         parser.error("--seeds must be at least 1")

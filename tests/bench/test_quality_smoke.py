@@ -73,7 +73,18 @@ def test_quick_run_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> Non
     assert tasks == ["add", "reverse", "json", "sentiment"]
     assert results["seeds_requested"] == results["seeds_completed"] == 1
     names = [row["name"] for row in results["rows"]]
-    methods = ["task arithmetic", "TIES", "DARE-linear", "DARE-TIES", "TSV-M", "ISO-C", "ISO-CTS"]
+    methods = [
+        "task arithmetic",
+        "TIES",
+        "DARE-linear",
+        "DARE-TIES",
+        "TSV-M",
+        "ISO-C",
+        "ISO-CTS",
+        "consensus (TA)",
+        "consensus (TIES)",
+        "WUDI",
+    ]
     expected = [
         "base",
         "adapter: add",
@@ -100,7 +111,7 @@ def test_quick_run_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> Non
     # Merges differ from the base: each adapter moves the held-out loss.
     by_name = {row["name"]: row for row in results["rows"]}
     assert by_name["adapter: add"]["average"]["loss"] != by_name["base"]["average"]["loss"]
-    for method in ("TSV-M", "ISO-C", "ISO-CTS"):
+    for method in ("TSV-M", "ISO-C", "ISO-CTS", "consensus (TA)", "consensus (TIES)", "WUDI"):
         assert by_name[method]["average"]["loss"] != by_name["base"]["average"]["loss"]
 
     selection = results["seed_sets"][0]["selection"]
@@ -119,7 +130,7 @@ def test_quick_run_writes_the_table_the_json_and_the_plot(tmp_path: Path) -> Non
     assert len(report["ingredients"]) == 3 and len(report["steps"]) == 2
     assert set(soup["labels"].values()) == {"add", "add run 2", "add run 3"}
     assert len(report["kept"]) == int(names[-1].split("(")[1].split()[0])
-    assert len(results["claims"]) == 10
+    assert len(results["claims"]) == 13
     assert all(claim["holds"] in (True, False, None) for claim in results["claims"])
     assert set(results["seed_sets"][0]["training"]) == {"add", "reverse", "json", "sentiment"}
     assert set(soup["training"]) == {"add run 2", "add run 3"}
@@ -170,7 +181,6 @@ def test_seed_sets_give_mean_std_and_a_paired_noise() -> None:
     assert stats.binomial_half_width(1.0, 64) == 0.0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "scale", "fixed"),
     [
@@ -185,6 +195,8 @@ def test_seed_sets_give_mean_std_and_a_paired_noise() -> None:
             {"spectral": [{"filter": "embed", "value": False}, {"value": True}]},
         ),
         ("iso_cts", "scaling_factor", {"common_space_fraction": 0.8}),
+        ("consensus", "lambda", {"use_ties": True}),
+        ("wudi", "scaling_factor", {"iter_num": 5}),
     ],
 )
 def test_a_spectral_merge_rescaled_is_the_merge_at_that_scale(
