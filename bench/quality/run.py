@@ -135,7 +135,7 @@ def experiment(
     seeds: int,
     publish: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """Run everything, handing the results so far to ``publish`` after every stage."""
+    """Run everything, handing the results so far to ``publish`` after every row."""
     start = time.perf_counter()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -173,7 +173,6 @@ def experiment(
     soup: dict[str, Any] | None = None
 
     def publish_now() -> None:
-        nonlocal soup
         found = rows(base_scores, document["seed_sets"], soup, tasks, examples)
         if soup is not None:
             adapter_row = next(r for r in found if r["name"] == f"adapter: {settings.soup_task}")
