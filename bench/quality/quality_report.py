@@ -322,6 +322,7 @@ def plot_methods(results: dict[str, Any], path: Path) -> bool:
         fontsize=9,
     )
     axis.set_ylabel("exact match (%)")
+    axis.set_ylim(0, 100)
     axis.tick_params(axis="x", labelrotation=30, labelsize=8)
     figure.tight_layout()
     figure.savefig(path)
