@@ -40,9 +40,11 @@ def browser_executable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[playwright_sync.Browser]:
-    """One headless Chromium for the whole session."""
+    """One headless Chromium per test module. Not per session: Playwright's sync API keeps an
+    asyncio loop running in the main thread while it is open, and later tests that call
+    ``asyncio.run`` would fail."""
     executable = browser_executable()
     if executable is None:
         message = "no Chromium: install Debian's chromium package or set TUREEN_BROWSER"
