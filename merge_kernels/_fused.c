@@ -1164,7 +1164,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
     if (PyModule_AddIntConstant(m, "HAS_F16", HAS_F16) < 0 ||
         PyModule_AddIntConstant(m, "MAX_INPUTS", MAX_INPUTS) < 0 ||
         PyModule_AddIntConstant(m, "BRACKET_CHUNK", BRACKET_CHUNK) < 0 ||
-        PyModule_AddIntConstant(m, "HAS_CLMUL", clmul_ok) < 0) {
+        PyModule_AddIntConstant(m, "HAS_CLMUL", clmul_ok) < 0 ||
+        PyModule_AddIntConstant(m, "DARE_LOOPS", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

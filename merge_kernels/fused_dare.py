@@ -74,9 +74,9 @@ def dare_into(
     extension = fused.extension()
     linear = isinstance(form.combine, WeightedSum)
     inputs = [base, *models]
-    if extension is None or not fused.handles(
-        "weighted" if linear else "ties", out, models, inputs
-    ):
+    if extension is None or not getattr(extension, "DARE_LOOPS", 0):
+        return False  # an extension built before its loops took DARE's arguments
+    if not fused.handles("weighted" if linear else "ties", out, models, inputs):
         return False
     count = len(models)
     if len(form.densities) != count or len(form.weights) != count:

@@ -380,3 +380,15 @@ def test_a_merge_writes_the_same_bytes_with_and_without_the_loops(
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
         tmp_path / "torch" / "model.safetensors"
     ).read_bytes()
+
+
+def test_an_extension_built_without_the_dare_loops_is_left_to_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An extension built from an earlier source takes no DARE arguments: decline, don't call."""
+    base, models = _inputs(8, (20, 20), 2, torch.bfloat16)
+    resolved = _resolved("dare_ties", {}, [1.0, 1.0], [0.5, 0.5])
+    form = _form("dare_ties", resolved)
+    monkeypatch.delattr(fused.extension(), "DARE_LOOPS")
+    out = torch.empty_like(base)
+    assert not dare_into(out, base, models, form, TensorContext(name="w", seed=0))
