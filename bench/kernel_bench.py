@@ -16,8 +16,9 @@ distinct values and a TIES trim at density 0.2 has heavy ties at its threshold.
 
 On the CPU, with the C extension built, it also times the fused loops the streaming merge
 runs (``fused linear``: one weighted pass; ``fused ties``: the trim thresholds of every
-model, then the TIES pass) and reports each one's CPU seconds beside its wall seconds: on a
-shared machine the CPU time is the steadier figure.
+model, then the TIES pass; ``fused dare_linear`` / ``fused dare_ties``: the same loops with
+DARE's keyed drop, density 0.1, in place of the trim) and reports each one's CPU seconds
+beside its wall seconds: on a shared machine the CPU time is the steadier figure.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def _cpu_s() -> float:
 def _time_fused(
     name: str, data: list[tuple[torch.Tensor, list[torch.Tensor]]]
 ) -> tuple[float, float]:
-    """Wall and CPU seconds of the fused CPU loops over every tensor (``linear`` or ``ties``)."""
+    """Wall and CPU seconds of the fused CPU loops over every tensor (``linear``, ``ties``,
+    ``dare_linear`` or ``dare_ties``)."""
     from merge_kernels.fused import (
         WeightedSum,
         ties_into,
@@ -107,6 +109,8 @@ def _time_fused(
     form = spec.consensus_form(spec.params.model_validate({}))
     assert form is not None
     out = torch.empty(ROWS, COLS, dtype=torch.bfloat16)
+    if name.startswith("dare"):
+        return _time_fused_dare(name, data, out)
     cpu, start = _cpu_s(), time.perf_counter()
     for base, tuned in data:
         if name == "linear":
@@ -119,6 +123,24 @@ def _time_fused(
         trims = [TrimState(f.threshold, 0) for f in found if f is not None]
         cutoffs = [f.cutoff if f is not None else None for f in found]
         assert ties_into(out, base, tuned, form, [1.0] * len(tuned), trims, cutoffs) is not None
+    return time.perf_counter() - start, _cpu_s() - cpu
+
+
+def _time_fused_dare(
+    name: str, data: list[tuple[torch.Tensor, list[torch.Tensor]]], out: torch.Tensor
+) -> tuple[float, float]:
+    from merge_kernels.fused_dare import dare_into
+
+    spec = get_method(name)
+    method_values, model_values = METHODS[name]
+    params = spec.params.model_validate(method_values)
+    model_params = tuple(spec.model_params.model_validate(model_values) for _ in data[0][1])
+    assert spec.dare_form is not None
+    form = spec.dare_form(params, model_params)
+    assert form is not None
+    cpu, start = _cpu_s(), time.perf_counter()
+    for index, (base, tuned) in enumerate(data):
+        assert dare_into(out, base, tuned, form, TensorContext(name=f"t{index}", seed=0))
     return time.perf_counter() - start, _cpu_s() - cpu
 
 
@@ -142,7 +164,7 @@ def main() -> None:
     from merge_kernels import fused
 
     if args.device == "cpu" and fused.available():
-        for name in ("linear", "ties"):
+        for name in ("linear", "ties", "dare_linear", "dare_ties"):
             _time_fused(name, data[:1])  # warm-up
             timed = [_time_fused(name, data) for _ in range(args.repeats)]
             fused_rows[f"fused {name}"] = (
@@ -166,6 +188,9 @@ def main() -> None:
     if "fused ties" in fused_rows:
         ratio = fused_rows["fused ties"][1] / fused_rows["fused linear"][1]
         print(f"\nfused ties ÷ fused linear, CPU time: {ratio:.2f}")
+        for name in ("dare_linear", "dare_ties"):
+            ratio = fused_rows[f"fused {name}"][1] / fused_rows["fused linear"][1]
+            print(f"fused {name} ÷ fused linear, CPU time: {ratio:.2f}")
     print(f"\npeak RSS of the process: {rss / 1e9:.2f} GB")
     if args.json:
         with open(args.json, "w") as handle:

@@ -85,6 +85,82 @@ static inline void store(void *p, int64_t j, int dtype, float v) {
 #define INPUT_DTYPES(X) X(BF16) X(F32)
 #endif
 
+/* ---------------------------------------------------------------------------------------
+ * DARE's keyed hash (merge_kernels/methods/random_mask.py gives the specification): per
+ * element, two lowbias32 xorshift-multiply rounds of the flat index under the key words
+ * (k0, k1), the index's high 32 bits folded into k1. Pure 32-bit integer arithmetic, so the
+ * loops that use it vectorise; the bits are those of the torch int32 lanes.
+ */
+#define DARE_LANE_MUL 0x9E3779B1u
+#define DARE_MUL_1 0x7FEB352Du
+#define DARE_MUL_2 0x846CA68Bu
+
+static uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= DARE_MUL_1;
+    x ^= x >> 15;
+    x *= DARE_MUL_2;
+    return x ^ (x >> 16);
+}
+
+/* u for the index whose low word is lo, under (k0, k1). */
+static inline __attribute__((always_inline)) uint32_t dare_u32(uint32_t lo, uint32_t k0,
+                                                               uint32_t k1) {
+    uint32_t x = lo * DARE_LANE_MUL + k0;
+    x ^= x >> 16;
+    x *= DARE_MUL_1;
+    x ^= k1;
+    x ^= x >> 15;
+    x *= DARE_MUL_2;
+    return x + 0x80000000u;
+}
+
+/* The low words of the flat indices [offset + j, offset + j + m) that share offset + j's
+ * high word: m, at most left, up to the next multiple of 2^32 (where k1 changes). */
+static inline int64_t dare_run_length(uint64_t index, int64_t left) {
+    const uint64_t room = ((uint64_t)1 << 32) - (uint32_t)index;
+    return (uint64_t)left < room ? left : (int64_t)room;
+}
+
+/* DARE's drop inside the weighted and TIES loops: per model, the key words for the run's
+ * high word, the keep threshold and the rescale divisor. An entry at flat index lo + q of
+ * the run keeps t when its hash is below thr (or always, under a density of 1), then is
+ * divided by its density, as random_drop does with torch: (t * keep) / density, two
+ * roundings (the extension is built with -ffp-contract=off). */
+typedef struct {
+    uint64_t key[MAX_INPUTS];   /* dare_key(seed, model index, tensor name) */
+    uint32_t k0[MAX_INPUTS], k1[MAX_INPUTS];
+    uint32_t thr[MAX_INPUTS];   /* keep when u < thr */
+    uint32_t all[MAX_INPUTS];   /* all ones: keep every entry (density 1) */
+    float density[MAX_INPUTS];  /* the rescale divisor (1: no rescale) */
+    uint64_t offset;            /* flat index of entry 0 of the call */
+    uint32_t lo;                /* low word of the flat index of the run's entry 0 */
+} drop_consts;
+
+/* Set the key words for the run starting at flat index `index`. */
+static void drop_start_run(drop_consts *d, int k, uint64_t index) {
+    const uint32_t high = mix32((uint32_t)(index >> 32));
+    for (int i = 0; i < k; i++) {
+        const uint64_t expanded = splitmix64(d->key[i]);
+        d->k0[i] = (uint32_t)expanded;
+        d->k1[i] = (uint32_t)(expanded >> 32) ^ high;
+    }
+    d->lo = (uint32_t)index;
+}
+
+static inline __attribute__((always_inline)) float drop_one(const drop_consts *d, int i,
+                                                            uint32_t lo, float t) {
+    const float keep = ((dare_u32(lo, d->k0[i], d->k1[i]) < d->thr[i]) | d->all[i]) ? 1.0f : 0.0f;
+    return (t * keep) / d->density[i];
+}
+
 /* The loop with k (the number of models) a compile-time constant, so that the loop over
  * models unrolls and the loop over entries vectorises. */
 #define SWITCH_K(LOOP, a, IN, OUT)                \
@@ -117,10 +193,11 @@ typedef struct {
     void *out;
     int64_t n;
     int k, in_dtype, out_dtype;
+    drop_consts drop; /* the DARE loops' drop (with a base only) */
 } weighted_args;
 
 static inline __attribute__((always_inline)) void weighted_loop(
-    const weighted_args *a, const int k, const int in_dtype, const int out_dtype) {
+    const weighted_args *a, const int k, const int in_dtype, const int out_dtype, const int dare) {
     const void *x[MAX_INPUTS];
     float w[MAX_INPUTS];
     for (int i = 0; i < k; i++) {
@@ -139,7 +216,7 @@ static inline __attribute__((always_inline)) void weighted_loop(
             if (divide) m = m / divisor;
             store(out, j, out_dtype, m);
         }
-    } else {
+    } else if (!dare) {
         for (int64_t j = 0; j < n; j++) {
             const float b = load(base, j, in_dtype);
             float m = (load(x[0], j, in_dtype) - b) * w[0];
@@ -147,18 +224,34 @@ static inline __attribute__((always_inline)) void weighted_loop(
             if (divide) m = m / divisor;
             store(out, j, out_dtype, fmaf(m, lambda, b));
         }
+    } else {
+        /* DARE-linear: each task vector dropped and rescaled before it is weighted. */
+        const drop_consts d = a->drop;
+        for (int64_t j = 0; j < n; j++) {
+            const float b = load(base, j, in_dtype);
+            const uint32_t lo = d.lo + (uint32_t)j;
+            float m = drop_one(&d, 0, lo, load(x[0], j, in_dtype) - b) * w[0];
+            for (int i = 1; i < k; i++)
+                m = fmaf(drop_one(&d, i, lo, load(x[i], j, in_dtype) - b), w[i], m);
+            if (divide) m = m / divisor;
+            store(out, j, out_dtype, fmaf(m, lambda, b));
+        }
     }
 }
 
-#define DEFINE_WEIGHTED(IN, OUT) \
-    CLONES static void weighted_##IN##_##OUT(const weighted_args *a) { SWITCH_K(weighted_loop, a, IN, OUT) }
+#define weighted_plain(a, k, IN, OUT) weighted_loop(a, k, IN, OUT, 0)
+#define weighted_dare(a, k, IN, OUT) weighted_loop(a, k, IN, OUT, 1)
+
+#define DEFINE_WEIGHTED(IN, OUT)                                                                      \
+    CLONES static void weighted_##IN##_##OUT(const weighted_args *a) { SWITCH_K(weighted_plain, a, IN, OUT) } \
+    CLONES static void weighted_dare_##IN##_##OUT(const weighted_args *a) { SWITCH_K(weighted_dare, a, IN, OUT) }
 WEIGHTED_PAIRS(DEFINE_WEIGHTED)
 
 typedef void (*weighted_fn)(const weighted_args *);
 
-static weighted_fn pick_weighted(int in_dtype, int out_dtype) {
+static weighted_fn pick_weighted(int in_dtype, int out_dtype, int dare) {
 #define PICK(IN, OUT) \
-    if (in_dtype == IN && out_dtype == OUT) return weighted_##IN##_##OUT;
+    if (in_dtype == IN && out_dtype == OUT) return dare ? weighted_dare_##IN##_##OUT : weighted_##IN##_##OUT;
     WEIGHTED_PAIRS(PICK)
 #undef PICK
     return NULL;
@@ -218,19 +311,97 @@ static int parse_floats(PyObject *seq, float *out, int expected, const char *wha
     return 0;
 }
 
+static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *what) {
+    PyObject *fast = sequence_of(seq, expected, what);
+    if (fast == NULL) return -1;
+    for (int i = 0; i < expected; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (int64_t)v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static size_t dtype_size(int dtype) { return dtype == F32 ? 4 : 2; }
+
+/* The DARE arguments of weighted() and ties(): each model's key (below 2^63), keep threshold
+ * (random_mask's round(density * 2^32), above 2^32 - 1 for "keep all") and rescale divisor,
+ * and the flat index of entry 0. Returns 1 when given (keys not None), 0 when not, -1 on
+ * error. */
+static int parse_drop(PyObject *keys, PyObject *thresholds, PyObject *densities,
+                      unsigned long long offset, int k, int64_t n, drop_consts *d) {
+    if (keys == NULL || keys == Py_None) return 0;
+    int64_t key[MAX_INPUTS], thr[MAX_INPUTS];
+    if (thresholds == NULL || densities == NULL) {
+        PyErr_SetString(PyExc_TypeError, "dare: keys, thresholds and densities go together");
+        return -1;
+    }
+    if (parse_int64s(keys, key, k, "dare keys") < 0 ||
+        parse_int64s(thresholds, thr, k, "dare thresholds") < 0 ||
+        parse_floats(densities, d->density, k, "dare densities") < 0)
+        return -1;
+    if (n < 0 || offset > ((uint64_t)1 << 63) - (uint64_t)n) {
+        PyErr_SetString(PyExc_ValueError, "dare: offset + n must not exceed 2^63");
+        return -1;
+    }
+    for (int i = 0; i < k; i++) {
+        if (key[i] < 0 || thr[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "dare: negative key or threshold");
+            return -1;
+        }
+        d->key[i] = (uint64_t)key[i];
+        d->all[i] = thr[i] > 0xFFFFFFFFll ? 0xFFFFFFFFu : 0u;
+        d->thr[i] = thr[i] > 0xFFFFFFFFll ? 0xFFFFFFFFu : (uint32_t)thr[i];
+    }
+    d->offset = offset;
+    return 1;
+}
+
 PyDoc_STRVAR(weighted_doc,
-             "weighted(out, out_dtype, inputs, in_dtype, weights, divide, divisor, base, lam, n)"
+             "weighted(out, out_dtype, inputs, in_dtype, weights, divide, divisor, base, lam, n, "
+             "keys=None, thresholds=None, densities=None, offset=0)"
              "\n\nΣ wᵢ·xᵢ (÷ divisor if divide) into out; with a base pointer (not 0, in the "
-             "inputs' dtype), base + lam·Σ wᵢ·(xᵢ − base). Pointers are integers; n entries.");
+             "inputs' dtype), base + lam·Σ wᵢ·(xᵢ − base). Pointers are integers; n entries. "
+             "With keys (a base needed), DARE-linear: each xᵢ − base dropped where the hash "
+             "u(keysᵢ, offset + j) is not below thresholdsᵢ (none dropped above 2^32 - 1), "
+             "then divided by densitiesᵢ.");
+
+/* fn over a's entries, in runs whose flat indices share their high word under DARE. */
+static void run_weighted(weighted_fn fn, const weighted_args *a, int dare) {
+    if (!dare) {
+        fn(a);
+        return;
+    }
+    const size_t in_size = dtype_size(a->in_dtype), out_size = dtype_size(a->out_dtype);
+    weighted_args run = *a;
+    for (int64_t j = 0; j < a->n;) {
+        const uint64_t index = a->drop.offset + (uint64_t)j;
+        const int64_t m = dare_run_length(index, a->n - j);
+        for (int i = 0; i < a->k; i++) run.x[i] = (const char *)a->x[i] + j * in_size;
+        run.base = (const char *)a->base + j * in_size;
+        run.out = (char *)a->out + j * out_size;
+        run.n = m;
+        drop_start_run(&run.drop, a->k, index);
+        fn(&run);
+        j += m;
+    }
+}
 
 static PyObject *py_weighted(PyObject *self, PyObject *args) {
     weighted_args a;
     memset(&a, 0, sizeof(a));
     PyObject *out_obj, *inputs, *weights, *base_obj;
+    PyObject *keys = NULL, *thresholds = NULL, *densities = NULL;
+    unsigned long long offset = 0;
     double divisor, lambda;
     long long n;
-    if (!PyArg_ParseTuple(args, "OiOiOpdOdL", &out_obj, &a.out_dtype, &inputs, &a.in_dtype,
-                          &weights, &a.divide, &divisor, &base_obj, &lambda, &n))
+    if (!PyArg_ParseTuple(args, "OiOiOpdOdL|OOOK", &out_obj, &a.out_dtype, &inputs, &a.in_dtype,
+                          &weights, &a.divide, &divisor, &base_obj, &lambda, &n, &keys,
+                          &thresholds, &densities, &offset))
         return NULL;
     if (!valid_dtype(a.in_dtype) || !valid_dtype(a.out_dtype)) {
         PyErr_SetString(PyExc_ValueError, "weighted: unsupported dtype code");
@@ -248,12 +419,18 @@ static PyObject *py_weighted(PyObject *self, PyObject *args) {
     a.divisor = (float)divisor;
     a.lambda = (float)lambda;
     a.n = (int64_t)n;
-    weighted_fn fn = pick_weighted(a.in_dtype, a.out_dtype);
+    const int dare = parse_drop(keys, thresholds, densities, offset, a.k, a.n, &a.drop);
+    if (dare < 0) return NULL;
+    if (dare && a.base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "weighted: DARE needs a base");
+        return NULL;
+    }
+    weighted_fn fn = pick_weighted(a.in_dtype, a.out_dtype, dare);
     if (fn == NULL) {
         PyErr_SetString(PyExc_ValueError, "weighted: unsupported dtype pair");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_BEGIN_ALLOW_THREADS run_weighted(fn, &a, dare);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -292,6 +469,7 @@ typedef struct {
     int k, in_dtype, out_dtype;
     int weighted_election, frequency, divisor;
     int nan_seen;
+    drop_consts drop; /* DARE-TIES: the drop replaces the trim */
 } ties_args;
 
 static inline uint32_t magnitude_bits(float f) {
@@ -349,7 +527,7 @@ static inline __attribute__((always_inline)) float ties_combine(
 }
 
 static inline __attribute__((always_inline)) void ties_loop(
-    ties_args *a, const int k, const int in_dtype, const int out_dtype) {
+    ties_args *a, const int k, const int in_dtype, const int out_dtype, const int dare) {
     const int64_t n = a->n;
     const void *x[MAX_INPUTS];
     uint32_t thr[MAX_INPUTS];
@@ -367,6 +545,7 @@ static inline __attribute__((always_inline)) void ties_loop(
     c.by_one = a->divisor == DIV_NONE ? 0xFFFFFFFFu : 0u;
     const void *base = a->base;
     void *out = a->out;
+    const drop_consts d = a->drop;
     for (int64_t start = 0; start < n; start += TIE_BLOCK) {
         const int32_t len = (int32_t)(n - start < TIE_BLOCK ? n - start : TIE_BLOCK);
         /* Each model's cutoff relative to the block, clamped to [-1, len]: 32-bit lanes. */
@@ -383,6 +562,11 @@ static inline __attribute__((always_inline)) void ties_loop(
             float t[MAX_INPUTS], keepf[MAX_INPUTS];
             for (int i = 0; i < k; i++) {
                 t[i] = load(x[i], j, in_dtype) - b;
+                if (dare) { /* no trim, no ties, and NaN merges as torch merges it */
+                    t[i] = drop_one(&d, i, d.lo + (uint32_t)j, t[i]);
+                    keepf[i] = 1.0f;
+                    continue;
+                }
                 const uint32_t m = magnitude_bits(t[i]);
                 const uint32_t at = m == thr[i];
                 keepf[i] = ((m > thr[i]) | (at & (q <= last[i]))) ? 1.0f : 0.0f;
@@ -399,15 +583,18 @@ static inline __attribute__((always_inline)) void ties_loop(
     }
 }
 
-#define DEFINE_TIES(IN, OUT) \
-    CLONES static void ties_##IN##_##OUT(ties_args *a) { SWITCH_K(ties_loop, a, IN, OUT) }
+#define ties_plain(a, k, IN, OUT) ties_loop(a, k, IN, OUT, 0)
+#define ties_dare(a, k, IN, OUT) ties_loop(a, k, IN, OUT, 1)
+#define DEFINE_TIES(IN, OUT)                                                                \
+    CLONES static void ties_##IN##_##OUT(ties_args *a) { SWITCH_K(ties_plain, a, IN, OUT) } \
+    CLONES static void ties_dare_##IN##_##OUT(ties_args *a) { SWITCH_K(ties_dare, a, IN, OUT) }
 TIES_PAIRS(DEFINE_TIES)
 
 typedef void (*ties_fn)(ties_args *);
 
-static ties_fn pick_ties(int in_dtype, int out_dtype) {
+static ties_fn pick_ties(int in_dtype, int out_dtype, int dare) {
 #define PICK(IN, OUT) \
-    if (in_dtype == IN && out_dtype == OUT) return ties_##IN##_##OUT;
+    if (in_dtype == IN && out_dtype == OUT) return dare ? ties_dare_##IN##_##OUT : ties_##IN##_##OUT;
     TIES_PAIRS(PICK)
 #undef PICK
     return NULL;
@@ -639,32 +826,44 @@ PyDoc_STRVAR(ties_doc,
              "weighted_election, frequency, divisor, lam, n)\n\n"
              "The TIES merge of n entries into out, given each model's trim threshold (bit "
              "pattern) and the last index whose tied entry is kept (-1: none, n or more: all); "
-             "returns (each model's count of tied entries, nan_seen).");
+             "returns (each model's count of tied entries, nan_seen). With keys, thresholds, "
+             "densities and offset (as weighted() takes them), DARE-TIES: the drop replaces "
+             "the trim (thresholds and cutoffs are ignored, no ties are counted and NaN is "
+             "merged, not reported).");
 
-static int parse_int64s(PyObject *seq, int64_t *out, int expected, const char *what) {
-    PyObject *fast = sequence_of(seq, expected, what);
-    if (fast == NULL) return -1;
-    for (int i = 0; i < expected; i++) {
-        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
-            Py_DECREF(fast);
-            return -1;
-        }
-        out[i] = (int64_t)v;
+/* fn over a's entries, in runs whose flat indices share their high word under DARE. */
+static void run_ties(ties_fn fn, ties_args *a, int dare) {
+    if (!dare) {
+        fn(a);
+        return;
     }
-    Py_DECREF(fast);
-    return 0;
+    const size_t in_size = dtype_size(a->in_dtype), out_size = dtype_size(a->out_dtype);
+    ties_args run = *a;
+    for (int64_t j = 0; j < a->n;) {
+        const uint64_t index = a->drop.offset + (uint64_t)j;
+        const int64_t m = dare_run_length(index, a->n - j);
+        for (int i = 0; i < a->k; i++) run.x[i] = (const char *)a->x[i] + j * in_size;
+        run.base = (const char *)a->base + j * in_size;
+        run.out = (char *)a->out + j * out_size;
+        run.n = m;
+        drop_start_run(&run.drop, a->k, index);
+        fn(&run);
+        j += m;
+    }
 }
 
 static PyObject *py_ties(PyObject *self, PyObject *args) {
     ties_args a;
     memset(&a, 0, sizeof(a));
     PyObject *out_obj, *inputs, *base_obj, *weights, *thresholds, *cutoffs;
+    PyObject *keys = NULL, *drop_thresholds = NULL, *densities = NULL;
+    unsigned long long offset = 0;
     double lambda;
     long long n;
-    if (!PyArg_ParseTuple(args, "OiOOiOOOppidL", &out_obj, &a.out_dtype, &inputs, &base_obj,
+    if (!PyArg_ParseTuple(args, "OiOOiOOOppidL|OOOK", &out_obj, &a.out_dtype, &inputs, &base_obj,
                           &a.in_dtype, &weights, &thresholds, &cutoffs, &a.weighted_election,
-                          &a.frequency, &a.divisor, &lambda, &n))
+                          &a.frequency, &a.divisor, &lambda, &n, &keys, &drop_thresholds,
+                          &densities, &offset))
         return NULL;
     a.out = PyLong_AsVoidPtr(out_obj);
     a.base = PyLong_AsVoidPtr(base_obj);
@@ -685,12 +884,14 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     }
     a.lambda = (float)lambda;
     a.n = (int64_t)n;
-    ties_fn fn = pick_ties(a.in_dtype, a.out_dtype);
+    const int dare = parse_drop(keys, drop_thresholds, densities, offset, a.k, a.n, &a.drop);
+    if (dare < 0) return NULL;
+    ties_fn fn = pick_ties(a.in_dtype, a.out_dtype, dare);
     if (fn == NULL) {
         PyErr_SetString(PyExc_ValueError, "ties: unsupported dtype pair");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS fn(&a);
+    Py_BEGIN_ALLOW_THREADS run_ties(fn, &a, dare);
     Py_END_ALLOW_THREADS PyObject *counts = PyTuple_New(a.k);
     if (counts == NULL) return NULL;
     for (int i = 0; i < a.k; i++) PyTuple_SET_ITEM(counts, i, PyLong_FromLongLong(a.ties[i]));
@@ -703,10 +904,6 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
  * (k0, k1), the index's high 32 bits folded into k1. One pass of pure 32-bit integer
  * arithmetic, so the loop vectorises; the bits are those of the torch int32 lanes.
  */
-#define DARE_LANE_MUL 0x9E3779B1u
-#define DARE_MUL_1 0x7FEB352Du
-#define DARE_MUL_2 0x846CA68Bu
-
 enum { DARE_MASK = 0, DARE_UNIFORM = 1, DARE_PROB_F32 = 2, DARE_PROB_F64 = 3 };
 
 typedef struct {
@@ -717,33 +914,6 @@ typedef struct {
     void *out;              /* uint8 (masks) or uint32 (DARE_UNIFORM) */
     int64_t invalid;        /* out: probabilities outside [0, 1], NaN included */
 } dare_args;
-
-static uint64_t splitmix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= DARE_MUL_1;
-    x ^= x >> 15;
-    x *= DARE_MUL_2;
-    return x ^ (x >> 16);
-}
-
-/* u for the index whose low word is lo, under (k0, k1). */
-static inline __attribute__((always_inline)) uint32_t dare_u32(uint32_t lo, uint32_t k0,
-                                                               uint32_t k1) {
-    uint32_t x = lo * DARE_LANE_MUL + k0;
-    x ^= x >> 16;
-    x *= DARE_MUL_1;
-    x ^= k1;
-    x ^= x >> 15;
-    x *= DARE_MUL_2;
-    return x + 0x80000000u;
-}
 
 /* One run of m elements from out/probs position j, whose indices share the high word:
  * the switch on the mode sits outside the element loop so each loop vectorises. */
@@ -994,7 +1164,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
     if (PyModule_AddIntConstant(m, "HAS_F16", HAS_F16) < 0 ||
         PyModule_AddIntConstant(m, "MAX_INPUTS", MAX_INPUTS) < 0 ||
         PyModule_AddIntConstant(m, "BRACKET_CHUNK", BRACKET_CHUNK) < 0 ||
-        PyModule_AddIntConstant(m, "HAS_CLMUL", clmul_ok) < 0) {
+        PyModule_AddIntConstant(m, "HAS_CLMUL", clmul_ok) < 0 ||
+        PyModule_AddIntConstant(m, "DARE_LOOPS", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

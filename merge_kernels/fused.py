@@ -11,7 +11,9 @@ without the extension, or for inputs it does not handle, the merge takes the tor
 
 A method opts in through its :class:`~merge_kernels.registry.MethodSpec`: a
 ``weighted_form`` (its parameters as a :class:`WeightedSum`) or a ``consensus_form`` (as a
-:class:`ConsensusForm`, for TIES). Large pieces are split between threads, one per core.
+:class:`ConsensusForm`, for TIES); DARE's ``dare_form`` runs the same two loops with the
+random drop in them (:mod:`merge_kernels.fused_dare`). Large pieces are split between
+threads, one per core.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _pool() -> ThreadPoolExecutor:
     return shared_pool("fused", _MAX_PARTS)
 
 
-def _run_all(calls: Sequence[Callable[[], T]], *, parallel: bool = True) -> list[T]:
+def run_all(calls: Sequence[Callable[[], T]], *, parallel: bool = True) -> list[T]:
     """Each call's result, in order: on the pool when there are several (and ``parallel``)."""
     if len(calls) == 1 or not parallel:
         return [call() for call in calls]
@@ -64,7 +66,7 @@ def _run_all(calls: Sequence[Callable[[], T]], *, parallel: bool = True) -> list
     return [future.result() for future in futures]
 
 
-def _parts(numel: int) -> list[tuple[int, int]]:
+def parts(numel: int) -> list[tuple[int, int]]:
     """Ranges ``[start, stop)`` that split ``numel`` entries between the cores."""
     count = min(_MAX_PARTS, os.cpu_count() or 1) if numel >= _SPLIT_FROM else 1
     step = -(-numel // count)
@@ -90,7 +92,12 @@ def available() -> bool:
     return _fused is not None
 
 
-def _code(dtype: torch.dtype) -> int | None:
+def extension() -> ModuleType | None:
+    """The C extension ``merge_kernels._fused``, or None when it was not built."""
+    return _fused
+
+
+def dtype_code(dtype: torch.dtype) -> int | None:
     return _CODES.get(dtype)
 
 
@@ -111,7 +118,7 @@ def handles(
     dtype = inputs[0].dtype
     out_dtype = out if isinstance(out, torch.dtype) else out.dtype
     pairs = _fused.WEIGHTED_PAIRS if loop == "weighted" else _fused.TIES_PAIRS
-    if (_code(dtype), _code(out_dtype)) not in pairs:
+    if (dtype_code(dtype), dtype_code(out_dtype)) not in pairs:
         return False
     numel = inputs[0].numel()
     tensors = [*inputs] if isinstance(out, torch.dtype) else [out, *inputs]
@@ -145,7 +152,7 @@ def weighted_sum_into(
     if len(form.weights) != len(models):
         raise ValueError(f"{len(form.weights)} weights for {len(models)} models")
     dtype = inputs[0].dtype
-    in_code, out_code = _code(dtype), _code(out.dtype)
+    in_code, out_code = dtype_code(dtype), dtype_code(out.dtype)
     assert in_code is not None and out_code is not None
     numel = out.numel()
     extension = _fused
@@ -165,7 +172,7 @@ def weighted_sum_into(
             stop - start,
         )
 
-    _run_all([functools.partial(run, *part) for part in _parts(numel)])
+    run_all([functools.partial(run, *part) for part in parts(numel)])
     return True
 
 
@@ -220,7 +227,7 @@ def trim_threshold(model: torch.Tensor, base: torch.Tensor, k: int) -> FusedTrim
     ):
         return None
     assert _fused is not None
-    code = _code(model.dtype)
+    code = dtype_code(model.dtype)
     flat_model, flat_base = model.reshape(-1), base.reshape(-1)
     stride = max(1, n // max(_SAMPLE_MIN, n // _SAMPLE_EVERY)) | 1
     first = stride // 2
@@ -340,7 +347,7 @@ def trim_thresholds(
     """:func:`trim_threshold` for each model, the models in parallel threads."""
     parallel = (os.cpu_count() or 1) > 1 and base.numel() >= _SPLIT_FROM
     calls = [functools.partial(trim_threshold, m, base, k) for m, k in zip(models, ks, strict=True)]
-    return _run_all(calls, parallel=parallel)
+    return run_all(calls, parallel=parallel)
 
 
 def ties_into(
@@ -369,7 +376,7 @@ def ties_into(
     if _fused is None or not handles("ties", out, models, [base, *models]):
         return None
     dtype = base.dtype
-    in_code, out_code = _code(dtype), _code(out.dtype)
+    in_code, out_code = dtype_code(dtype), dtype_code(out.dtype)
     assert in_code is not None and out_code is not None
     numel = out.numel()
     thresholds = [
@@ -398,7 +405,7 @@ def ties_into(
         )
         return int(at) if at >= 0 else numel  # fewer ties than the budget: all kept
 
-    lasts = _run_all([functools.partial(last_kept, i) for i in range(len(trims))])
+    lasts = run_all([functools.partial(last_kept, i) for i in range(len(trims))])
 
     def run(start: int, stop: int) -> tuple[list[int], int]:
         counts, nan = extension.ties(
@@ -418,7 +425,7 @@ def ties_into(
         )
         return list(counts), nan
 
-    results = _run_all([functools.partial(run, *part) for part in _parts(numel)])
+    results = run_all([functools.partial(run, *part) for part in parts(numel)])
     if any(nan for _, nan in results):
         return None
     return [
@@ -476,7 +483,7 @@ def _dare_run(
     numel = out.numel()
     if not numel:
         return 0
-    return sum(_run_all([functools.partial(run, *part) for part in _parts(numel)]))
+    return sum(run_all([functools.partial(run, *part) for part in parts(numel)]))
 
 
 def dare_keep_into(out: torch.Tensor, key: int, offset: int, threshold: int) -> None:

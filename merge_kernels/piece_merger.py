@@ -1,6 +1,6 @@
 """Merging one piece of work: a tensor or a row chunk of it, read from every input.
 
-Soups, task arithmetic and TIES run, on the CPU, as fused loops over the inputs in their
+Soups, task arithmetic, TIES and DARE run, on the CPU, as fused loops over the inputs in their
 stored dtype (:mod:`merge_kernels.fused`). Otherwise the inputs are
 converted to float32 (into buffers reused from piece to piece), the kernel gets its context
 (tensor name, seed, model indices, chunk offset, trim thresholds) and the result is cast
@@ -22,6 +22,7 @@ from merge_kernels.finite_check import (
     non_finite_output_error,
 )
 from merge_kernels.fused import handles, ties_into, trim_thresholds, weighted_sum_into
+from merge_kernels.fused_dare import dare_into
 from merge_kernels.io.dtypes import torch_dtype
 from merge_kernels.io.reader import set_pinned_reads
 from merge_kernels.methods.compute_dtype import compute_dtype, computes_in_dtype, merge_in_dtype
@@ -128,6 +129,10 @@ class PieceMerger:
             fused = self._compute_fused_ties(unit, raw)
             if fused is not None:
                 return fused
+        if self.device.type == "cpu" and spec.dare_form is not None:
+            fused = self._compute_fused_dare(unit, raw)
+            if fused is not None:
+                return fused
         if (
             self.device.type == "cpu"
             and spec.cache_blocking
@@ -166,6 +171,22 @@ class PieceMerger:
         out = self._output(unit, raw[0].shape)
         merged = ties_into(out, base, models, form, weights, trims, cutoffs)
         return out if merged is not None else None
+
+    def _compute_fused_dare(self, unit: Piece, raw: list[torch.Tensor]) -> torch.Tensor | None:
+        tensor = unit.tensor
+        spec = self.plan.recipe.method
+        assert tensor.params is not None and spec.dare_form is not None
+        form = spec.dare_form(tensor.params.method, tensor.params.models)
+        if form is None or not tensor.has_base:
+            return None
+        context = TensorContext(
+            name=tensor.name,
+            seed=self.plan.recipe.seed,
+            model_indices=tensor.model_indices,
+            offset=unit.offset,
+        )
+        out = self._output(unit, raw[0].shape)
+        return out if dare_into(out, raw[0], raw[1:], form, context) else None
 
     @staticmethod
     def _tensor_thresholds(

@@ -15,6 +15,7 @@ import torch
 
 from merge_kernels.errors import RecipeError
 from merge_kernels.fused import ConsensusForm, WeightedSum
+from merge_kernels.fused_dare import DareForm
 from merge_kernels.methods.kernel import (
     MergeInputs,
     MethodParams,
@@ -29,6 +30,7 @@ Check = Callable[[Any, tuple[Any, ...]], None]
 WeightedForm = Callable[[Any, tuple[Any, ...]], WeightedSum]
 ConsensusFormOf = Callable[[Any], ConsensusForm | None]
 WorkingMemory = Callable[[Any, tuple[int, ...], int], int]
+DareFormOf = Callable[[Any, tuple[Any, ...]], DareForm | None]
 
 
 def _no_check(params: Any, model_params: tuple[Any, ...]) -> None:
@@ -77,6 +79,8 @@ class MethodSpec:
             :class:`~merge_kernels.fused.WeightedSum`, so CPU merges can run the fused loop.
         consensus_form: for TIES, its parameters as a :class:`~merge_kernels.fused.ConsensusForm`
             (None for options the fused loop does not cover), for the fused CPU loop.
+        dare_form: for DARE, its parameters as a :class:`~merge_kernels.fused_dare.DareForm`
+            (None for options the fused loops do not cover), for the fused CPU loops.
         description: one paragraph for ``GET /v1/methods`` and ``tureen methods``.
         working_memory: for a method whose working set is not a few tensors of the input's
             size (SVDs, optimisers), its peak bytes for one tensor: (resolved parameters,
@@ -105,6 +109,7 @@ class MethodSpec:
     weighted_form: WeightedForm | None = None
     consensus_form: ConsensusFormOf | None = None
     working_memory: WorkingMemory | None = None
+    dare_form: DareFormOf | None = None
 
     @property
     def takes_base(self) -> bool:

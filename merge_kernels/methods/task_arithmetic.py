@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from merge_kernels.fused import ConsensusForm, WeightedSum
+from merge_kernels.fused_dare import DareForm
 from merge_kernels.methods.kernel import (
     MergeInputs,
     MethodParams,
@@ -272,15 +273,36 @@ _DIVISOR_CODES = {"count": 0, "weight_sum": 1, "none": 2}
 
 
 def _ties_form(params: TiesParams) -> ConsensusForm | None:
+    return _consensus_form(params, threshold_rule=params.trim_ties == "threshold")
+
+
+def _consensus_form(params: ConsensusParams, *, threshold_rule: bool) -> ConsensusForm | None:
     if params.zero_sign != "positive":  # needs the whole tensor's elected signs
         return None
     return ConsensusForm(
-        threshold_rule=params.trim_ties == "threshold",
+        threshold_rule=threshold_rule,
         weighted_election=params.weighted_election,
         frequency=params.majority_sign_method == "frequency",
         divisor=_DIVISOR_CODES[params.effective_divisor()],
         scale=params.lambda_,
     )
+
+
+def _dare_form(
+    params: DareLinearParams | DareTiesParams, models: tuple[SparseModelParams, ...]
+) -> DareForm | None:
+    if params.rescale and params.rescale_method == "l1":  # needs whole-tensor L1 norms
+        return None
+    weights = tuple(float(p.weight) for p in models)
+    densities = tuple(p.density or 1.0 for p in models)
+    combine: WeightedSum | ConsensusForm | None
+    if isinstance(params, DareTiesParams):
+        combine = _consensus_form(params, threshold_rule=False)  # no trim: rule unused
+    else:
+        combine = WeightedSum(weights, sum(weights) if params.normalize else None, params.lambda_)
+    if combine is None:
+        return None
+    return DareForm(densities, params.rescale, weights, combine)
 
 
 def check_normalized_weights(params: MethodParams, model_params: tuple[WeightParams, ...]) -> None:
@@ -356,6 +378,7 @@ register(
         references={"mergekit": {"rescale_method": "l1", "density": 1.0}},
         chunkable=lambda params: not (params.rescale and params.rescale_method == "l1"),
         check=check_density,
+        dare_form=_dare_form,
     )
 )
 
@@ -381,5 +404,6 @@ register(
             and not (params.rescale and params.rescale_method == "l1")
         ),
         check=check_density,
+        dare_form=_dare_form,
     )
 )

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import merge_kernels.piece_merger as piece_merger
 from merge_kernels import fused
 from merge_kernels.methods import random_mask as rm
 from merge_kernels.methods.random_mask import (
@@ -251,6 +252,8 @@ def test_merges_write_the_same_bytes_with_and_without_the_loop(
         "dtype": "bfloat16",
     }
     options = MergeOptions(chunk_elements=chunk_elements)
+    # The kernels' masks, not the fused DARE loops (test_fused_dare.py checks those).
+    monkeypatch.setattr(piece_merger, "dare_into", lambda *args: False)
     with_loop, on_torch = both_paths(
         lambda: _merged_bytes(document, tmp_path / "a", options), monkeypatch
     )
