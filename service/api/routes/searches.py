@@ -11,9 +11,10 @@ far), then its report (every point and score, the best recipe as a plain recipe 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -26,9 +27,10 @@ from service.api.job_routes import (
     Operation,
     add_job_routes,
 )
+from service.api.routes.merges import _PUBLISH_BODY, HubToken, _publish_options
 from service.errors import error_responses
 from service.jobs.kinds.search import SEARCH_KIND, split_request, submit_search
-from service.jobs.models import Job, JobError, JobProgress, JobStatus
+from service.jobs.models import Job, JobError, JobProgress, JobPublish, JobStatus
 
 router = APIRouter(prefix="/v1/searches", tags=["searches"], dependencies=[Authenticated])
 
@@ -62,12 +64,15 @@ class SearchJob(BaseModel):
         None, description="The best recipe as YAML text, once succeeded (also in the report)."
     )
     seconds: float | None = Field(None, description="Seconds the successful run took.")
+    publish: JobPublish | None = Field(
+        None, description="Publication of the winner to the Hugging Face Hub, when asked for."
+    )
     version: int = 0
 
     @classmethod
     def from_job(cls, job: Job) -> SearchJob:
         """The API view of a search job record."""
-        succeeded = job.status is JobStatus.SUCCEEDED
+        succeeded = job.status in (JobStatus.SUCCEEDED, JobStatus.PUBLISHING)
         report = job.evaluation if succeeded else None
         return cls(
             id=job.id,
@@ -87,6 +92,7 @@ class SearchJob(BaseModel):
             report=report,
             best_recipe=None if report is None else report.get("best_recipe"),
             seconds=job.merge_seconds if succeeded else None,
+            publish=job.publish,
             version=job.version,
         )
 
@@ -157,6 +163,38 @@ async def submit_search_job(
     response.headers["Location"] = f"/v1/searches/{job.id}"
     return SearchJob.from_job(job)
 
+
+# -- publishing to the Hugging Face Hub -------------------------------------------------------
+
+
+@router.post(
+    "/{job_id}/publish",
+    name="publish_search",
+    status_code=202,
+    response_model=SearchJob,
+    summary="Publish a search's winner to the Hugging Face Hub",
+    responses=error_responses(401, 404, 409, 422),
+    openapi_extra=_PUBLISH_BODY,
+)
+async def publish_search(
+    job_id: Annotated[str, PathParam(description="The search job id.", max_length=128)],
+    request: Request,
+    manager: ManagerDep,
+    hub_token: HubToken = None,
+) -> SearchJob:
+    """Publish a succeeded search's winner (weights, model card with the search's summary,
+    report.json, scores.svg, best_recipe.yaml) in one commit, as a merge is published.
+
+    The job turns `publishing`, then `succeeded` again with `publish.state` `published` or
+    `failed`; the local output is kept either way.
+    """
+    options = _publish_options(await request.body())
+    await run_in_threadpool(lambda: manager.get(job_id, kind=SEARCH_KIND))  # searches only
+    job = await run_in_threadpool(manager.publisher.request, job_id, options, hub_token)
+    return SearchJob.from_job(job)
+
+
+# -- end publishing ----------------------------------------------------------------------------
 
 SEARCH_ROUTES = JobRoutes(
     kind=SEARCH_KIND,

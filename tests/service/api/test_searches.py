@@ -15,12 +15,16 @@ import pytest
 import yaml
 
 from service.jobs.sqlite_store import SqliteJobStore
+from tests.hub_server.fake_hub import FakeHub, use_fake_hub
 from tests.merge_kernels.search.conftest import (
     TiesWorld,
     ties_world,  # noqa: F401  (a fixture)
 )
 from tests.service.api.conftest import FINISHED, LiveServer, make_settings
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the Hub client's
+
+HUB_TOKEN = "hf_search_token_5c0e7a91d3b24f68"
 BUDGET = 10  # about 0.1 s per evaluation: room to pause midway
 FILES = {"report.json", "scores.svg", "best_recipe.yaml", "evaluation.json", "README.md"}
 
@@ -151,6 +155,31 @@ def test_the_best_recipe_remerged_reproduces_the_reported_score(
     assert merge["evaluation"]["merge"]["score"] == pytest.approx(report["best"]["score"], rel=1e-6)
 
 
+def test_the_winner_is_published_like_a_merge(
+    finished: dict[str, Any],
+    http: httpx.Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_id = finished["job"]["id"]
+    hub = FakeHub({HUB_TOKEN: ["alice"]}).start()
+    try:
+        use_fake_hub(hub, monkeypatch, tmp_path / "hf-home")
+        response = http.post(
+            f"/v1/searches/{job_id}/publish",
+            json={"repo_id": "alice/ties-search"},
+            headers={"X-HF-Token": HUB_TOKEN},
+        )
+        assert response.status_code == 202, response.text
+        job = wait(http, job_id, ("succeeded", "failed"))
+        assert job["publish"]["state"] == "published", job["publish"]
+        output = Path(job["output_dir"])
+        for name in ("report.json", "scores.svg", "best_recipe.yaml", "README.md"):
+            assert hub.file_bytes("alice/ties-search", "main", name) == (output / name).read_bytes()
+    finally:
+        hub.stop()
+
+
 def test_pause_restart_and_resume_end_as_an_uninterrupted_search(
     finished: dict[str, Any],
     server: LiveServer,
@@ -217,6 +246,9 @@ def test_cancel_drops_the_search_and_its_state(
     finally:
         store.close()
     assert not (data_dir / "searches" / "cancelled").exists()
+    # Only a succeeded search's winner is published (as a merge's output is).
+    publish = second.post(f"/v1/searches/{job_id}/publish", json={"repo_id": "me/ties-search"})
+    assert publish.status_code == 409, publish.text
 
 
 def test_a_spec_error_is_a_422_naming_the_field(second: httpx.Client, world: TiesWorld) -> None:
