@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.routes import console as console_routes  # the web console
 from service.api.routes import docs, health, merges, methods, metrics, plans
+from service.api.routes import searches as searches_routes  # search jobs
 from service.api.routes import tensor_stats as tensor_stats_routes  # the web console
 from service.api.routes import trainings as trainings_routes  # training jobs
 from service.api.schemas import MERGE_REQUEST_SCHEMA_NAME, merge_request_schema
@@ -167,6 +168,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             {"name": "methods", "description": "The registered merge methods."},
             {"name": "operations", "description": "Health, readiness and metrics."},
             {"name": "trainings", "description": "LoRA and DPO training jobs and their adapters."},
+            {"name": "searches", "description": "Recipe searches and their best merge."},
         ],
     )
     app.state.settings = settings
@@ -177,6 +179,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for module in (merges, plans, methods, health, metrics):
         app.include_router(module.router)
     app.include_router(trainings_routes.router)  # training jobs
+    app.include_router(searches_routes.router)  # search jobs
     for router in (console_routes.page_router, console_routes.roots_router):  # web console
         app.include_router(router)
     app.include_router(tensor_stats_routes.router)  # the web console's compare view

@@ -12,6 +12,7 @@ Importing this module registers the built-in kinds, so that a manager knows them
 
 from __future__ import annotations
 
+from service.jobs.kinds import search as _search  # noqa: F401  (registers the kind)
 from service.jobs.kinds import training as _training  # noqa: F401  (registers the kind)
 from service.jobs.kinds.merge import MergeJobs, OverMemoryBudgetError
 from service.jobs.store import IdempotencyConflictError, JobNotFoundError

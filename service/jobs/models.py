@@ -46,6 +46,14 @@ class JobProgress(BaseModel):
     steps_total: int | None = Field(None, description="Training: optimizer steps planned.")
     loss: float | None = Field(None, description="Training: loss of the last step.")
     # -- end training jobs ---------------------------------------------------------------
+    # -- search jobs ---------------------------------------------------------------------
+    evaluations_done: int | None = Field(None, description="Search: candidates scored.")
+    evaluations_total: int | None = Field(None, description="Search: the evaluations budget.")
+    best_score: float | None = Field(None, description="Search: the best score so far.")
+    last_score: float | None = Field(
+        None, description="Search: the last candidate's score (none: it failed)."
+    )
+    # -- end search jobs -----------------------------------------------------------------
     stage: str | None = Field(
         None,
         description="Multi-document jobs: the stage being run, its `name` (or `merges[i]` "
@@ -212,7 +220,8 @@ class Job(BaseModel):
 
     id: str
     kind: str = Field(
-        DEFAULT_KIND, description="What the job does: merge or training (see the job kinds)."
+        DEFAULT_KIND,
+        description="What the job does: merge, training or search (see the job kinds).",
     )
     status: JobStatus
     recipe: dict[str, Any] = Field(description="The validated recipe document.")

@@ -34,7 +34,9 @@ _JSON_COLUMNS = frozenset(
 )
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at"})
 _JOB_COLUMNS = tuple(Job.model_fields)
-_EXTRA_COLUMNS = ("idempotency_key", "body_hash")
+# Kept beside the record, never in it (nor in the API's view): the idempotency key, and a
+# search job's state (JSON), saved after every evaluation.
+_EXTRA_COLUMNS = ("idempotency_key", "body_hash", "search_state")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _FIFO = "ORDER BY created_at ASC, rowid ASC"
 _NEWEST = "ORDER BY created_at DESC, rowid DESC"
@@ -290,7 +292,30 @@ class SqliteJobStore(JobStore):
         )
         return int(row[0]), float(row[1]), int(row[2])
 
+    def search_state(self, job_id: str) -> dict[str, Any] | None:
+        """The search state a search job saved last (see ``JobStore.search_state``)."""
+        row = (
+            self._connection()
+            .execute("SELECT search_state FROM jobs WHERE id = ?", (job_id,))
+            .fetchone()
+        )
+        if row is None or row[0] is None:
+            return None
+        state = json.loads(row[0])
+        return state if isinstance(state, dict) else None
+
     # -- writes -------------------------------------------------------------------------
+
+    def save_search_state(self, job_id: str, state: dict[str, Any]) -> None:
+        """Replace a search job's saved state (see ``JobStore.save_search_state``)."""
+        text = json.dumps(state, separators=(",", ":"))
+        with self._write() as db:
+            found = db.execute(
+                "UPDATE jobs SET search_state = ? WHERE id = ? AND status != ?",
+                (text, job_id, str(JobStatus.CANCELLED)),
+            ).rowcount
+            if not found and self._fetch(db, job_id) is None:
+                raise JobNotFoundError(job_id)
 
     def _save(self, db: sqlite3.Connection, job: Job, **changes: Any) -> Job:
         """Write ``job`` with ``changes`` applied (validated), bumping version and updated_at."""
@@ -301,6 +326,8 @@ class SqliteJobStore(JobStore):
         saved = Job.model_validate(data)
         row = _to_row(saved)
         assignments = ", ".join(f"{column} = :{column}" for column in row if column != "id")
+        if saved.status is JobStatus.CANCELLED:  # a cancelled search is not resumed
+            assignments += ", search_state = NULL"
         db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", row)
         return saved
 

@@ -12,7 +12,7 @@ import asyncio
 import builtins  # `list` is a method name in the class below
 import time
 from collections.abc import AsyncIterator, Collection
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from merge_kernels.errors import TureenError
 from service.jobs.models import DEFAULT_KIND, Job, JobStatus
@@ -171,6 +171,23 @@ class JobStore(Protocol):
     def merge_totals(self) -> tuple[int, float, int]:
         """Over succeeded merge jobs: total bytes written, total seconds, number of jobs."""
         ...
+
+    # -- search jobs ---------------------------------------------------------------------
+
+    def search_state(self, job_id: str) -> dict[str, Any] | None:
+        """The search state a search job saved last (None: none saved, or no such job)."""
+        ...
+
+    def save_search_state(self, job_id: str, state: dict[str, Any]) -> None:
+        """Replace a search job's saved state; durable on return. A cancelled job keeps
+        none (it is dropped when the job turns ``cancelled``).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        ...
+
+    # -- end search jobs -----------------------------------------------------------------
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

@@ -25,6 +25,7 @@ _RENAMES = {
 _FAMILIES = {
     "tureen_jobs": ("gauge", "Jobs in each state."),
     "tureen_trainings": ("gauge", "Training jobs in each state."),
+    "tureen_searches": ("gauge", "Search jobs in each state."),
     "tureen_workers_busy": ("gauge", "Worker processes running a job."),
     "tureen_merged_bytes_total": ("counter", "Bytes written by succeeded merges."),
     "tureen_merge_duration_seconds": ("summary", "Seconds succeeded merges took."),

@@ -56,7 +56,7 @@ async function show() {
   try {
     let done;
     if (name === "new") done = await editorView(view, navigate);
-    else if ((name === "merges" || name === "trainings") && parts[1]) done = await jobView(view, navigate, name, parts[1]);
+    else if (["merges", "trainings", "searches"].includes(name) && parts[1]) done = await jobView(view, navigate, name, parts[1]);
     else if (name === "compare") done = await compareView(view, navigate, new URLSearchParams(query || ""));
     else done = await jobsView(view, navigate);
     if (mine === route && typeof done === "function") cleanup = done;

@@ -65,10 +65,44 @@ export function mergeScoresView(report) {
       metricNames.map((name) => h("td", { class: "num" }, score((row.metrics || {})[name])))))));
 }
 
+/** A search: the score of each evaluation and the best so far, the best point and recipe. */
+export function searchView(report) {
+  const higher = report.higher_is_better;
+  const points = [];
+  const line = [];
+  let best = null;
+  report.evaluations.forEach((row, index) => {
+    const value = row.score === null ? NaN : row.score;
+    const better = Number.isFinite(value) && (best === null || (higher ? value > best : value < best));
+    if (better) best = value;
+    points.push({ x: index, y: value, kind: better ? "kept" : "ingredient",
+      title: Object.entries(row.point).map(([name, v]) => `${name}=${v}`).join(" ") });
+    line.push(best === null ? NaN : best);
+  });
+  const names = report.dimensions.map((dimension) => dimension.name);
+  const rows = report.evaluations.map((row) => h("tr", { class: row.index === report.best.index ? "kept" : "" },
+    h("td", { class: "num" }, row.index + 1),
+    names.map((name) => h("td", { class: "num" }, score(row.point[name]))),
+    h("td", { class: "num" }, row.score === null ? row.error || "failed" : score(row.score))));
+  return h("section", { class: "panel", id: "search" },
+    h("h2", {}, "Search"),
+    h("p", {}, `${report.strategy.name} search, seed ${report.seed}, evaluator ${report.evaluator} `,
+      `(${higher ? "higher" : "lower"} is better): best ${score(report.best.score)} at evaluation `,
+      `${report.best.index + 1} of ${report.evaluations.length} (stopped by ${report.stopped_by}); `,
+      `written ${score(report.written_validation_score)}`,
+      report.test ? `, test ${score(report.test.score)}.` : "."),
+    scoreChart({ points, line, labels: report.evaluations.map((row) => String(row.index + 1)), yTitle: report.evaluator }),
+    h("p", { class: "muted" }, "Dots: each evaluation's score (green: a new best); line: the best so far."),
+    h("table", { id: "search-evaluations" }, h("tr", {}, h("th", { class: "num" }, "#"),
+      names.map((name) => h("th", { class: "num" }, name)), h("th", { class: "num" }, "score")), rows),
+    h("h3", {}, "Best recipe"), h("pre", { id: "best-recipe" }, report.best_recipe));
+}
+
 /** Whatever the report is: a soup, an evaluated merge, or a list of them. */
 export function evaluationView(report) {
   if (Array.isArray(report)) return h("div", {}, report.map(evaluationView));
   if (report && report.ingredients && report.steps) return soupView(report);
+  if (report && report.evaluations && report.best_recipe) return searchView(report);
   if (report && report.inputs && report.merge) return mergeScoresView(report);
   return h("section", { class: "panel" }, h("h2", {}, "Evaluation"), h("pre", {}, JSON.stringify(report, null, 2)));
 }

@@ -14,6 +14,8 @@ function progressLine(job) {
   const parts = [p.phase];
   if (p.stage) parts.push(`stage ${p.stage}`);
   if (p.steps_total) parts.push(`${p.steps_done || 0}/${p.steps_total} steps`);
+  if (p.evaluations_total) parts.push(`${p.evaluations_done || 0}/${p.evaluations_total} evaluations`);
+  if (p.best_score !== null && p.best_score !== undefined) parts.push(`best ${p.best_score.toFixed(4)}`);
   if (p.loss !== null && p.loss !== undefined) parts.push(`loss ${p.loss.toFixed(4)}`);
   if (p.tensors_total) parts.push(`${p.tensors_done}/${p.tensors_total} tensors`);
   if (p.bytes_total) parts.push(`${bytes(p.bytes_done)} of ${bytes(p.bytes_total)}`);
@@ -30,6 +32,7 @@ function progressFraction(job) {
   if (p.bytes_total) return p.bytes_done / p.bytes_total;
   if (p.tensors_total) return p.tensors_done / p.tensors_total;
   if (p.steps_total) return (p.steps_done || 0) / p.steps_total;
+  if (p.evaluations_total) return (p.evaluations_done || 0) / p.evaluations_total;
   return 0;
 }
 
@@ -97,7 +100,9 @@ async function filesPanel(base) {
   return [panel, cardPanel];
 }
 
-/** The page of job ``id``; ``kind`` is "merges" or "trainings". Returns a cleanup function. */
+const TITLES = { merges: "Merge ", trainings: "Training ", searches: "Search " };
+
+/** The page of job ``id``; ``kind`` is "merges", "trainings" or "searches". Returns a cleanup function. */
 export async function jobView(root, navigate, kind, id) {
   const base = `/v1/${kind}/${encodeURIComponent(id)}`;
   let stop = () => {};
@@ -115,10 +120,15 @@ export async function jobView(root, navigate, kind, id) {
     const cancel = finished ? null : h("button", { class: "danger", type: "button", id: "cancel", onclick: async () => {
       try { render(await sendJson("DELETE", base)); } catch (error) { line.replaceChildren(errorPanel(error)); }
     } }, "Cancel");
-    const document = kind === "merges" ? job.recipe : job.config;
+    // Searches pause between evaluations and resume where they were (their state is kept).
+    const pauseOrResume = kind !== "searches" || finished ? null
+      : h("button", { type: "button", id: job.status === "paused" ? "resume" : "pause", onclick: async () => {
+        try { await sendJson("POST", `${base}/${job.status === "paused" ? "resume" : "pause"}`); start(); } catch (error) { line.replaceChildren(errorPanel(error)); }
+      } }, job.status === "paused" ? "Resume" : "Pause");
+    const document = kind === "merges" ? job.recipe : kind === "searches" ? job.spec : job.config;
     const sections = [
-      h("h1", {}, kind === "merges" ? "Merge " : "Training ", h("span", { class: "mono" }, job.id), " ", statusBadge),
-      h("div", { class: "row" }, cancel,
+      h("h1", {}, TITLES[kind], h("span", { class: "mono" }, job.id), " ", statusBadge),
+      h("div", { class: "row" }, cancel, pauseOrResume,
         kind === "merges" ? h("button", { type: "button", onclick: () => { setDraft(yaml(compact(job.recipe)) + "\n"); navigate("#/new"); } }, "Edit a copy") : null,
         kind === "merges" && job.status === "succeeded" ? h("a", { href: `#/compare?a=${encodeURIComponent(job.id)}` }, "Compare with another merge") : null),
       h("section", { class: "panel" }, bar, line),
@@ -131,6 +141,7 @@ export async function jobView(root, navigate, kind, id) {
       job.warnings && job.warnings.length ? h("div", { class: "warn" }, h("strong", {}, "Warnings"), h("ul", {}, job.warnings.map((w) => h("li", {}, w)))) : null,
       job.held_out ? h("section", { class: "panel" }, h("h2", {}, "Held-out numbers"), h("pre", {}, yaml(job.held_out))) : null,
       job.evaluation ? evaluationView(job.evaluation) : null,
+      job.report ? evaluationView(job.report) : null,
     ];
     if (job.stages) {
       sections.push(h("section", { class: "panel" }, h("h2", {}, "Stages"),
@@ -140,8 +151,8 @@ export async function jobView(root, navigate, kind, id) {
     if (job.status === "succeeded") {
       try { sections.push(...await filesPanel(base)); } catch (error) { sections.push(errorPanel(error)); }
     }
-    if (kind === "merges" && (job.status === "succeeded" || job.status === "publishing")) sections.push(publishPanel(job, base, start));
-    sections.push(h("section", { class: "panel" }, h("h2", {}, kind === "merges" ? "Recipe" : "Config"), h("pre", { id: "recipe-text" }, yaml(compact(document)))),
+    if (kind !== "trainings" && (job.status === "succeeded" || job.status === "publishing")) sections.push(publishPanel(job, base, start));
+    sections.push(h("section", { class: "panel" }, h("h2", {}, { merges: "Recipe", trainings: "Config", searches: "Search spec" }[kind]), h("pre", { id: "recipe-text" }, yaml(compact(document)))),
       h("section", { class: "panel" }, h("h2", {}, "Log ", h("button", { type: "button", onclick: refreshLog }, "Refresh")), logBox));
     root.replaceChildren(...sections.filter(Boolean));
     refreshLog();

@@ -1,19 +1,23 @@
-// The jobs list: merges and trainings in one table, newest first, a page at a time.
+// The jobs list: merges, trainings and searches in one table, newest first, a page at a time.
 // Each kind is paginated by its own API; a page of the union is read from both with one
-// cursor per kind, so even the thousandth job costs two small requests.
+// cursor per kind, so even the thousandth job costs one small request per kind.
 "use strict";
 
 import { getJson } from "./api.js";
 import { badge, h, when } from "./render.js";
 
 const PAGE_SIZE = 50;
-const KINDS = { merges: "/v1/merges", trainings: "/v1/trainings" };
+const KINDS = { merges: "/v1/merges", trainings: "/v1/trainings", searches: "/v1/searches" };
 
 // Kept across visits to the list, so coming back from a job returns to the same page.
-const state = { status: "", kind: "all", pages: [{ merges: 0, trainings: 0 }] };
+const state = { status: "", kind: "all", pages: [{ merges: 0, trainings: 0, searches: 0 }] };
 
 function summary(kind, job) {
   if (kind === "trainings") return `${job.kind} training${job.name ? ` ${job.name}` : ""}`;
+  if (kind === "searches") {
+    const strategy = (job.spec && job.spec.strategy && job.spec.strategy.name) || "";
+    return `${strategy} search${job.name ? ` → ${job.name}` : ""}`;
+  }
   const recipe = job.recipe || {};
   const method = job.stages ? `${job.stages.length} merges` : recipe.merge_method || "merge";
   return `${method}${job.output && job.output.name ? ` → ${job.output.name}` : ""}`;
@@ -22,6 +26,7 @@ function summary(kind, job) {
 function progressText(job) {
   const progress = job.progress || {};
   if (job.status === "succeeded") return "done";
+  if (progress.evaluations_total) return `${progress.evaluations_done || 0}/${progress.evaluations_total} evaluations`;
   if (progress.steps_total) return `${progress.steps_done || 0}/${progress.steps_total} steps`;
   if (progress.tensors_total) return `${progress.tensors_done}/${progress.tensors_total} tensors`;
   return progress.phase || "";
@@ -85,12 +90,12 @@ export async function jobsView(root, navigate) {
     const [a, b] = [...selected];
     navigate(`#/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
   });
-  function restart() { state.pages = [{ merges: 0, trainings: 0 }]; show(); }
+  function restart() { state.pages = [{ merges: 0, trainings: 0, searches: 0 }]; show(); }
   const statusSelect = h("select", { id: "status-filter", onchange: (event) => { state.status = event.target.value; restart(); } },
-    ["", "queued", "running", "publishing", "succeeded", "failed", "cancelled"].map((value) =>
+    ["", "queued", "running", "paused", "publishing", "succeeded", "failed", "cancelled"].map((value) =>
       h("option", { value, selected: value === state.status }, value || "any status")));
   const kindSelect = h("select", { id: "kind-filter", onchange: (event) => { state.kind = event.target.value; restart(); } },
-    [["all", "merges and trainings"], ["merges", "merges"], ["trainings", "trainings"]].map(([value, label]) =>
+    [["all", "all kinds"], ["merges", "merges"], ["trainings", "trainings"], ["searches", "searches"]].map(([value, label]) =>
       h("option", { value, selected: value === state.kind }, label)));
   root.replaceChildren(
     h("h1", {}, "Jobs"),

@@ -388,3 +388,53 @@ def test_trainings_share_the_list_and_have_their_own_page(page: Page, server: Li
     expect(page.locator("h1")).to_contain_text("Training")
     expect(page.locator("#job-error")).to_contain_text("no 'chosen' column")
     expect(page.locator("#recipe-text")).to_contain_text("epochs: 2")
+
+
+def test_searches_share_the_list_and_plot_their_scores(page: Page, server: LiveServer) -> None:
+    scores = [5.6, 5.7, None, 4.2, 4.9]
+    report = {
+        "strategy": {"name": "cmaes"},
+        "seed": 0,
+        "evaluator": "held_out:loss",
+        "higher_is_better": False,
+        "dimensions": [{"name": "parameters.lambda", "low": 0.25, "high": 2.0}],
+        "evaluations": [
+            {"index": i, "point": {"parameters.lambda": 0.5 + i / 10}, "score": score}
+            for i, score in enumerate(scores)
+        ],
+        "stopped_by": "evaluations",
+        "best": {"index": 3, "point": {"parameters.lambda": 0.8}, "score": 4.2},
+        "best_recipe": "merge_method: ties\nparameters:\n  lambda: 0.8\n",
+        "written_validation_score": 4.2,
+        "test": {"score": 4.4},
+    }
+    store = SqliteJobStore(server.settings.database_path)  # one store for every kind
+    try:
+        job, _ = store.create(
+            Job(
+                id="search-newest",
+                kind="search",
+                status=JobStatus.SUCCEEDED,
+                recipe={"strategy": {"name": "cmaes"}, "budget": {"evaluations": 5}},
+                output=OutputOptions(name="best-ties"),
+                created_at=datetime(2101, 1, 1, tzinfo=UTC),  # newest of all: first in the list
+                evaluation=report,
+            )
+        )
+    finally:
+        store.close()
+    page.goto("/#/jobs")
+    first = page.locator("#jobs tbody tr").first
+    expect(first).to_have_attribute("data-job", job.id)
+    expect(first).to_contain_text("cmaes search → best-ties")
+    page.select_option("#kind-filter", "searches")
+    expect(page.locator("#page-position")).to_have_text("1–1 of 1")
+    page.click(f'#jobs a[href="#/searches/{job.id}"]')
+    expect(page.locator("h1")).to_contain_text("Search")
+    search = page.locator("#search")
+    # One dot per scored evaluation; new bests (5.6, then 4.2) drawn as such.
+    expect(search.locator("svg circle")).to_have_count(4)
+    expect(search.locator("svg circle.kept")).to_have_count(2)
+    expect(search.locator("#search-evaluations tr.kept")).to_contain_text("4.2")
+    expect(search.locator("#best-recipe")).to_contain_text("lambda: 0.8")
+    expect(page.locator("#recipe-text")).to_contain_text("cmaes")
