@@ -228,7 +228,7 @@ async def download_candidate_file(
 
 # -- publishing to the Hugging Face Hub -------------------------------------------------------
 
-_PUBLISH_BODY = {
+PUBLISH_BODY = {
     "requestBody": {
         "required": False,
         "description": "Where to publish; omitted, the job's last publish options (a retry).",
@@ -239,7 +239,9 @@ _PUBLISH_BODY = {
 }
 
 
-def _publish_options(body: bytes) -> PublishOptions | None:
+def publish_options(body: bytes) -> PublishOptions | None:
+    """A publish request's options from its JSON body (None when the body is empty); shared
+    by every kind whose output can be published."""
     if not body.strip():
         return None
     try:
@@ -267,7 +269,7 @@ def _publish_options(body: bytes) -> PublishOptions | None:
     response_model=Job,
     summary="Publish a merge to the Hugging Face Hub",
     responses=error_responses(401, 404, 409, 422),
-    openapi_extra=_PUBLISH_BODY,
+    openapi_extra=PUBLISH_BODY,
 )
 async def publish_merge(
     job_id: JobId, request: Request, manager: ManagerDep, hub_token: HubToken = None
@@ -278,7 +280,7 @@ async def publish_merge(
     (`commit_url`, `commit_sha`, `pr_url`) or `failed` (`publish.error`); the local output
     is kept either way.
     """
-    options = _publish_options(await request.body())
+    options = publish_options(await request.body())
     await run_in_threadpool(lambda: manager.get(job_id, kind=MERGE_KIND))  # merges only
     return await run_in_threadpool(manager.publisher.request, job_id, options, hub_token)
 

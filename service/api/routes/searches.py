@@ -27,7 +27,7 @@ from service.api.job_routes import (
     Operation,
     add_job_routes,
 )
-from service.api.routes.merges import _PUBLISH_BODY, HubToken, _publish_options
+from service.api.routes.merges import PUBLISH_BODY, HubToken, publish_options
 from service.errors import error_responses
 from service.jobs.kinds.search import SEARCH_KIND, split_request, submit_search
 from service.jobs.models import Job, JobError, JobProgress, JobPublish, JobStatus
@@ -174,7 +174,7 @@ async def submit_search_job(
     response_model=SearchJob,
     summary="Publish a search's winner to the Hugging Face Hub",
     responses=error_responses(401, 404, 409, 422),
-    openapi_extra=_PUBLISH_BODY,
+    openapi_extra=PUBLISH_BODY,
 )
 async def publish_search(
     job_id: Annotated[str, PathParam(description="The search job id.", max_length=128)],
@@ -188,7 +188,7 @@ async def publish_search(
     The job turns `publishing`, then `succeeded` again with `publish.state` `published` or
     `failed`; the local output is kept either way.
     """
-    options = _publish_options(await request.body())
+    options = publish_options(await request.body())
     await run_in_threadpool(lambda: manager.get(job_id, kind=SEARCH_KIND))  # searches only
     job = await run_in_threadpool(manager.publisher.request, job_id, options, hub_token)
     return SearchJob.from_job(job)
