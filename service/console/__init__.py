@@ -25,5 +25,6 @@ STATIC_FILES = frozenset(
         "job.js",
         "evaluation.js",
         "compare.js",
+        "service.js",  # readiness and metrics
     }
 )

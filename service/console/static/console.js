@@ -8,6 +8,7 @@ import { editorView } from "./editor.js";
 import { jobView } from "./job.js";
 import { jobsView } from "./jobs.js";
 import { h } from "./render.js";
+import { serviceView } from "./service.js";
 
 const view = document.getElementById("view");
 const signOut = document.getElementById("sign-out");
@@ -58,6 +59,7 @@ async function show() {
     if (name === "new") done = await editorView(view, navigate);
     else if (["merges", "trainings", "searches"].includes(name) && parts[1]) done = await jobView(view, navigate, name, parts[1]);
     else if (name === "compare") done = await compareView(view, navigate, new URLSearchParams(query || ""));
+    else if (name === "service") done = await serviceView(view);
     else done = await jobsView(view, navigate);
     if (mine === route && typeof done === "function") cleanup = done;
     else if (typeof done === "function") done();

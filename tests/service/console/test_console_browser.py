@@ -438,3 +438,18 @@ def test_searches_share_the_list_and_plot_their_scores(page: Page, server: LiveS
     expect(search.locator("#search-evaluations tr.kept")).to_contain_text("4.2")
     expect(search.locator("#best-recipe")).to_contain_text("lambda: 0.8")
     expect(page.locator("#recipe-text")).to_contain_text("cmaes")
+
+
+def test_the_service_view_shows_readiness_and_metrics(page: Page, server: LiveServer) -> None:
+    """What the curl session reads from /readyz and /metrics, in the page."""
+    with server.client() as client:
+        served = client.get("/metrics").text
+    line = next(x for x in served.splitlines() if x.startswith('tureen_jobs{state="succeeded"}'))
+    page.goto("/#/service")
+    expect(page.locator("#readiness")).to_contain_text("ready")
+    expect(page.locator("#readiness")).to_contain_text("database")
+    rows = page.locator("#metrics tbody tr")
+    expect(rows.filter(has_text="tureen_workers_busy")).to_have_count(1)
+    succeeded = rows.filter(has_text="tureen_jobs").filter(has_text='state="succeeded"')
+    expect(succeeded).to_have_count(1)
+    expect(succeeded.locator("td").nth(2)).to_have_text(line.split()[-1])
