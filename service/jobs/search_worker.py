@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -224,19 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run(store: JobStore, job_id: str, output: Path) -> JobStatus:
         return run_search_job(store, job_id, output, options, evaluator_hosts=hosts)
 
-    return standby.run_worker(
-        run,
-        store_location=args.db,
-        standby=args.standby,
-        job_id=args.job_id,
-        output=args.output,
-        log_dir=args.log_dir,
-    )
+    return standby.run_from_args(run, args)
 
 
 if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    standby.exit_at_once(main())

@@ -9,11 +9,15 @@ left the process large, so that its memory goes back to the system.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
 import resource
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from service.jobs import job_log
 from service.jobs.sqlite_store import open_store
@@ -91,6 +95,29 @@ def run_worker(
     finally:
         store.close()
     return 0
+
+
+def run_from_args(run: Callable[[JobStore, str, Path], object], args: argparse.Namespace) -> int:
+    """:func:`run_worker` with the options every worker command takes (``--db``,
+    ``--standby``, ``--job-id``, ``--output``, ``--log-dir``)."""
+    return run_worker(
+        run,
+        store_location=args.db,
+        standby=args.standby,
+        job_id=args.job_id,
+        output=args.output,
+        log_dir=args.log_dir,
+    )
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """End a worker process whose outcome is recorded and whose store is closed: skip the
+    interpreter's slow teardown (torch's), so the service sees the process end, and frees
+    its slot, at once."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def peak_rss_bytes() -> int:

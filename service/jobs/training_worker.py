@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -166,19 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    return standby.run_worker(
-        run_training_job,
-        store_location=args.db,
-        standby=args.standby,  # as the service runs it
-        job_id=args.job_id,
-        output=args.output,
-        log_dir=args.log_dir,
-    )
+    return standby.run_from_args(run_training_job, args)
 
 
 if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    standby.exit_at_once(main())

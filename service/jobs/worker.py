@@ -495,21 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     # In standby, everything heavy is imported by now, so a job handed over starts at once.
-    return standby.run_worker(
-        run,
-        store_location=args.db,
-        standby=args.standby,
-        job_id=args.job_id,
-        output=args.output,
-        log_dir=args.log_dir,
-    )
+    return standby.run_from_args(run, args)
 
 
 if __name__ == "__main__":
-    code = main()
-    # The outcome is recorded and the store closed: skip the interpreter's slow teardown
-    # (torch's), so the service sees the process end, and frees its slot, at once.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    standby.exit_at_once(main())
