@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
@@ -104,6 +104,25 @@ def succeeded_output(manager: JobManager, job_id: str, kind: str, noun: str) -> 
     return manager.output_path(job)
 
 
+def known_query(*names: str) -> Any:
+    """A dependency refusing query parameters other than ``names`` with a 422 naming the
+    first unknown one: a misspelled ``?stauts=failed`` must not list every job."""
+    allowed = frozenset(names)
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params.keys()) - allowed)
+        if unknown:
+            raise ApiError(
+                422,
+                "invalid_query",
+                f"unknown query parameter {unknown[0]!r}; this route takes "
+                f"{', '.join(sorted(allowed)) or 'none'}",
+                details={"field": unknown[0]},
+            )
+
+    return Depends(check)
+
+
 def add_job_routes(router: APIRouter, spec: JobRoutes) -> None:
     """Add the shared routes of ``spec``'s kind to ``router``, in ``spec.order``."""
     kind, noun = spec.kind, spec.noun
@@ -186,7 +205,11 @@ def add_job_routes(router: APIRouter, spec: JobRoutes) -> None:
         "list": (
             "",
             list_jobs,
-            {"response_model": spec.list_model, "responses": error_responses(401, 422)},
+            {
+                "response_model": spec.list_model,
+                "responses": error_responses(401, 422),
+                "dependencies": [known_query("status", "limit", "offset")],
+            },
         ),
         "get": ("/{job_id}", get_job, {"response_model": spec.job_model, "responses": not_found}),
         "cancel": (
@@ -229,7 +252,11 @@ def add_job_routes(router: APIRouter, spec: JobRoutes) -> None:
         "files": (
             "/{job_id}/files",
             list_files,
-            {"response_model": FileList, "responses": error_responses(401, 404, 409, 422)},
+            {
+                "response_model": FileList,
+                "responses": error_responses(401, 404, 409, 422),
+                "dependencies": [known_query("sha256")],
+            },
         ),
         "download": (
             "/{job_id}/files/{path:path}",

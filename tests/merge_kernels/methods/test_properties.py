@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, reject, settings
+from hypothesis import assume, given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -168,6 +168,10 @@ def test_normalized_soup_of_identical_models_is_that_model(
     spec = get_method(name)
     count = model_count(spec, wanted)
     model, base = data.draw(tensors(shape, 2))
+    if name == "model_stock":
+        # Its cosine divides by max(|a|·|b|, 1e-6), as mergekit's does: identical task
+        # vectors below 1e-3 in norm have a cosine under 1 there, by design.
+        assume(bool((model - base).abs().min() >= 1e-2))
     _, per_model = VALID[name]
     if "density" in per_model:
         per_model = {"density": 1.0}

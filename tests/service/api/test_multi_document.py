@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -315,8 +317,16 @@ def test_cancel_stops_the_job_and_leaves_nothing(
     body = {"merges": _larger_documents(larger_root), "output": {"name": "multi-cancelled"}}
     body["output"]["shard_size"] = SHARD
     job_id = client.post("/v1/merges", json=body).json()["id"]
-    wait_for(client, job_id, ("running",))
-    cancelled = client.delete(f"/v1/merges/{job_id}")
+    running = wait_for(client, job_id, ("running",))
+    while running["worker_pid"] is None:
+        running = client.get(f"/v1/merges/{job_id}").json()
+    # The worker is frozen while the cancel is recorded, so the merge cannot end first on a
+    # fast machine; it sees the request as soon as it runs again.
+    os.kill(running["worker_pid"], signal.SIGSTOP)
+    try:
+        cancelled = client.delete(f"/v1/merges/{job_id}")
+    finally:
+        os.kill(running["worker_pid"], signal.SIGCONT)
     assert cancelled.status_code == 202
     job = wait_for(client, job_id)
     assert job["status"] == "cancelled", job
