@@ -160,16 +160,7 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
     check_hub_inputs(recipe, options)
     inputs = open_inputs(recipe, options)
     try:
-        vocabulary = plan_vocabulary(recipe, inputs, options)
-        plan = build_plan(
-            recipe,
-            inputs,
-            max_shard_bytes=options.max_shard_bytes,
-            chunk_elements=options.chunk_elements,
-            whole_trim_elements=options.whole_trim_elements,
-            out_dtype=options.out_dtype,
-            vocabulary=vocabulary,
-        )
+        plan = plan_inputs(recipe, inputs, options)
         if recipe.base_only():
             plan.notes.append(base_only_note(inputs[0].checkpoint))
         check_tokenizer_source(recipe, inputs, options)
@@ -177,6 +168,20 @@ def plan_merge(recipe: Recipe, options: MergeOptions) -> tuple[MergePlan, list[P
         close_inputs(inputs)
         raise
     return plan, inputs
+
+
+def plan_inputs(recipe: Recipe, inputs: list[PlannedInput], options: MergeOptions) -> MergePlan:
+    """The plan of already opened inputs, under ``options``' shard, chunk and dtype settings
+    (the driver's and every Ray node's plan alike)."""
+    return build_plan(
+        recipe,
+        inputs,
+        max_shard_bytes=options.max_shard_bytes,
+        chunk_elements=options.chunk_elements,
+        whole_trim_elements=options.whole_trim_elements,
+        out_dtype=options.out_dtype,
+        vocabulary=plan_vocabulary(recipe, inputs, options),
+    )
 
 
 def base_only_note(base: Checkpoint) -> str:

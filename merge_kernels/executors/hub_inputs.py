@@ -271,9 +271,7 @@ def plan_with_hub_files(
 ) -> tuple[MergePlan, list[PlannedInput]]:
     """The runner's ``plan_merge`` on a node, with the Hub inputs of ``hub`` opened from the
     driver's description (the driver has checked them against the Hub already)."""
-    from merge_kernels.plan import build_plan
-    from merge_kernels.runner import close_inputs
-    from merge_kernels.vocabulary_plan import plan_vocabulary
+    from merge_kernels.runner import close_inputs, plan_inputs
 
     inputs = open_node_inputs(
         recipe,
@@ -283,20 +281,10 @@ def plan_with_hub_files(
         base_dir=options.base_dir,
     )
     try:
-        vocabulary = plan_vocabulary(recipe, inputs, options)
-        plan = build_plan(
-            recipe,
-            inputs,
-            max_shard_bytes=options.max_shard_bytes,
-            chunk_elements=options.chunk_elements,
-            whole_trim_elements=options.whole_trim_elements,
-            out_dtype=options.out_dtype,
-            vocabulary=vocabulary,
-        )
+        return plan_inputs(recipe, inputs, options), inputs
     except BaseException:
         close_inputs(inputs)
         raise
-    return plan, inputs
 
 
 def fetched_files(inputs: Sequence[PlannedInput]) -> list[tuple[str, str, int]]:
