@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import paused_fields, utcnow
 from service.jobs.store import JobStore
-from service.jobs.worker import discard_staging, watch_parent
+from service.jobs.worker import discard_staging, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -203,17 +202,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the search jobs handed over (or the one named); 0 once outcomes are recorded."""
     args = _arguments(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s search[%(process)d] %(message)s",
-    )
-    if args.parent_pid is not None:
-        threading.Thread(
-            target=watch_parent,
-            args=(args.parent_pid, "search"),
-            name="tureen-parent",
-            daemon=True,
-        ).start()
+    start_worker(args, "search", "search")
     options = MergeOptions(
         device=args.device, allowed_roots=tuple(args.allow_root), base_dir=args.base_dir
     )

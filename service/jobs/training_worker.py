@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from service.jobs.failures import job_error
 from service.jobs.models import JobError, JobProgress, JobStatus
 from service.jobs.sqlite_store import utcnow
 from service.jobs.store import JobStore
-from service.jobs.worker import CancelPoll, discard_staging, watch_parent
+from service.jobs.worker import CancelPoll, discard_staging, start_worker
 from training.progress import TrainingProgress
 
 log = logging.getLogger(__name__)
@@ -147,17 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-dir", type=Path, default=None, help="where job logs are kept")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s training[%(process)d] %(message)s",
-    )
-    if args.parent_pid is not None:
-        threading.Thread(
-            target=watch_parent,
-            args=(args.parent_pid, "training"),
-            name="tureen-parent",
-            daemon=True,
-        ).start()
+    start_worker(args, "training", "training")
     import warnings
 
     from transformers.utils import logging as transformers_logging

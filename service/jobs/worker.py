@@ -253,6 +253,19 @@ def watch_parent(parent_pid: int, work: str = "merge") -> None:
         time.sleep(PARENT_POLL_INTERVAL_S)
 
 
+def start_worker(args: argparse.Namespace, label: str, work: str) -> None:
+    """A worker command's start: log lines marked ``label[pid]`` at ``--log-level``, and with
+    ``--parent-pid`` a daemon thread that ends the process once the service is gone."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {label}[%(process)d] %(message)s",
+    )
+    if args.parent_pid is not None:
+        threading.Thread(
+            target=watch_parent, args=(args.parent_pid, work), name="tureen-parent", daemon=True
+        ).start()
+
+
 def succeeded_fields(
     job: Job, result: MergeResult, evaluation: dict[str, Any] | None = None
 ) -> dict[str, object]:
@@ -471,14 +484,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job named on the command line; returns the process exit status (0: recorded)."""
     args = _arguments(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
-    )
-    if args.parent_pid is not None:
-        threading.Thread(
-            target=watch_parent, args=(args.parent_pid,), name="tureen-parent", daemon=True
-        ).start()
+    start_worker(args, "worker", "merge")
     options = MergeOptions(
         device=args.device,
         allowed_roots=tuple(args.allow_root),
