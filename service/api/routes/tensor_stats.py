@@ -159,15 +159,17 @@ def tensor_stats(manager: JobManager, job_id: str, base_text: str) -> TensorStat
             f"job {job_id} is {job.status.value}; its output exists only once it has succeeded",
             details={"job_id": job_id, "status": job.status.value},
         )
-    cache = _cache_file(manager, job, base_text)
-    try:
-        return TensorStats.model_validate_json(cache.read_bytes())
-    except (OSError, ValueError):
-        pass  # not computed yet (or unreadable): compute it again
     settings = manager.settings
+    # The base is resolved against the allowed roots first, cached or not: a cached result
+    # is served only for a base the roots still allow.
     with open_checkpoint(
         base_text, base_dir=settings.inputs_dir, allowed_roots=settings.input_roots
     ) as base:
+        cache = _cache_file(manager, job, base_text)
+        try:
+            return TensorStats.model_validate_json(cache.read_bytes())
+        except (OSError, ValueError):
+            pass  # not computed yet (or unreadable): compute it again
         stats = compute_stats(job_id, manager.output_path(job), base, base_text)
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(".partial")
