@@ -155,6 +155,30 @@ static void drop_start_run(drop_consts *d, int k, uint64_t index) {
     d->lo = (uint32_t)index;
 }
 
+/* NAME(fn, a, dare): fn over a's entries, in runs whose flat indices share their high word
+ * under DARE (the drop's key words change with it). One definition for the weighted and the
+ * TIES arguments, which both hold x, base, out, n, k, the dtypes and the drop. */
+#define DEFINE_RUN_IN_RUNS(NAME, ARGS, CONST, FN)                                             \
+    static void NAME(FN fn, CONST ARGS *a, int dare) {                                        \
+        if (!dare) {                                                                          \
+            fn(a);                                                                            \
+            return;                                                                           \
+        }                                                                                     \
+        const size_t in_size = dtype_size(a->in_dtype), out_size = dtype_size(a->out_dtype); \
+        ARGS run = *a;                                                                        \
+        for (int64_t j = 0; j < a->n;) {                                                      \
+            const uint64_t index = a->drop.offset + (uint64_t)j;                              \
+            const int64_t m = dare_run_length(index, a->n - j);                               \
+            for (int i = 0; i < a->k; i++) run.x[i] = (const char *)a->x[i] + j * in_size;    \
+            run.base = (const char *)a->base + j * in_size;                                   \
+            run.out = (char *)a->out + j * out_size;                                          \
+            run.n = m;                                                                        \
+            drop_start_run(&run.drop, a->k, index);                                           \
+            fn(&run);                                                                         \
+            j += m;                                                                           \
+        }                                                                                     \
+    }
+
 static inline __attribute__((always_inline)) float drop_one(const drop_consts *d, int i,
                                                             uint32_t lo, float t) {
     const float keep = ((dare_u32(lo, d->k0[i], d->k1[i]) < d->thr[i]) | d->all[i]) ? 1.0f : 0.0f;
@@ -370,26 +394,7 @@ PyDoc_STRVAR(weighted_doc,
              "u(keysᵢ, offset + j) is not below thresholdsᵢ (none dropped above 2^32 - 1), "
              "then divided by densitiesᵢ.");
 
-/* fn over a's entries, in runs whose flat indices share their high word under DARE. */
-static void run_weighted(weighted_fn fn, const weighted_args *a, int dare) {
-    if (!dare) {
-        fn(a);
-        return;
-    }
-    const size_t in_size = dtype_size(a->in_dtype), out_size = dtype_size(a->out_dtype);
-    weighted_args run = *a;
-    for (int64_t j = 0; j < a->n;) {
-        const uint64_t index = a->drop.offset + (uint64_t)j;
-        const int64_t m = dare_run_length(index, a->n - j);
-        for (int i = 0; i < a->k; i++) run.x[i] = (const char *)a->x[i] + j * in_size;
-        run.base = (const char *)a->base + j * in_size;
-        run.out = (char *)a->out + j * out_size;
-        run.n = m;
-        drop_start_run(&run.drop, a->k, index);
-        fn(&run);
-        j += m;
-    }
-}
+DEFINE_RUN_IN_RUNS(run_weighted, weighted_args, const, weighted_fn)
 
 static PyObject *py_weighted(PyObject *self, PyObject *args) {
     weighted_args a;
@@ -831,26 +836,7 @@ PyDoc_STRVAR(ties_doc,
              "the trim (thresholds and cutoffs are ignored, no ties are counted and NaN is "
              "merged, not reported).");
 
-/* fn over a's entries, in runs whose flat indices share their high word under DARE. */
-static void run_ties(ties_fn fn, ties_args *a, int dare) {
-    if (!dare) {
-        fn(a);
-        return;
-    }
-    const size_t in_size = dtype_size(a->in_dtype), out_size = dtype_size(a->out_dtype);
-    ties_args run = *a;
-    for (int64_t j = 0; j < a->n;) {
-        const uint64_t index = a->drop.offset + (uint64_t)j;
-        const int64_t m = dare_run_length(index, a->n - j);
-        for (int i = 0; i < a->k; i++) run.x[i] = (const char *)a->x[i] + j * in_size;
-        run.base = (const char *)a->base + j * in_size;
-        run.out = (char *)a->out + j * out_size;
-        run.n = m;
-        drop_start_run(&run.drop, a->k, index);
-        fn(&run);
-        j += m;
-    }
-}
+DEFINE_RUN_IN_RUNS(run_ties, ties_args, , ties_fn)
 
 static PyObject *py_ties(PyObject *self, PyObject *args) {
     ties_args a;
